@@ -1,0 +1,36 @@
+# Two commands: `make demo` and `make test`. Both create or reuse .venv and install what they need.
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test ui bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	# torch first, pinned: pip takes the local CPU build; an unpinned torch pulls a multi-GB CUDA build
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/geojepa demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+ui: install
+	$(VENV)/bin/geojepa ui
+
+bench: install
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) geojepa_home .pytest_cache

@@ -1,0 +1,139 @@
+"""Ingestion benchmark: this project's tiling vs the naive pyrosm + geopandas.overlay baseline.
+
+    python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline]
+
+Builds the N x N replicated Liechtenstein extract (``bench/osm_replicate.py``; cached under
+``bench/_cache``), then, in one invocation, runs each approach in its own subprocess on the
+same file and prints wall time, peak RSS and the ratio. The scaling table runs this project's
+ingestion on 1x1 ... NxN copies and prints seconds per 1,000 input features.
+
+Baseline ("plain approach" of ../shared/data/README.md): pyrosm reads buildings, the full
+network, POIs, landuse and natural; geopandas projects to UTM and overlays each geometry family
+with a 300 m grid over the bounding box. Ours: ``ingest.build_tile_shards`` end to end,
+including writing the zstd Parquet shards and the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_SRC = REPO.parent / "shared" / "data" / "osm" / "liechtenstein-2013-08-03.osm.pbf"
+CACHE = HERE / "_cache"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_baseline(path: str) -> dict:
+    import geopandas as gpd
+    import numpy as np
+    import pandas as pd
+    import pyrosm
+    import shapely
+
+    from geojepa_pipeline.geo.grid import choose_epsg
+
+    t0 = time.perf_counter()
+    osm = pyrosm.OSM(path)
+    frames = [osm.get_buildings(), osm.get_network(network_type="all"), osm.get_pois(), osm.get_landuse(), osm.get_natural()]
+    frames = [f[["id", "geometry"]] for f in frames if f is not None and len(f)]
+    gdf = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), geometry="geometry", crs=4326)
+    t_read = time.perf_counter() - t0
+    epsg = choose_epsg(gdf.geometry.values)
+    gdf = gdf.to_crs(epsg)
+    minx, miny, maxx, maxy = gdf.total_bounds
+    xs = np.arange(np.floor(minx / 300) * 300, maxx, 300)
+    ys = np.arange(np.floor(miny / 300) * 300, maxy, 300)
+    gx, gy = np.meshgrid(xs, ys)
+    grid = gpd.GeoDataFrame({"cell": np.arange(gx.size)}, geometry=shapely.box(gx.ravel(), gy.ravel(), gx.ravel() + 300, gy.ravel() + 300), crs=epsg)
+    families = gdf.geometry.geom_type.str.replace("Multi", "").replace({"LinearRing": "LineString"})
+    pieces = []
+    for fam in ("Polygon", "LineString", "Point"):
+        part = gdf[families == fam]
+        if len(part):
+            pieces.append(gpd.overlay(part, grid, how="intersection", keep_geom_type=True))
+    out = pd.concat(pieces, ignore_index=True)
+    total = time.perf_counter() - t0
+    return {"wall_s": total, "read_s": t_read, "overlay_s": total - t_read, "n_entities": len(gdf),
+            "n_tiles": int(out["cell"].nunique()), "n_pieces": len(out), "grid_cells": len(grid), "peak_rss_mb": _peak_rss_mb()}
+
+
+def run_ours(path: str) -> dict:
+    from geojepa_pipeline.ingest import build_tile_shards
+    from geojepa_pipeline.store import Store
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = build_tile_shards("bench", Store(tmp), extract_path=Path(path), source={"uri": path})
+        total = time.perf_counter() - t0
+        acc = result.tiled.accounting()
+        return {"wall_s": total, "n_input": acc["n_input"], "n_entities": acc["n_entities_kept"],
+                "n_tiles": result.manifest["n_tiles"], "n_pieces": result.manifest["n_pieces"],
+                "phases_s": {k: round(v, 2) for k, v in result.timings_s.items()}, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _subprocess(which: str, path: Path) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", which, str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{which} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def replicated(src: Path, n: int) -> Path:
+    sys.path.insert(0, str(HERE))
+    from osm_replicate import replicate
+
+    if n == 1:
+        return src
+    out = CACHE / f"{src.name.split('.')[0]}-{n}x{n}.osm.pbf"
+    if not out.exists():
+        CACHE.mkdir(exist_ok=True)
+        t = time.perf_counter()
+        replicate(src, out, n)
+        print(f"built {out.name} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t:.0f} s", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="ingestion benchmark")
+    ap.add_argument("--src", type=Path, default=DEFAULT_SRC)
+    ap.add_argument("--n", type=int, default=8, help="N for the N x N replicated extract")
+    ap.add_argument("--scaling", default="1,2,4,8", help="comma-separated N values for the scaling table ('' to skip)")
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--worker", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        which, path = args.worker
+        print(json.dumps(run_baseline(path) if which == "baseline" else run_ours(path)))
+        return
+
+    big = replicated(args.src, args.n)
+    print(f"file: {big.name} ({big.stat().st_size / 2**20:.1f} MiB)", flush=True)
+    ours = _subprocess("ours", big)
+    print(f"ours:     {ours['wall_s']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
+          f"{ours['n_tiles']:,} tiles, {ours['n_pieces']:,} pieces, {ours['n_entities']:,} entities  phases {ours['phases_s']}", flush=True)
+    if not args.skip_baseline:
+        base = _subprocess("baseline", big)
+        print(f"baseline: {base['wall_s']:6.1f} s  peak RSS {base['peak_rss_mb']:6.0f} MB  "
+              f"{base['n_tiles']:,} tiles, {base['n_pieces']:,} pieces, {base['n_entities']:,} entities  "
+              f"(pyrosm read {base['read_s']:.1f} s, overlay {base['overlay_s']:.1f} s)", flush=True)
+        print(f"ratio ours/baseline wall time: {ours['wall_s'] / base['wall_s']:.2f}  (target <= 0.50)")
+    if args.scaling:
+        print("scaling (ours):  N   input features   wall s   s per 1k features   peak RSS MB")
+        for n in [int(v) for v in args.scaling.split(",") if v]:
+            r = ours if n == args.n else _subprocess("ours", replicated(args.src, n))
+            print(f"                 {n:<3} {r['n_input']:>14,}   {r['wall_s']:6.2f}   {1000 * r['wall_s'] / r['n_input']:17.4f}   {r['peak_rss_mb']:11.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

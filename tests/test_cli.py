@@ -1,0 +1,114 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geojepa_pipeline.cli import main
+
+from .conftest import LIECHTENSTEIN, needs_shared, snapshot, visible_datasets
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_error(err: str) -> str:
+    lines = [l for l in err.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_regions_add_list_remove(home, capsys, pyrosm_test_pbf):
+    code, out, _ = run(capsys, "regions", "add", "t", "--osm", f"file://{pyrosm_test_pbf}", "--schedule", "@daily")
+    assert code == 0 and "added region t" in out
+    code, out, _ = run(capsys, "regions", "list")
+    assert code == 0 and "t " in out and str(pyrosm_test_pbf) in out and "@daily" in out
+    code, out, _ = run(capsys, "regions", "remove", "t")
+    assert code == 0 and "removed region t" in out
+    code, out, _ = run(capsys, "regions", "list")
+    assert "no regions yet" in out
+
+
+@pytest.mark.parametrize("name", ["../x", "A B", ""])
+def test_bad_names_exit_nonzero_and_leave_registry_unchanged(home, capsys, name):
+    run(capsys, "regions", "add", "ok", "--osm", "pyrosm:test")
+    before = snapshot(home)
+    code, _, err = run(capsys, "regions", "add", name, "--osm", "pyrosm:test")
+    assert code != 0 and "invalid region name" in one_line_error(err)
+    assert snapshot(home) == before
+
+
+def test_bad_sources_are_refused_at_add(home, capsys, tmp_path):
+    run(capsys, "regions", "add", "ok", "--osm", "pyrosm:test")
+    (tmp_path / "garbage.osm.pbf").write_bytes(b"GARBAGE" * 5000)
+    before = snapshot(home)
+    for src, msg in [(str(tmp_path / "missing.osm.pbf"), "does not exist"),
+                     (str(tmp_path / "garbage.osm.pbf"), "not an OSM PBF")]:
+        code, _, err = run(capsys, "regions", "add", "x", "--osm", src)
+        assert code != 0 and msg in one_line_error(err)
+        assert snapshot(home) == before
+
+
+def test_bad_inputs_at_materialize_leave_no_shards(home, capsys, tmp_path, pyrosm_test_pbf, closed_port):
+    half = tmp_path / "half.osm.pbf"
+    data = pyrosm_test_pbf.read_bytes()
+    half.write_bytes(data[: len(data) // 2])
+    gone = tmp_path / "gone.osm.pbf"
+    shutil.copy(pyrosm_test_pbf, gone)
+    run(capsys, "regions", "add", "trunc", "--osm", str(half))
+    run(capsys, "regions", "add", "down", "--osm", f"http://127.0.0.1:{closed_port}/x.osm.pbf")
+    run(capsys, "regions", "add", "gone", "--osm", str(gone))
+    gone.unlink()  # the source disappears after registration
+    registry_before = (home / "regions.yaml").read_bytes()
+    cases = {"trunc": "truncated or corrupt", "down": "cannot reach", "gone": "does not exist", "nope": "unknown region"}
+    for region, msg in cases.items():
+        code, _, err = run(capsys, "materialize", "--region", region)
+        assert code != 0
+        assert msg in one_line_error(err), err
+    assert (home / "regions.yaml").read_bytes() == registry_before
+    assert visible_datasets(home / "store") == []
+    assert not [p for p in (home / "store").rglob("*.osm.pbf")]  # no partial extract either
+
+
+def test_console_script_reports_one_line(home):
+    exe = Path(sys.executable).parent / "geojepa"
+    proc = subprocess.run([str(exe), "regions", "add", "A B", "--osm", "pyrosm:test"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: invalid region name")
+
+
+def test_http_region_end_to_end(home, capsys, http_server, pyrosm_test_pbf):
+    base, www = http_server
+    shutil.copy(pyrosm_test_pbf, www / "t.osm.pbf")
+    assert run(capsys, "regions", "add", "web", "--osm", f"{base}/t.osm.pbf")[0] == 0
+    code, _, err = run(capsys, "materialize", "--region", "web")
+    assert code == 0, err
+    code, out, _ = run(capsys, "sql", "SELECT region, count(*) AS n FROM tiles GROUP BY region")
+    assert code == 0 and "web" in out
+    code, _, err = run(capsys, "sql", "SELECT nope FROM tiles")
+    assert code != 0 and "SQL error" in one_line_error(err)
+
+
+def test_select_only_the_extract(home, capsys):
+    run(capsys, "regions", "add", "t", "--osm", "pyrosm:test")
+    code, _, err = run(capsys, "materialize", "--region", "t", "--select", "osm_extract")
+    assert code == 0, err
+    assert (home / "store" / "osm" / "t" / "CURRENT").exists()
+    assert visible_datasets(home / "store") == []
+    code, _, err = run(capsys, "materialize", "--select", "key:(")
+    assert code != 0 and "invalid --select" in one_line_error(err)
+
+
+@needs_shared
+def test_liechtenstein_via_cli(home, capsys):
+    assert run(capsys, "regions", "add", "li", "--osm", str(LIECHTENSTEIN))[0] == 0
+    code, _, err = run(capsys, "materialize", "--region", "li")
+    assert code == 0, err
+    code, out, _ = run(capsys, "sql", "select count(*) from tiles")
+    assert code == 0 and "3146" in out
+    code, out, _ = run(capsys, "sql", "select count(*) from entities where tags['building'] is not null")
+    assert code == 0 and int(out.splitlines()[2]) > 3000

@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from geojepa_pipeline.definitions import defs
+
+from .conftest import REPO
+
+
+def test_definitions_list_the_expected_assets_and_checks():
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"osm_extract", "tile_shards"}
+    checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
+    assert checks == {("tile_shards", "schema"), ("tile_shards", "entity_accounting"), ("tile_shards", "clipped_area")}
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert node.partitions_def.name == "regions"
+        assert node.code_version
+    assert defs.resolve_sensor_def("region_registry_sensor")
+
+
+def test_workspace_yaml_loads_with_dagster_cli(tmp_path):
+    """What `dagster dev -w workspace.yaml` loads, validated by Dagster's own CLI."""
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "GEOJEPA_HOME": str(tmp_path / "home")}
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    dagster = Path(sys.executable).parent / "dagster"
+    proc = subprocess.run([str(dagster), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "geojepa_pipeline" in proc.stdout + proc.stderr
