@@ -79,10 +79,10 @@ def build_tile_shards(
         extract_path, sha = current_extract(store, region)
         source = {**(source or {}), "sha256": sha}
     t0 = time.perf_counter()
-    entities = read_osm(extract_path, log=log)
+    data = read_osm(extract_path, log=log)
     t_read = time.perf_counter() - t0
-    tiled = tile_osm(entities, region, tile_size_m=tile_size_m, log=log)
-    del entities
+    tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log)
+    del data
     t1 = time.perf_counter()
     staging = store.new_staging_dir(TILES_KIND, region)
     try:

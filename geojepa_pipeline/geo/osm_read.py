@@ -2,10 +2,11 @@
 
 Pass 1 reads relations only (their tags and members): it tells which nodes and ways are
 relation members and doubles as a full integrity check of the file (a truncated or corrupt
-PBF fails here, in C++, in milliseconds per MB).
+PBF fails here, in C++).
 
 Pass 2 reads nodes and ways with a node-location index. Untagged nodes are filtered in C++
-and never reach Python; way geometries are built as WKB by osmium's C++ factory.
+and never reach Python; way coordinates come from osmium's C++ WKB factory and are decoded
+in one numpy call. No per-feature shapely object is made here.
 
 Entity rule (the method note): a feature is kept when it has at least one tag left after
 ``osm_rules.filter_tags``, or when it is a member of a relation (then possibly untagged).
@@ -13,12 +14,8 @@ Everything else is counted under a reason in ``dropped``. The population account
 every way, every relation, every tagged node and every untagged relation-member node;
 untagged non-member nodes are way vertices, not features.
 
-Geometries come out in lon/lat degrees (EPSG:4326):
-
-* node -> Point; way -> LineString, or Polygon when closed and ``osm_rules.is_area``;
-* ``type=multipolygon`` relation -> (Multi)Polygon assembled from its outer/inner member
-  rings, or the member lines when the rings do not close inside the extract;
-* any other relation -> the collection of its members' geometries (lines stay lines).
+Kept entities are numbered nodes first, then ways, then relations; ``OsmData`` holds them
+as arrays in lon/lat degrees (EPSG:4326).
 """
 
 from __future__ import annotations
@@ -38,6 +35,8 @@ from .osm_rules import filter_tags, is_area
 NODE, WAY, RELATION = 0, 1, 2
 OSM_TYPE_NAMES = ("node", "way", "relation")
 _MEMBER_TYPE = {"n": NODE, "w": WAY, "r": RELATION}
+_WKB_LINESTRING_HEADER = "0102000000"  # little-endian LineString; 8 more hex digits hold the point count
+_WKB_HEADER_HEX = 18
 
 
 def check_pbf_header(path: str | os.PathLike) -> None:
@@ -53,9 +52,14 @@ def check_pbf_header(path: str | os.PathLike) -> None:
         raise GeojepaError(f"{path} is not an OSM PBF file (no OSMHeader block); give a .osm.pbf extract")
 
 
-def _pbf_error(path, exc: Exception) -> GeojepaError:
+def _pbf_error(label, exc: Exception) -> GeojepaError:
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return GeojepaError(f"{path} is not a readable OSM PBF ({msg}); the file is truncated or corrupt: download it again")
+    return GeojepaError(f"{label} is not a readable OSM PBF ({msg}); the file is truncated or corrupt: download it again")
+
+
+def _pbf(path) -> osmium.io.File:
+    """An osmium file handle that is read as PBF whatever the file name says."""
+    return osmium.io.File(str(path), "pbf")
 
 
 @dataclass
@@ -65,11 +69,6 @@ class PbfSummary:
     bbox_lonlat: tuple[float, float, float, float] | None
     timestamp: str | None
     n_relations: int
-
-
-def _pbf(path) -> osmium.io.File:
-    """An osmium file handle that is read as PBF whatever the file name says."""
-    return osmium.io.File(str(path), "pbf")
 
 
 def validate_pbf(path: str | os.PathLike, label: str | None = None) -> PbfSummary:
@@ -95,54 +94,101 @@ def validate_pbf(path: str | os.PathLike, label: str | None = None) -> PbfSummar
     return PbfSummary(bbox, header.get("osmosis_replication_timestamp") or header.get("timestamp") or None, n)
 
 
-@dataclass
-class OsmEntities:
-    """Kept OSM features, aligned arrays of length N, geometry in lon/lat degrees."""
+def _tags(obj) -> list:
+    """All tags of an osmium object as (key, value) tuples.
 
-    osm_type: np.ndarray  # (N,) int8: 0 node, 1 way, 2 relation
-    osm_id: np.ndarray  # (N,) int64
-    tags: list  # (N,) list of [(key, value), ...] after filtering
-    geometry: np.ndarray  # (N,) shapely geometries, EPSG:4326
-    complete: np.ndarray  # (N,) bool: every node / member lies in the extract
-    n_input: int = 0  # features accounted for (kept + dropped)
+    Uses pyosmium's C accessors directly: three times faster than iterating ``obj.tags``,
+    whose Python-level iterator dominates a read.
+    """
+    data = obj._pyosmium_data
+    it = data.tags_begin()
+    nxt = data.tags_next
+    return [nxt(it) for _ in range(data.tags_size())]
+
+
+@dataclass
+class OsmData:
+    """Kept features as arrays. Entity index: nodes ``[0, n_nodes)``, then ways, then relations."""
+
+    node_id: np.ndarray  # (Nn,) int64
+    node_lonlat: np.ndarray  # (Nn, 2) float64 degrees
+    way_id: np.ndarray  # (Nw,) int64
+    way_coords: np.ndarray  # (C, 2) float64 degrees, all ways' vertices back to back
+    way_offsets: np.ndarray  # (Nw + 1,) int64: way i is way_coords[way_offsets[i]:way_offsets[i + 1]]
+    way_polygon: np.ndarray  # (Nw,) bool: closed and an area by its tags
+    way_complete: np.ndarray  # (Nw,) bool: every node lies in the extract
+    rel_id: np.ndarray  # (Nr,) int64
+    rel_multipolygon: np.ndarray  # (Nr,) bool: type=multipolygon (assembled as an area)
+    rel_members: list  # (Nr,) lists of (entity index, role) of the members present, in order
+    rel_complete: np.ndarray  # (Nr,) bool: every member (transitively) is present and complete
+    tags: list  # (N,) per entity: list of (key, value) after filtering
+    n_input: int = 0
     dropped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
 
+    @property
+    def n_nodes(self) -> int:
+        return len(self.node_id)
+
+    @property
+    def n_ways(self) -> int:
+        return len(self.way_id)
+
     def __len__(self) -> int:
-        return len(self.osm_id)
+        return len(self.node_id) + len(self.way_id) + len(self.rel_id)
+
+    @property
+    def osm_type(self) -> np.ndarray:
+        """(N,) int8 type per entity index."""
+        return np.concatenate([np.full(self.n_nodes, NODE, np.int8), np.full(self.n_ways, WAY, np.int8),
+                               np.full(len(self.rel_id), RELATION, np.int8)])
+
+    @property
+    def osm_id(self) -> np.ndarray:
+        return np.concatenate([self.node_id, self.way_id, self.rel_id]).astype(np.int64)
+
+    def lonlat_bounds(self) -> tuple[float, float, float, float]:
+        pts = np.concatenate([self.node_lonlat, self.way_coords]) if len(self.way_coords) else self.node_lonlat
+        if len(pts) == 0:
+            raise GeojepaError("the extract holds no tagged feature with coordinates; nothing to tile")
+        return float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())
 
 
-def _raw_tags(obj) -> list[tuple[str, str]]:
-    return [(t.k, t.v) for t in obj.tags]
+def _decode_way_wkb(hexes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates (C, 2) and offsets (W + 1,) from little-endian WKB LineStrings in hex."""
+    if not hexes:
+        return np.zeros((0, 2)), np.zeros(1, np.int64)
+    counts = (np.fromiter(map(len, hexes), np.int64, len(hexes)) - _WKB_HEADER_HEX) // 32
+    body = bytes.fromhex("".join(h[_WKB_HEADER_HEX:] for h in hexes))
+    coords = np.frombuffer(body, dtype="<f8").reshape(-1, 2).copy()
+    offsets = np.zeros(len(hexes) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return coords, offsets
 
 
-def read_osm(path: str | os.PathLike, log=None) -> OsmEntities:
+def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     """Read all features of ``path`` (see the module docstring for the rules)."""
-    path = str(path)
     check_pbf_header(path)
     dropped: Counter = Counter()
     repaired: Counter = Counter()
 
     # ---- pass 1: relations ----------------------------------------------------------------
     rel_ids: list[int] = []
-    rel_tags: list[list[tuple[str, str]]] = []
-    rel_members: list[list[tuple[int, int, str]]] = []
+    rel_tags: list = []
+    rel_raw_members: list = []
     member_nodes: set[int] = set()
     member_ways: set[int] = set()
+    member_rels: set[int] = set()
     try:
         for rel in osmium.FileProcessor(_pbf(path), osmium.osm.RELATION):
             members = [(_MEMBER_TYPE[m.type], m.ref, m.role) for m in rel.members]
             rel_ids.append(rel.id)
-            rel_tags.append(filter_tags(_raw_tags(rel)))
-            rel_members.append(members)
+            rel_tags.append(filter_tags(_tags(rel)))
+            rel_raw_members.append(members)
             for mtype, ref, _ in members:
-                if mtype == NODE:
-                    member_nodes.add(ref)
-                elif mtype == WAY:
-                    member_ways.add(ref)
+                (member_nodes if mtype == NODE else member_ways if mtype == WAY else member_rels).add(ref)
     except Exception as exc:
         raise _pbf_error(path, exc) from None
-    member_rels = {ref for members in rel_members for t, ref, _ in members if t == RELATION}
     if log:
         log(f"read {path}: {len(rel_ids):,} relations")
 
@@ -151,7 +197,7 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmEntities:
     node_lonlat: list[tuple[float, float]] = []
     node_tags: list = []
     way_ids: list[int] = []
-    way_wkb: list = []
+    way_wkb: list[str] = []
     way_tags: list = []
     way_polygon: list[bool] = []
     way_complete: list[bool] = []
@@ -164,23 +210,23 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmEntities:
         for obj in processor:
             if obj.is_node():
                 n_nodes_seen += 1
-                raw = _raw_tags(obj)
-                tags = filter_tags(raw)
+                tags = filter_tags(_tags(obj))
                 if not tags and obj.id not in member_nodes:
                     dropped["only_filtered_tags_not_member"] += 1
                     continue
+                loc = obj.location
                 node_ids.append(obj.id)
-                node_lonlat.append((obj.location.lon, obj.location.lat))
+                node_lonlat.append((loc.lon, loc.lat))
                 node_tags.append(tags)
                 continue
             n_ways_seen += 1
-            raw = _raw_tags(obj)
+            raw = _tags(obj)
             is_member = obj.id in member_ways
-            if not is_member and not raw:
+            if not raw and not is_member:
                 dropped["untagged_not_member"] += 1
                 continue
-            tags = filter_tags(raw) if raw else []
-            if not is_member and not tags:
+            tags = filter_tags(raw) if raw else raw
+            if not tags and not is_member:
                 dropped["only_filtered_tags_not_member"] += 1
                 continue
             complete = True
@@ -188,152 +234,119 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmEntities:
                 wkb = wkb_factory.create_linestring(obj)
             except Exception:  # missing node locations (clipped extract) or < 2 distinct nodes
                 coords = [(n.lon, n.lat) for n in obj.nodes if n.location.valid()]
-                complete = False
-                if len(coords) == 0:
+                if not coords:
                     dropped["missing_node_locations"] += 1
                     continue
-                wkb = shapely.to_wkb(shapely.LineString(coords * 2 if len(coords) == 1 else coords))
                 if len(coords) < len(obj.nodes):
+                    complete = False
                     repaired["partial_way_missing_nodes"] += 1
-            closed = complete and len(obj.nodes) >= 4 and obj.nodes[0].ref == obj.nodes[-1].ref
+                wkb = shapely.to_wkb(shapely.LineString(coords * 2 if len(coords) == 1 else coords), hex=True)
             way_ids.append(obj.id)
             way_wkb.append(wkb)
             way_tags.append(tags)
-            way_polygon.append(closed and is_area(dict(tags)))
+            way_polygon.append(complete and obj.is_closed() and is_area(dict(tags)))
             way_complete.append(complete)
     except GeojepaError:
         raise
     except Exception as exc:
         raise _pbf_error(path, exc) from None
+    if way_wkb and not way_wkb[0].upper().startswith(_WKB_LINESTRING_HEADER):
+        raise RuntimeError(f"unexpected WKB from osmium: {way_wkb[0][:18]}")
 
     # Untagged nodes that are relation members: their locations come from the index.
     locations = processor.node_location_storage
-    tagged_node_set = set(node_ids)
-    for ref in sorted(member_nodes - tagged_node_set):
+    member_only = sorted(member_nodes - set(node_ids))
+    for ref in member_only:
         try:
             loc = locations.get(ref)
         except KeyError:
-            dropped["missing_node_locations"] += 1
-            continue
-        if not loc.valid():
+            loc = None
+        if loc is None or not loc.valid():
             dropped["missing_node_locations"] += 1
             continue
         node_ids.append(ref)
         node_lonlat.append((loc.lon, loc.lat))
         node_tags.append([])
-    n_member_only_nodes = len(member_nodes - tagged_node_set)
 
-    # ---- geometries ------------------------------------------------------------------------
-    node_geoms = shapely.points(np.asarray(node_lonlat, dtype=np.float64).reshape(-1, 2))
-    way_geoms = shapely.from_wkb(way_wkb) if way_wkb else np.empty(0, dtype=object)
-    polygon_mask = np.asarray(way_polygon, dtype=bool)
-    if polygon_mask.any():
-        coords, owner = shapely.get_coordinates(way_geoms[polygon_mask], return_index=True)
-        rings = shapely.linearrings(coords, indices=owner)
-        way_geoms[polygon_mask] = shapely.polygons(rings)
+    coords, offsets = _decode_way_wkb(way_wkb)
+    del way_wkb
+    way_polygon_arr = np.asarray(way_polygon, bool)
+    # a polygon ring needs 4 coordinates (osmium drops repeated nodes: a-b-a is a line)
+    short_ring = way_polygon_arr & (np.diff(offsets) < 4)
+    if short_ring.any():
+        repaired["ring_under_4_points_as_line"] += int(short_ring.sum())
+        way_polygon_arr &= ~short_ring
 
+    # ---- relations: resolve members to kept entities, keep or drop -------------------------
+    n_nodes, n_ways = len(node_ids), len(way_ids)
     node_index = {nid: i for i, nid in enumerate(node_ids)}
-    way_index = {wid: i for i, wid in enumerate(way_ids)}
-    rel_index = {rid: i for i, rid in enumerate(rel_ids)}
-    rel_geoms: list = [None] * len(rel_ids)
-    rel_complete = [True] * len(rel_ids)
+    way_index = {wid: n_nodes + i for i, wid in enumerate(way_ids)}
+    rel_pos = {rid: i for i, rid in enumerate(rel_ids)}
+    way_complete_arr = np.asarray(way_complete, bool)
+    # a relation is kept if it has a tag (or is a member) and, transitively, a present member
+    has_geometry: dict[int, bool] = {}
 
-    def member_geometry(mtype: int, ref: int, stack: tuple) -> object | None:
-        if mtype == NODE:
-            i = node_index.get(ref)
-            return None if i is None else node_geoms[i]
-        if mtype == WAY:
-            i = way_index.get(ref)
-            return None if i is None else way_geoms[i]
-        i = rel_index.get(ref)
-        if i is None or ref in stack:
-            return None
-        return relation_geometry(i, stack + (ref,))
+    def present(i: int, stack: frozenset) -> bool:
+        if i in has_geometry:
+            return has_geometry[i]
+        ok = False
+        for mtype, ref, _ in rel_raw_members[i]:
+            if mtype == NODE and ref in node_index or mtype == WAY and ref in way_index:
+                ok = True
+            elif mtype == RELATION and ref in rel_pos and ref not in stack and present(rel_pos[ref], stack | {ref}):
+                ok = True
+            if ok:
+                break
+        has_geometry[i] = ok
+        return ok
 
-    def relation_geometry(i: int, stack: tuple) -> object | None:
-        if rel_geoms[i] is not None:
-            return rel_geoms[i] if not rel_geoms[i].is_empty else None
-        tags = dict(rel_tags[i])
-        parts, outer, inner = [], [], []
-        complete = True
-        for mtype, ref, role in rel_members[i]:
-            g = member_geometry(mtype, ref, stack)
-            if g is None:
-                complete = False
-                continue
-            if mtype == WAY and not way_complete[way_index[ref]]:
-                complete = False
-            parts.append(g)
-            if mtype == WAY:
-                line = g.exterior if g.geom_type == "Polygon" else g
-                (inner if role == "inner" else outer).append(line)
-        geom = None
-        if tags.get("type") == "multipolygon" and outer:
-            geom = _assemble_multipolygon(outer, inner)
-            if geom is None:
-                repaired["multipolygon_unclosed_as_lines"] += 1
-        if geom is None and parts:
-            geom = _collect(parts)
-        rel_complete[i] = complete
-        rel_geoms[i] = geom if geom is not None else shapely.GeometryCollection()
-        return geom
-
-    for i in range(len(rel_ids)):
-        relation_geometry(i, (rel_ids[i],))
-
-    # ---- keep / drop relations ------------------------------------------------------------
     keep_rel = []
     for i, rid in enumerate(rel_ids):
         if not rel_tags[i] and rid not in member_rels:
             dropped["only_filtered_tags_not_member"] += 1
-        elif rel_geoms[i].is_empty:
+        elif not present(i, frozenset({rid})):
             dropped["relation_without_members_in_extract"] += 1
         else:
             keep_rel.append(i)
+    rel_index = {rel_ids[i]: n_nodes + n_ways + k for k, i in enumerate(keep_rel)}
+    rel_members, rel_complete = [], []
+    for i in keep_rel:
+        members, complete = [], True
+        for mtype, ref, role in rel_raw_members[i]:
+            idx = (node_index if mtype == NODE else way_index if mtype == WAY else rel_index).get(ref)
+            if idx is None:
+                complete = False
+                continue
+            if mtype == WAY and not way_complete_arr[idx - n_nodes]:
+                complete = False
+            members.append((idx, role))
+        rel_members.append(members)
+        rel_complete.append(complete)
+    # completeness is transitive through member relations
+    rel_complete_arr = np.asarray(rel_complete, bool)
+    first_rel = n_nodes + n_ways
+    for _ in range(8):
+        changed = False
+        for k, members in enumerate(rel_members):
+            if rel_complete_arr[k] and any(m >= first_rel and not rel_complete_arr[m - first_rel] for m, _ in members):
+                rel_complete_arr[k] = False
+                changed = True
+        if not changed:
+            break
 
-    n_nodes = len(node_ids)
-    osm_type = np.concatenate([
-        np.full(n_nodes, NODE, np.int8), np.full(len(way_ids), WAY, np.int8), np.full(len(keep_rel), RELATION, np.int8)
-    ])
-    osm_id = np.concatenate([
-        np.asarray(node_ids, np.int64), np.asarray(way_ids, np.int64), np.asarray([rel_ids[i] for i in keep_rel], np.int64)
-    ])
-    geometry = np.concatenate([
-        node_geoms, way_geoms, np.asarray([rel_geoms[i] for i in keep_rel], dtype=object)
-    ]) if len(osm_id) else np.empty(0, dtype=object)
-    complete = np.concatenate([
-        np.ones(n_nodes, bool), np.asarray(way_complete, bool), np.asarray([rel_complete[i] for i in keep_rel], bool)
-    ])
-    tags = node_tags + way_tags + [rel_tags[i] for i in keep_rel]
-    n_input = n_nodes_seen + n_member_only_nodes + n_ways_seen + len(rel_ids)
-    entities = OsmEntities(osm_type, osm_id, tags, geometry, complete, n_input, dropped, repaired)
-    if len(entities) + sum(dropped.values()) != n_input:
-        raise AssertionError(f"entity accounting broken: {len(entities)} kept + {dict(dropped)} != {n_input}")
+    data = OsmData(
+        node_id=np.asarray(node_ids, np.int64), node_lonlat=np.asarray(node_lonlat, np.float64).reshape(-1, 2),
+        way_id=np.asarray(way_ids, np.int64), way_coords=coords, way_offsets=offsets,
+        way_polygon=way_polygon_arr, way_complete=way_complete_arr,
+        rel_id=np.asarray([rel_ids[i] for i in keep_rel], np.int64),
+        rel_multipolygon=np.asarray([dict(rel_tags[i]).get("type") == "multipolygon" for i in keep_rel], bool),
+        rel_members=rel_members, rel_complete=rel_complete_arr,
+        tags=node_tags + way_tags + [rel_tags[i] for i in keep_rel],
+        n_input=n_nodes_seen + len(member_only) + n_ways_seen + len(rel_ids),
+        dropped=dropped, repaired=repaired,
+    )
+    if len(data) + sum(dropped.values()) != data.n_input:
+        raise AssertionError(f"entity accounting broken: {len(data)} kept + {dict(dropped)} != {data.n_input}")
     if log:
-        log(f"read {path}: {n_input:,} features, {len(entities):,} kept, dropped {dict(dropped)}")
-    return entities
-
-
-def _assemble_multipolygon(outer: list, inner: list):
-    """Polygons from member rings: union(outer faces) minus union(inner faces), or None."""
-    outer_faces = shapely.get_parts(shapely.polygonize(outer))
-    if len(outer_faces) == 0:
-        return None
-    geom = shapely.union_all(outer_faces)
-    if inner:
-        inner_faces = shapely.get_parts(shapely.polygonize(inner))
-        if len(inner_faces):
-            geom = shapely.difference(geom, shapely.union_all(inner_faces))
-    return None if geom.is_empty else geom
-
-
-def _collect(parts: list):
-    """One geometry from member geometries: Multi* when all share a type family, else a collection."""
-    families = {p.geom_type.replace("Multi", "") for p in parts}
-    if families == {"Point"}:
-        return shapely.MultiPoint(list(shapely.get_parts(parts)))
-    if families == {"LineString"}:
-        return shapely.MultiLineString(list(shapely.get_parts(parts)))
-    if families == {"Polygon"}:
-        return shapely.MultiPolygon(list(shapely.get_parts(parts)))
-    return shapely.GeometryCollection(list(parts))
+        log(f"read {path}: {data.n_input:,} features, {len(data):,} kept, dropped {dict(dropped)}")
+    return data

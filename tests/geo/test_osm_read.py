@@ -2,7 +2,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import shapely
 
 from geojepa_pipeline.errors import GeojepaError
 from geojepa_pipeline.geo.osm_read import RELATION, WAY, read_osm, validate_pbf
@@ -28,32 +27,33 @@ def test_area_rules():
 
 
 def test_every_rule_on_a_built_extract(tmp_path):
-    ents = read_osm(rules_fixture(tmp_path / "rules.osm.pbf"))
-    kept = {(int(t), int(i)): (tags, g) for t, i, tags, g in zip(ents.osm_type, ents.osm_id, ents.tags, ents.geometry)}
+    data = read_osm(rules_fixture(tmp_path / "rules.osm.pbf"))
+    index = {(int(t), int(i)): k for k, (t, i) in enumerate(zip(data.osm_type, data.osm_id))}
+    tags = lambda t, i: data.tags[index[(t, i)]]  # noqa: E731
     # nodes: 1 kept (source dropped), 2 and 3 dropped, 4 kept untagged as a relation member
-    assert kept[(0, 1)][0] == [("amenity", "bench")]
-    assert (0, 2) not in kept and (0, 3) not in kept
-    assert kept[(0, 4)][0] == []
-    # ways
-    assert kept[(WAY, 100)][0] == [] and kept[(WAY, 100)][1].geom_type == "LineString"  # untagged ring: a line
-    assert kept[(WAY, 102)][1].geom_type == "Polygon" and kept[(WAY, 102)][0] == [("building", "yes")]
-    assert kept[(WAY, 103)][1].geom_type == "LineString"
-    assert (WAY, 104) not in kept and (WAY, 106) not in kept
-    assert (WAY, 105) in kept and not ents.complete[list(ents.osm_id).index(105)]
-    # relations: multipolygon with a hole; site as a collection; 301 dropped
-    forest = kept[(RELATION, 300)][1]
-    assert forest.geom_type == "Polygon" and len(forest.interiors) == 1
-    outer = shapely.Polygon(kept[(WAY, 100)][1].coords)
-    inner = shapely.Polygon(kept[(WAY, 101)][1].coords)
-    assert forest.area == pytest.approx(outer.area - inner.area)
-    assert (RELATION, 301) not in kept
-    assert kept[(RELATION, 302)][1].geom_type == "GeometryCollection"
+    assert tags(0, 1) == [("amenity", "bench")]
+    assert (0, 2) not in index and (0, 3) not in index
+    assert tags(0, 4) == []
+    # ways: untagged rings that are members are kept (as lines); 104 and 106 dropped
+    assert tags(WAY, 100) == [] and tags(WAY, 102) == [("building", "yes")]
+    way_pos = {int(w): k for k, w in enumerate(data.way_id)}
+    assert not data.way_polygon[way_pos[100]] and data.way_polygon[way_pos[102]] and not data.way_polygon[way_pos[103]]
+    assert (WAY, 104) not in index and (WAY, 106) not in index
+    assert (WAY, 105) in index and not data.way_complete[way_pos[105]]
+    n = np.diff(data.way_offsets)
+    assert n[way_pos[102]] == 5 and n[way_pos[103]] == 2
+    # relations: members resolved to entity indices; 301 has none in the extract
+    rel_pos = {int(r): k for k, r in enumerate(data.rel_id)}
+    assert (RELATION, 301) not in index
+    assert data.rel_multipolygon[rel_pos[300]] and not data.rel_multipolygon[rel_pos[302]]
+    assert data.rel_members[rel_pos[300]] == [(index[(WAY, 100)], "outer"), (index[(WAY, 101)], "inner"), (index[(0, 4)], "label")]
+    assert data.rel_complete[rel_pos[300]] and data.rel_complete[rel_pos[302]]
     # accounting: 4 nodes + 7 ways + 3 relations in; dropped by reason
-    assert ents.n_input == 14
-    assert ents.dropped == Counter({"only_filtered_tags_not_member": 2, "untagged_not_member": 1,
+    assert data.n_input == 14
+    assert data.dropped == Counter({"only_filtered_tags_not_member": 2, "untagged_not_member": 1,
                                     "missing_node_locations": 1, "relation_without_members_in_extract": 1})
-    assert ents.repaired["partial_way_missing_nodes"] == 1
-    assert len(ents) + sum(ents.dropped.values()) == ents.n_input
+    assert data.repaired["partial_way_missing_nodes"] == 1
+    assert len(data) + sum(data.dropped.values()) == data.n_input
 
 
 def test_pyrosm_test_extract(pyrosm_test_pbf):
