@@ -6,6 +6,7 @@ The Dagster assets ``osm_extract`` and ``tile_shards`` are thin wrappers around
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Callable
 
 from .geo.osm_read import PbfSummary, read_osm, validate_pbf
 from .geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
-from .geo.tiling import TILE_SIZE_M, TiledRegion, tile_osm
+from .geo.tiling import TILE_SIZE_M, TiledRegion, default_workers, tile_osm
 from .regions import Region
 from .sources import fetch_osm_source
 from .store import Dataset, Store
@@ -69,24 +70,30 @@ def build_tile_shards(
     shard_tiles: int = DEFAULT_SHARD_TILES,
     tile_size_m: float = TILE_SIZE_M,
     log: Log | None = None,
+    workers: int | None = None,
 ) -> TileShardsResult:
     """Read, tile and shard the region's extract into an immutable ``tiles/<region>/<data_version>``.
 
     Nothing becomes visible until the dataset is complete: shards are written to a staging
-    directory that is renamed in one step, then ``CURRENT`` is updated.
+    directory that is renamed in one step, then ``CURRENT`` is updated. ``workers`` processes
+    read and tile (default: up to 2, one per core); the output does not depend on it.
     """
+    workers = default_workers() if workers is None else workers
     if extract_path is None:
         extract_path, sha = current_extract(store, region)
         source = {**(source or {}), "sha256": sha}
     t0 = time.perf_counter()
     data = read_osm(extract_path, log=log)
     t_read = time.perf_counter() - t0
-    tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log)
-    del data
-    t1 = time.perf_counter()
     staging = store.new_staging_dir(TILES_KIND, region)
+    spill = staging / "_bands"  # scratch: one Arrow IPC file of pieces per band, removed before commit
     try:
+        spill.mkdir()
+        tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=spill)
+        del data
+        t1 = time.perf_counter()
         manifest = write_tile_shards(tiled, staging, shard_tiles=shard_tiles, log=log)
+        shutil.rmtree(spill)
         manifest["source"] = source or {}
         dataset = store.commit(TILES_KIND, region, staging, manifest)
     except BaseException:

@@ -1,12 +1,12 @@
-"""Read every tagged OSM feature of a ``.osm.pbf`` in two fast passes with pyosmium.
+"""Read every tagged OSM feature of a ``.osm.pbf``, columnar, in one pass.
 
-Pass 1 reads relations only (their tags and members): it tells which nodes and ways are
-relation members and doubles as a full integrity check of the file (a truncated or corrupt
-PBF fails here, in C++).
-
-Pass 2 reads nodes and ways with a node-location index. Untagged nodes are filtered in C++
-and never reach Python; way coordinates come from osmium's C++ WKB factory and are decoded
-in one numpy call. No per-feature shapely object is made here.
+The blocks are decoded by pyrosm's raw block decoder (``pyrosm.pbfreader.iter_decoded_blocks``,
+Cython) into numpy arrays: ids, coordinates, string-table indices for tags, way node refs,
+relation members. Everything after that is vectorized numpy: tag filtering, the keep/drop
+rules, node-location lookup for ways (a sorted-id search), the area rule for closed ways.
+Measured on the 8x8 replicated Liechtenstein (30 MB): 1 s to decode, ~3 s in all, against
+~7 s for a pyosmium read with a Python loop per object. ``validate_pbf`` still uses
+pyosmium: a relations-only pass that is the cheapest full integrity check.
 
 Entity rule (the method note): a feature is kept when it has at least one tag left after
 ``osm_rules.filter_tags``, or when it is a member of a relation (then possibly untagged).
@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import osmium
+import pyarrow as pa
 import shapely
 
 from ..errors import GeojepaError
-from .osm_rules import filter_tags, is_area
+from .osm_rules import AREA_NO, AREA_YES, IMPLIES_AREA, area_vote, keep_key
 
 NODE, WAY, RELATION = 0, 1, 2
 OSM_TYPE_NAMES = ("node", "way", "relation")
@@ -94,18 +95,6 @@ def validate_pbf(path: str | os.PathLike, label: str | None = None) -> PbfSummar
     return PbfSummary(bbox, header.get("osmosis_replication_timestamp") or header.get("timestamp") or None, n)
 
 
-def _tags(obj) -> list:
-    """All tags of an osmium object as (key, value) tuples.
-
-    Uses pyosmium's C accessors directly: three times faster than iterating ``obj.tags``,
-    whose Python-level iterator dominates a read.
-    """
-    data = obj._pyosmium_data
-    it = data.tags_begin()
-    nxt = data.tags_next
-    return [nxt(it) for _ in range(data.tags_size())]
-
-
 @dataclass
 class OsmData:
     """Kept features as arrays. Entity index: nodes ``[0, n_nodes)``, then ways, then relations."""
@@ -121,7 +110,7 @@ class OsmData:
     rel_multipolygon: np.ndarray  # (Nr,) bool: type=multipolygon (assembled as an area)
     rel_members: list  # (Nr,) lists of (entity index, role) of the members present, in order
     rel_complete: np.ndarray  # (Nr,) bool: every member (transitively) is present and complete
-    tags: list  # (N,) per entity: list of (key, value) after filtering
+    tags: pa.MapArray  # (N,) per entity: map<key, value> after filtering
     n_input: int = 0
     dropped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
@@ -154,143 +143,244 @@ class OsmData:
         return float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())
 
 
-def _decode_way_wkb(hexes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Coordinates (C, 2) and offsets (W + 1,) from little-endian WKB LineStrings in hex."""
-    if not hexes:
-        return np.zeros((0, 2)), np.zeros(1, np.int64)
-    counts = (np.fromiter(map(len, hexes), np.int64, len(hexes)) - _WKB_HEADER_HEX) // 32
-    body = bytes.fromhex("".join(h[_WKB_HEADER_HEX:] for h in hexes))
-    coords = np.frombuffer(body, dtype="<f8").reshape(-1, 2).copy()
-    offsets = np.zeros(len(hexes) + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    return coords, offsets
+def tags_map_array(tags: list) -> pa.MapArray:
+    """Arrow ``map<string, string>`` from per-entity lists of (key, value) pairs."""
+    offsets = np.zeros(len(tags) + 1, np.int32)
+    np.cumsum([len(t) for t in tags], out=offsets[1:])
+    keys = [k for t in tags for k, _ in t]
+    values = [v for t in tags for _, v in t]
+    return pa.MapArray.from_arrays(pa.array(offsets), pa.array(keys, pa.string()), pa.array(values, pa.string()))
+
+
+def tags_map_array(tags: list) -> pa.MapArray:
+    """Arrow ``map<string, string>`` from per-entity lists of (key, value) pairs."""
+    offsets = np.zeros(len(tags) + 1, np.int32)
+    np.cumsum([len(t) for t in tags], out=offsets[1:])
+    keys = [k for t in tags for k, _ in t]
+    values = [v for t in tags for _, v in t]
+    return pa.MapArray.from_arrays(pa.array(offsets), pa.array(keys, pa.string()), pa.array(values, pa.string()))
+
+
+class _TagColumns:
+    """Tags of one element type over all blocks: strings, owner element, raw and kept counts."""
+
+    def __init__(self):
+        self.keys, self.values, self.owner, self.n_raw = [], [], [], []
+
+    def add(self, table: "_StringTable", keys: np.ndarray, vals: np.ndarray, owner: np.ndarray, n_elements: int, base: int):
+        """``owner``: element index within the block of each (key, value); ``base``: elements before."""
+        self.n_raw.append(np.bincount(owner, minlength=n_elements))
+        keep = table.keep[keys]
+        self.keys.append(table.arrow.take(pa.array(keys[keep])))
+        self.values.append(table.arrow.take(pa.array(vals[keep])))
+        self.owner.append(owner[keep] + base)
+        return keep
+
+    def finish(self):
+        owner = np.concatenate(self.owner) if self.owner else np.zeros(0, np.int64)
+        keys = pa.concat_arrays(self.keys) if self.keys else pa.array([], pa.string())
+        values = pa.concat_arrays(self.values) if self.values else pa.array([], pa.string())
+        n_raw = np.concatenate(self.n_raw) if self.n_raw else np.zeros(0, np.int64)
+        return keys, values, owner, n_raw
+
+
+class _StringTable:
+    """A block's string table: Arrow strings and which of them are keys we keep."""
+
+    def __init__(self, strings: list[str], used_keys: np.ndarray):
+        self.strings = strings
+        self.arrow = pa.array(strings, pa.string())
+        self.keep = np.zeros(len(strings), bool)
+        for k in np.unique(used_keys).tolist():
+            self.keep[k] = keep_key(strings[k])
+
+
+def _map_array(keys: pa.Array, values: pa.Array, owner: np.ndarray, order: np.ndarray, n: int) -> pa.MapArray:
+    """``map<string,string>`` for ``n`` elements from tag rows (owner sorted) picked/ordered by ``order``."""
+    counts = np.bincount(owner, minlength=n)
+    starts = np.cumsum(counts) - counts
+    sel_counts = counts[order]
+    rows = np.repeat(starts[order] - np.concatenate([[0], np.cumsum(sel_counts)[:-1]]), sel_counts) + np.arange(sel_counts.sum())
+    offsets = np.zeros(len(order) + 1, np.int32)
+    np.cumsum(sel_counts, out=offsets[1:])
+    idx = pa.array(rows.astype(np.int64))
+    return pa.MapArray.from_arrays(pa.array(offsets), keys.take(idx), values.take(idx))
 
 
 def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     """Read all features of ``path`` (see the module docstring for the rules)."""
+    from pyrosm.pbfreader import iter_decoded_blocks
+
     check_pbf_header(path)
     dropped: Counter = Counter()
     repaired: Counter = Counter()
-
-    # ---- pass 1: relations ----------------------------------------------------------------
-    rel_ids: list[int] = []
-    rel_tags: list = []
-    rel_raw_members: list = []
-    member_nodes: set[int] = set()
-    member_ways: set[int] = set()
-    member_rels: set[int] = set()
+    node_id, node_lon, node_lat = [], [], []
+    node_tags, way_tags, rel_tags = _TagColumns(), _TagColumns(), _TagColumns()
+    way_id, way_refs, way_counts = [], [], []
+    rel_id, rel_mem_type, rel_mem_ref, rel_mem_role, rel_mem_counts = [], [], [], [], []
+    rel_type_value: list = []  # per relation: the value of its 'type' tag, if any
+    n_nodes_total = n_ways = n_rels = 0
     try:
-        for rel in osmium.FileProcessor(_pbf(path), osmium.osm.RELATION):
-            members = [(_MEMBER_TYPE[m.type], m.ref, m.role) for m in rel.members]
-            rel_ids.append(rel.id)
-            rel_tags.append(filter_tags(_tags(rel)))
-            rel_raw_members.append(members)
-            for mtype, ref, _ in members:
-                (member_nodes if mtype == NODE else member_ways if mtype == WAY else member_rels).add(ref)
-    except Exception as exc:
-        raise _pbf_error(path, exc) from None
-    if log:
-        log(f"read {path}: {len(rel_ids):,} relations")
-
-    # ---- pass 2: nodes (tagged only, filtered in C++) and ways with locations -------------
-    node_ids: list[int] = []
-    node_lonlat: list[tuple[float, float]] = []
-    node_tags: list = []
-    way_ids: list[int] = []
-    way_wkb: list[str] = []
-    way_tags: list = []
-    way_polygon: list[bool] = []
-    way_complete: list[bool] = []
-    wkb_factory = osmium.geom.WKBFactory()
-    tagged_filter = osmium.filter.EmptyTagFilter()
-    tagged_filter.enable_for(osmium.osm.NODE)
-    processor = osmium.FileProcessor(_pbf(path), osmium.osm.NODE | osmium.osm.WAY).with_locations().with_filter(tagged_filter)
-    n_nodes_seen = n_ways_seen = 0
-    try:
-        for obj in processor:
-            if obj.is_node():
-                n_nodes_seen += 1
-                tags = filter_tags(_tags(obj))
-                if not tags and obj.id not in member_nodes:
-                    dropped["only_filtered_tags_not_member"] += 1
-                    continue
-                loc = obj.location
-                node_ids.append(obj.id)
-                node_lonlat.append((loc.lon, loc.lat))
-                node_tags.append(tags)
-                continue
-            n_ways_seen += 1
-            raw = _tags(obj)
-            is_member = obj.id in member_ways
-            if not raw and not is_member:
-                dropped["untagged_not_member"] += 1
-                continue
-            tags = filter_tags(raw) if raw else raw
-            if not tags and not is_member:
-                dropped["only_filtered_tags_not_member"] += 1
-                continue
-            complete = True
-            try:
-                wkb = wkb_factory.create_linestring(obj)
-            except Exception:  # missing node locations (clipped extract) or < 2 distinct nodes
-                coords = [(n.lon, n.lat) for n in obj.nodes if n.location.valid()]
-                if not coords:
-                    dropped["missing_node_locations"] += 1
-                    continue
-                if len(coords) < len(obj.nodes):
-                    complete = False
-                    repaired["partial_way_missing_nodes"] += 1
-                wkb = shapely.to_wkb(shapely.LineString(coords * 2 if len(coords) == 1 else coords), hex=True)
-            way_ids.append(obj.id)
-            way_wkb.append(wkb)
-            way_tags.append(tags)
-            way_polygon.append(complete and obj.is_closed() and is_area(dict(tags)))
-            way_complete.append(complete)
+        for strings, header, nodes, ways, relations in iter_decoded_blocks(str(path)):
+            used = [a for a, key in ((nodes, "keys_vals"), (ways, "keys"), (relations, "keys")) if a is not None and len(a.get(key, ()))]
+            table = _StringTable(strings, np.concatenate([a["keys_vals" if "keys_vals" in a else "keys"] for a in used]) if used else np.zeros(0, np.int64))
+            if nodes is not None and len(nodes["id"]):
+                n = len(nodes["id"])
+                g = header["granularity"]
+                node_id.append(nodes["id"])
+                node_lon.append((nodes["lon"] * g + header["lon_offset"]) / 1e9)
+                node_lat.append((nodes["lat"] * g + header["lat_offset"]) / 1e9)
+                kv = nodes["keys_vals"]
+                if len(kv):  # each node's key, value ids then a 0 (string 0 is never a key or value)
+                    stop = kv == 0
+                    node_of = np.cumsum(stop) - stop
+                    pos = np.flatnonzero(~stop)
+                    node_tags.add(table, kv[pos[0::2]], kv[pos[1::2]], node_of[pos[0::2]], n, n_nodes_total)
+                else:
+                    node_tags.add(table, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), n, n_nodes_total)
+                n_nodes_total += n
+            if ways is not None and len(ways["id"]):
+                n = len(ways["id"])
+                way_id.append(ways["id"])
+                owner = np.repeat(np.arange(n), np.diff(ways["tags_off"]))
+                way_tags.add(table, ways["keys"], ways["vals"], owner, n, n_ways)
+                way_refs.append(ways["refs"])
+                way_counts.append(np.diff(ways["refs_off"]))
+                n_ways += n
+            if relations is not None and len(relations["id"]):
+                n = len(relations["id"])
+                rel_id.append(relations["id"])
+                owner = np.repeat(np.arange(n), np.diff(relations["tags_off"]))
+                rel_tags.add(table, relations["keys"], relations["vals"], owner, n, n_rels)
+                for r in range(n):  # the type tag decides how a relation is built
+                    a, b = relations["tags_off"][r], relations["tags_off"][r + 1]
+                    t = [strings[v] for k, v in zip(relations["keys"][a:b], relations["vals"][a:b]) if strings[k] == "type"]
+                    rel_type_value.append(t[0] if t else None)
+                rel_mem_type.append(relations["types"])
+                rel_mem_ref.append(relations["memids"])
+                rel_mem_role.append(table.arrow.take(pa.array(relations["roles"])) if len(relations["roles"]) else pa.array([], pa.string()))
+                rel_mem_counts.append(np.diff(relations["members_off"]))
+                n_rels += n
     except GeojepaError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # pyrosm raises DecodeError / InvalidOSMFileError / zlib errors
         raise _pbf_error(path, exc) from None
-    if way_wkb and not way_wkb[0].upper().startswith(_WKB_LINESTRING_HEADER):
-        raise RuntimeError(f"unexpected WKB from osmium: {way_wkb[0][:18]}")
+    cat = lambda parts, dtype=np.int64: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    node_id, node_lon, node_lat = cat(node_id), cat(node_lon, np.float64), cat(node_lat, np.float64)
+    way_id, way_refs, way_counts = cat(way_id), cat(way_refs), cat(way_counts)
+    rel_id, mem_type, mem_ref, mem_counts = cat(rel_id), cat(rel_mem_type), cat(rel_mem_ref), cat(rel_mem_counts)
+    mem_role = pa.concat_arrays(rel_mem_role).to_pylist() if rel_mem_role else []
+    nk, nv, n_owner, n_raw = node_tags.finish()
+    wk, wv, w_owner, w_raw = way_tags.finish()
+    rk, rv, r_owner, r_raw = rel_tags.finish()
+    n_kept_tags = np.bincount(n_owner, minlength=n_nodes_total)
+    w_kept_tags = np.bincount(w_owner, minlength=n_ways)
+    r_kept_tags = np.bincount(r_owner, minlength=n_rels)
+    if log:
+        log(f"read {path}: {n_nodes_total:,} nodes, {n_ways:,} ways, {n_rels:,} relations decoded")
 
-    # Untagged nodes that are relation members: their locations come from the index.
-    locations = processor.node_location_storage
-    member_only = sorted(member_nodes - set(node_ids))
-    for ref in member_only:
-        try:
-            loc = locations.get(ref)
-        except KeyError:
-            loc = None
-        if loc is None or not loc.valid():
-            dropped["missing_node_locations"] += 1
-            continue
-        node_ids.append(ref)
-        node_lonlat.append((loc.lon, loc.lat))
-        node_tags.append([])
+    # ---- node lookup: sorted ids ------------------------------------------------------------
+    if len(node_id) and np.all(node_id[1:] > node_id[:-1]):
+        sorted_ids, sort_pos = node_id, None
+    else:
+        sort_pos = np.argsort(node_id, kind="stable")
+        sorted_ids = node_id[sort_pos]
 
-    coords, offsets = _decode_way_wkb(way_wkb)
-    del way_wkb
-    way_polygon_arr = np.asarray(way_polygon, bool)
-    # a polygon ring needs 4 coordinates (osmium drops repeated nodes: a-b-a is a line)
-    short_ring = way_polygon_arr & (np.diff(offsets) < 4)
+    def lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Node positions of ``ids`` and whether each was found."""
+        if len(sorted_ids) == 0:
+            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        i = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        found = sorted_ids[i] == ids
+        return (i if sort_pos is None else sort_pos[i]), found
+
+    # ---- members ------------------------------------------------------------------------------
+    member_nodes = np.unique(mem_ref[mem_type == NODE])
+    member_ways = np.unique(mem_ref[mem_type == WAY])
+    member_rels = np.unique(mem_ref[mem_type == RELATION])
+
+    # ---- nodes: tagged ones, then untagged relation members ------------------------------------
+    tagged = np.flatnonzero(n_raw > 0)
+    is_member = np.isin(node_id[tagged], member_nodes)
+    keep_tagged = tagged[(n_kept_tags[tagged] > 0) | is_member]
+    dropped["only_filtered_tags_not_member"] += int(len(tagged) - len(keep_tagged))
+    member_only = np.setdiff1d(member_nodes, node_id[keep_tagged])
+    pos, found = lookup(member_only)
+    if (~found).any():
+        dropped["missing_node_locations"] += int((~found).sum())
+    extra = pos[found]
+    kept_nodes = np.concatenate([keep_tagged, extra])
+
+    # ---- ways: keep/drop, coordinates ------------------------------------------------------------
+    way_member = np.isin(way_id, member_ways)
+    untagged = (w_raw == 0) & ~way_member
+    filtered_out = (w_raw > 0) & (w_kept_tags == 0) & ~way_member
+    dropped["untagged_not_member"] += int(untagged.sum())
+    dropped["only_filtered_tags_not_member"] += int(filtered_out.sum())
+    way_keep = ~untagged & ~filtered_out
+    ref_way = np.repeat(np.arange(n_ways), way_counts)
+    pos, found = lookup(way_refs)
+    n_found = np.bincount(ref_way, weights=found, minlength=n_ways).astype(np.int64)
+    no_coords = way_keep & (n_found == 0)
+    dropped["missing_node_locations"] += int(no_coords.sum())
+    way_keep &= ~no_coords
+    partial = way_keep & (n_found < way_counts)
+    if partial.any():
+        repaired["partial_way_missing_nodes"] += int(partial.sum())
+    ref_starts = np.cumsum(way_counts) - way_counts
+    closed = (way_counts >= 2) & (way_refs[np.maximum(ref_starts + way_counts - 1, 0)] == way_refs[ref_starts]) & ~partial
+    # vertices: located refs of kept ways, consecutive repeats of a location dropped
+    vkeep = found & way_keep[ref_way]
+    vx, vy, vway = node_lon[pos[vkeep]], node_lat[pos[vkeep]], ref_way[vkeep]
+    if len(vway):
+        same = np.concatenate([[False], (vx[1:] == vx[:-1]) & (vy[1:] == vy[:-1]) & (vway[1:] == vway[:-1])])
+        vx, vy, vway = vx[~same], vy[~same], vway[~same]
+    del pos, found, vkeep
+    kept_ways = np.flatnonzero(way_keep)
+    counts = np.bincount(vway, minlength=n_ways)[kept_ways]
+    coords = np.column_stack([vx, vy])
+    del vx, vy, vway
+    single = np.flatnonzero(counts == 1)  # one located vertex: a zero-length line
+    if len(single):
+        starts = np.cumsum(counts) - counts
+        coords = np.insert(coords, starts[single], coords[starts[single]], axis=0)
+        counts[single] = 2
+    offsets = np.zeros(len(kept_ways) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    # area rule on closed, complete ways
+    votes = np.zeros(len(w_owner), np.int8)
+    cand = closed[w_owner]
+    if cand.any():
+        pair_keys = np.asarray(wk.take(pa.array(np.flatnonzero(cand))).to_pylist(), dtype=object)
+        pair_vals = np.asarray(wv.take(pa.array(np.flatnonzero(cand))).to_pylist(), dtype=object)
+        cache: dict = {}
+        votes[cand] = [cache.setdefault((k, v), area_vote(k, v)) for k, v in zip(pair_keys, pair_vals)]
+    yes = np.bincount(w_owner, weights=votes == AREA_YES, minlength=n_ways) > 0
+    no = np.bincount(w_owner, weights=votes == AREA_NO, minlength=n_ways) > 0
+    implied = np.bincount(w_owner, weights=votes == IMPLIES_AREA, minlength=n_ways) > 0
+    polygon = closed & (yes | (~no & implied))
+    way_polygon = polygon[kept_ways] & (counts >= 4)
+    short_ring = polygon[kept_ways] & (counts < 4)
     if short_ring.any():
         repaired["ring_under_4_points_as_line"] += int(short_ring.sum())
-        way_polygon_arr &= ~short_ring
 
-    # ---- relations: resolve members to kept entities, keep or drop -------------------------
-    n_nodes, n_ways = len(node_ids), len(way_ids)
-    node_index = {nid: i for i, nid in enumerate(node_ids)}
-    way_index = {wid: n_nodes + i for i, wid in enumerate(way_ids)}
+    # ---- relations: resolve members to kept entities, keep or drop --------------------------
+    n_nodes, n_kept_ways = len(kept_nodes), len(kept_ways)
+    node_index = dict(zip(node_id[kept_nodes].tolist(), range(n_nodes)))
+    way_index = dict(zip(way_id[kept_ways].tolist(), range(n_nodes, n_nodes + n_kept_ways)))
+    rel_ids = rel_id.tolist()
     rel_pos = {rid: i for i, rid in enumerate(rel_ids)}
-    way_complete_arr = np.asarray(way_complete, bool)
-    # a relation is kept if it has a tag (or is a member) and, transitively, a present member
+    mem_start = np.concatenate([[0], np.cumsum(mem_counts)]).tolist()
+    mem_type_l, mem_ref_l = mem_type.tolist(), mem_ref.tolist()
+    members_of = [list(zip(mem_type_l[a:b], mem_ref_l[a:b], mem_role[a:b])) for a, b in zip(mem_start[:-1], mem_start[1:])]
+    member_rel_set = set(member_rels.tolist())
     has_geometry: dict[int, bool] = {}
 
     def present(i: int, stack: frozenset) -> bool:
         if i in has_geometry:
             return has_geometry[i]
         ok = False
-        for mtype, ref, _ in rel_raw_members[i]:
+        for mtype, ref, _ in members_of[i]:
             if mtype == NODE and ref in node_index or mtype == WAY and ref in way_index:
                 ok = True
             elif mtype == RELATION and ref in rel_pos and ref not in stack and present(rel_pos[ref], stack | {ref}):
@@ -302,30 +392,30 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
 
     keep_rel = []
     for i, rid in enumerate(rel_ids):
-        if not rel_tags[i] and rid not in member_rels:
+        if r_kept_tags[i] == 0 and rid not in member_rel_set:
             dropped["only_filtered_tags_not_member"] += 1
         elif not present(i, frozenset({rid})):
             dropped["relation_without_members_in_extract"] += 1
         else:
             keep_rel.append(i)
-    rel_index = {rel_ids[i]: n_nodes + n_ways + k for k, i in enumerate(keep_rel)}
+    first_rel = n_nodes + n_kept_ways
+    rel_index = {rel_ids[i]: first_rel + k for k, i in enumerate(keep_rel)}
+    way_complete = ~partial[kept_ways]
     rel_members, rel_complete = [], []
     for i in keep_rel:
         members, complete = [], True
-        for mtype, ref, role in rel_raw_members[i]:
+        for mtype, ref, role in members_of[i]:
             idx = (node_index if mtype == NODE else way_index if mtype == WAY else rel_index).get(ref)
             if idx is None:
                 complete = False
                 continue
-            if mtype == WAY and not way_complete_arr[idx - n_nodes]:
+            if mtype == WAY and not way_complete[idx - n_nodes]:
                 complete = False
             members.append((idx, role))
         rel_members.append(members)
         rel_complete.append(complete)
-    # completeness is transitive through member relations
     rel_complete_arr = np.asarray(rel_complete, bool)
-    first_rel = n_nodes + n_ways
-    for _ in range(8):
+    for _ in range(8):  # completeness is transitive through member relations
         changed = False
         for k, members in enumerate(rel_members):
             if rel_complete_arr[k] and any(m >= first_rel and not rel_complete_arr[m - first_rel] for m, _ in members):
@@ -333,17 +423,20 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
                 changed = True
         if not changed:
             break
-
+    keep_rel_arr = np.asarray(keep_rel, np.int64)
+    tags = pa.concat_arrays([
+        _map_array(nk, nv, n_owner, kept_nodes, n_nodes_total),
+        _map_array(wk, wv, w_owner, kept_ways, n_ways),
+        _map_array(rk, rv, r_owner, keep_rel_arr, n_rels),
+    ])
+    n_input = len(tagged) + len(member_only) + n_ways + n_rels
     data = OsmData(
-        node_id=np.asarray(node_ids, np.int64), node_lonlat=np.asarray(node_lonlat, np.float64).reshape(-1, 2),
-        way_id=np.asarray(way_ids, np.int64), way_coords=coords, way_offsets=offsets,
-        way_polygon=way_polygon_arr, way_complete=way_complete_arr,
-        rel_id=np.asarray([rel_ids[i] for i in keep_rel], np.int64),
-        rel_multipolygon=np.asarray([dict(rel_tags[i]).get("type") == "multipolygon" for i in keep_rel], bool),
-        rel_members=rel_members, rel_complete=rel_complete_arr,
-        tags=node_tags + way_tags + [rel_tags[i] for i in keep_rel],
-        n_input=n_nodes_seen + len(member_only) + n_ways_seen + len(rel_ids),
-        dropped=dropped, repaired=repaired,
+        node_id=node_id[kept_nodes], node_lonlat=np.column_stack([node_lon[kept_nodes], node_lat[kept_nodes]]),
+        way_id=way_id[kept_ways], way_coords=coords, way_offsets=offsets,
+        way_polygon=way_polygon, way_complete=way_complete,
+        rel_id=rel_id[keep_rel_arr], rel_multipolygon=np.asarray([rel_type_value[i] == "multipolygon" for i in keep_rel], bool),
+        rel_members=rel_members, rel_complete=rel_complete_arr, tags=tags,
+        n_input=n_input, dropped=dropped, repaired=repaired,
     )
     if len(data) + sum(dropped.values()) != data.n_input:
         raise AssertionError(f"entity accounting broken: {len(data)} kept + {dict(dropped)} != {data.n_input}")

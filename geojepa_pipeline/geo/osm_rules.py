@@ -56,18 +56,28 @@ _AREA_TAGS = {
 }
 
 
+AREA_YES, AREA_NO, IMPLIES_AREA, NO_VOTE = 2, -2, 1, 0
+
+
+def area_vote(key: str, value: str) -> int:
+    """What one tag says about a closed way: ``area=yes``/``area=no`` decide (+-2), an
+    area-like tag implies an area (1), anything else says nothing (0)."""
+    if key == "area":
+        return AREA_YES if value == "yes" else AREA_NO if value == "no" else NO_VOTE
+    exceptions = _AREA_KEYS.get(key)
+    if exceptions is not None and value != "no" and value not in exceptions:
+        return IMPLIES_AREA
+    values = _AREA_TAGS.get(key)
+    if values is not None and value in values:
+        return IMPLIES_AREA
+    return NO_VOTE
+
+
 def is_area(tags: dict[str, str]) -> bool:
     """Whether a closed way with these tags is a polygon (True) or a closed line (False)."""
-    area = tags.get("area")
-    if area == "yes":
+    votes = [area_vote(k, v) for k, v in tags.items()]
+    if AREA_YES in votes:
         return True
-    if area == "no":
+    if AREA_NO in votes:
         return False
-    for key, value in tags.items():
-        exceptions = _AREA_KEYS.get(key)
-        if exceptions is not None and value != "no" and value not in exceptions:
-            return True
-        values = _AREA_TAGS.get(key)
-        if values is not None and value in values:
-            return True
-    return False
+    return IMPLIES_AREA in votes

@@ -9,6 +9,8 @@ and ``entities-NNNNN.parquet``. ``geopandas.read_parquet`` opens an entity shard
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -44,38 +46,74 @@ def _write(table: pa.Table, path: Path) -> None:
     pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=True)
 
 
+def _write_shard(shard_index: int, tiles_part: pa.Table, ent_part: pa.Table, out_dir: Path) -> dict:
+    # one contiguous chunk per column: the bytes do not depend on how the pieces were batched
+    tiles_part, ent_part = tiles_part.combine_chunks(), ent_part.combine_chunks()
+    geom_types = sorted(set(ent_part.column("geom_type").unique().to_pylist()))
+    ent_part = ent_part.replace_schema_metadata({b"geo": geoparquet_metadata(geom_types)})
+    tiles_name, ent_name = shard_filename("tiles", shard_index), shard_filename("entities", shard_index)
+    _write(tiles_part, out_dir / tiles_name)
+    _write(ent_part, out_dir / ent_name)
+    return {
+        "index": shard_index, "tiles_file": tiles_name, "entities_file": ent_name,
+        "n_tiles": tiles_part.num_rows, "n_pieces": ent_part.num_rows,
+        "first_tile": tiles_part.column("tile_id")[0].as_py(), "last_tile": tiles_part.column("tile_id")[-1].as_py(),
+    }
+
+
 def write_tile_shards(tiled: TiledRegion, out_dir: Path, shard_tiles: int = DEFAULT_SHARD_TILES, log=None) -> dict:
-    """Write the shards of ``tiled`` into ``out_dir``; return the manifest body (without files/version)."""
+    """Write the shards of ``tiled`` into ``out_dir``; return the manifest body (without files/version).
+
+    Pieces stream in (``TiledRegion.entity_chunks``) and leave as shards of ``shard_tiles``
+    consecutive tiles; two threads encode (Parquet and zstd run in C++ without the GIL), and
+    at most a few shards wait in memory.
+    """
     if shard_tiles < 1:
         raise ValueError(f"shard_tiles must be >= 1, got {shard_tiles}")
-    tiles, entities = tiled.tiles, tiled.entities
-    n_tiles = tiles.num_rows
-    counts = tiles.column("n_entities").to_numpy().astype(np.int64)
-    piece_start = np.concatenate([[0], np.cumsum(counts)])
-    shards = []
-    for shard_index, t0 in enumerate(range(0, n_tiles, shard_tiles)):
-        t1 = min(n_tiles, t0 + shard_tiles)
-        tiles_part = tiles.slice(t0, t1 - t0)
-        ent_part = entities.slice(int(piece_start[t0]), int(piece_start[t1] - piece_start[t0]))
-        geom_types = sorted(set(ent_part.column("geom_type").unique().to_pylist()))
-        ent_part = ent_part.replace_schema_metadata({b"geo": geoparquet_metadata(geom_types)})
-        tiles_name, ent_name = shard_filename("tiles", shard_index), shard_filename("entities", shard_index)
-        _write(tiles_part, out_dir / tiles_name)
-        _write(ent_part, out_dir / ent_name)
-        shards.append({
-            "index": shard_index, "tiles_file": tiles_name, "entities_file": ent_name,
-            "n_tiles": tiles_part.num_rows, "n_pieces": ent_part.num_rows,
-            "first_tile": tiles_part.column("tile_id")[0].as_py(), "last_tile": tiles_part.column("tile_id")[-1].as_py(),
-        })
-        if log and (shard_index % 10 == 9):
-            log(f"wrote {shard_index + 1} shards ({t1:,}/{n_tiles:,} tiles)")
+    pending_tiles: list[pa.Table] = []
+    pending_ents: list[pa.Table] = []
+    n_pending = 0
+    futures = []
+    shards: list[dict] = []
+    n_shards_total = -(-tiled.tiles.num_rows // shard_tiles)
+
+    def collect(block: bool) -> None:
+        while futures and (block or len(futures) > 2):
+            shard = futures.pop(0).result()
+            shards.append(shard)
+            if log and (shard["index"] % 10 == 9):
+                log(f"wrote {shard['index'] + 1}/{n_shards_total} shards")
+
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        def flush() -> None:
+            nonlocal pending_tiles, pending_ents, n_pending
+            futures.append(pool.submit(_write_shard, len(shards) + len(futures),
+                                       pa.concat_tables(pending_tiles), pa.concat_tables(pending_ents), out_dir))
+            pending_tiles, pending_ents, n_pending = [], [], 0
+            collect(block=False)
+
+        for tiles, entities in tiled.entity_chunks():
+            counts = np.asarray(tiles.column("n_entities"), np.int64)
+            piece_start = np.concatenate([[0], np.cumsum(counts)])
+            t = 0
+            while t < tiles.num_rows:
+                take = min(shard_tiles - n_pending, tiles.num_rows - t)
+                pending_tiles.append(tiles.slice(t, take))
+                pending_ents.append(entities.slice(int(piece_start[t]), int(piece_start[t + take] - piece_start[t])))
+                n_pending += take
+                t += take
+                if n_pending == shard_tiles:
+                    flush()
+        if n_pending:
+            flush()
+        collect(block=True)
     return {
         "schema_version": SCHEMA_VERSION,
         "epsg": tiled.epsg,
-        "tile_size_m": float(tiles.column("tile_size_m")[0].as_py()) if n_tiles else None,
+        "tile_size_m": float(tiled.tiles.column("tile_size_m")[0].as_py()) if tiled.tiles.num_rows else None,
         "shard_tiles": shard_tiles,
-        "n_tiles": n_tiles,
-        "n_pieces": entities.num_rows,
+        "n_tiles": tiled.tiles.num_rows,
+        "n_pieces": sum(s["n_pieces"] for s in shards),
         "shards": shards,
         "accounting": tiled.accounting(),
         "area_check": tiled.area_check,

@@ -6,38 +6,51 @@ per (entity, tile):
 * nodes: the half-open cell holding the point;
 * lines (ways that are not areas): cut at the grid lines in numpy (``grid.cut_lines``);
 * polygons (area ways and ``type=multipolygon`` relations): repaired with ``make_valid``
-  where invalid, then intersected with the cells by GEOS (``grid.clip_to_grid``);
+  where invalid, then clipped to the cells by GEOS (``grid.clip_to_grid``);
 * every other relation: the union, per tile, of its members' pieces (members first), so a
   route or a boundary is exactly the set of its ways' pieces.
 
 Every piece gets its minimum rotated box (4 corners in tile units), tile-local WKB and its
-geometry type. Output order is deterministic and spatially blocked: tiles sorted by 16x16-tile
-blocks (4.8 km squares at 300 m), row-major inside a block; pieces by tile, then OSM type and
-id. Every kept feature appears in at least one tile, or is counted under ``dropped``.
+geometry type.
+
+Order (deterministic, spatially blocked): tiles sorted by 16x16-tile blocks (4.8 km squares
+at 300 m), block columns west to east, blocks south to north within a column, tiles row-major
+inside a block; pieces by tile, then OSM type and id.
+
+Work is split into *bands* of whole block columns. A band handles every entity whose cell
+range reaches it and keeps only the pieces inside it, so bands are independent: memory is
+bounded by the largest band, and bands run on ``workers`` forked processes. Concatenating
+bands west to east gives the global order.
+
+Every kept feature appears in at least one tile, or is counted under ``dropped``.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import shapely
 from pyproj import Transformer
 
-from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, minbox_corners, utm_epsg
+from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
 
 SCHEMA_VERSION = 1
 BLOCK_TILES = 16  # tiles per side of a sort block
 AREA_REL_TOL = 1e-6
+BAND_ENTITIES = 25_000  # target entities per band: bounds memory, balances 2 workers
 
 GEOMETRY_TYPE_NAMES = (
     "Point", "LineString", "LinearRing", "Polygon", "MultiPoint", "MultiLineString", "MultiPolygon", "GeometryCollection",
 )
-_POINT, _LINESTRING, _POLYGON, _MULTIPOINT, _MULTILINESTRING, _COLLECTION = 0, 1, 3, 4, 5, 7
+_POINT, _LINESTRING = 0, 1
 
 TILES_SCHEMA = pa.schema([
     ("tile_id", pa.string()),
@@ -66,7 +79,7 @@ ENTITIES_SCHEMA = pa.schema([
     ("geometry", pa.binary()),  # WKB, tile-local metres: (0, 0) is the tile's lower-left corner
     ("minbox", pa.list_(pa.float32(), 8)),  # min rotated rectangle, 4 corners (x, y) in [0, 1] tile units
     ("area_m2", pa.float64()),
-    ("length_m", pa.float64()),
+    ("length_m", pa.float64()),  # lines: length; polygons: perimeter
     ("is_clipped", pa.bool_()),  # the entity is split over several tiles
     ("entity_complete", pa.bool_()),  # all the entity's nodes/members lie in the extract
 ])
@@ -74,17 +87,38 @@ ENTITIES_SCHEMA = pa.schema([
 
 @dataclass
 class TiledRegion:
-    """Result of ``tile_osm``: whole-region tables plus accounting."""
+    """Result of ``tile_osm``: whole-region tables plus accounting.
+
+    With a ``spill_dir`` the entity pieces stay in one Arrow IPC file per band and
+    ``entities`` is None; ``entity_chunks()`` yields them band by band either way.
+    """
 
     epsg: int
     tiles: pa.Table  # TILES_SCHEMA, one row per non-empty tile
-    entities: pa.Table  # ENTITIES_SCHEMA, one row per (entity, tile) piece
+    entities: pa.Table | None  # ENTITIES_SCHEMA, one row per (entity, tile) piece (None when spilled)
     n_input: int  # features accounted for by the reader
     n_entities_kept: int  # distinct entities with at least one piece
     dropped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     area_check: dict = field(default_factory=dict)
     timings_s: dict = field(default_factory=dict)
+    n_bands: int = 1
+    n_pieces: int = 0
+    band_files: list = field(default_factory=list)  # spilled bands: (ipc path, n_tiles, is_clipped (M,) bool)
+
+    def entity_chunks(self):
+        """(tiles, entities) tables of consecutive tiles, in the global order."""
+        if self.entities is not None:
+            yield self.tiles, self.entities
+            return
+        t0 = 0
+        for path, n_tiles, clipped in self.band_files:
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_file(source).read_all()
+            col = table.schema.get_field_index("is_clipped")
+            table = table.set_column(col, ENTITIES_SCHEMA.field("is_clipped"), pa.array(clipped, pa.bool_()))
+            yield self.tiles.slice(t0, n_tiles), table
+            t0 += n_tiles
 
     def accounting(self) -> dict:
         """Counts that must add up: ``n_input == n_entities_kept + sum(dropped)``."""
@@ -97,6 +131,77 @@ class TiledRegion:
         }
 
 
+# ---- shared, read-only inputs of every band -------------------------------------------------
+@dataclass
+class _Region:
+    """Projected inputs, computed once before the bands run (forked workers inherit it)."""
+
+    data: OsmData
+    region: str
+    epsg: int
+    s: float
+    node_xy: np.ndarray  # (Nn, 2) metres
+    node_cell: np.ndarray  # (Nn, 2) int64
+    way_xy: np.ndarray  # (C, 2) metres
+    way_cx: np.ndarray  # (Nw, 2) int64 min/max cell column of each way
+    rel_cx: np.ndarray  # (Nr, 2) int64 min/max cell column reached by each relation's members
+    rel_depth: np.ndarray  # (Nr,) member-relation nesting depth (members first)
+    osm_type: np.ndarray  # (N,) int8
+    osm_id: np.ndarray  # (N,) int64
+    complete: np.ndarray  # (N,) bool
+
+    @property
+    def first_rel(self) -> int:
+        return self.data.n_nodes + self.data.n_ways
+
+
+def _project(lonlat: np.ndarray, transformer: Transformer) -> np.ndarray:
+    """(P, 2) lon/lat degrees -> (P, 2) metres."""
+    if len(lonlat) == 0:
+        return np.zeros((0, 2))
+    x, y = transformer.transform(lonlat[:, 0], lonlat[:, 1])
+    return np.column_stack([x, y])
+
+
+def _prepare(data: OsmData, region: str, s: float) -> _Region:
+    minx, miny, maxx, maxy = data.lonlat_bounds()
+    epsg = utm_epsg((minx + maxx) / 2.0, (miny + maxy) / 2.0)
+    to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
+    node_xy = _project(data.node_lonlat, to_utm)
+    way_xy = _project(data.way_coords, to_utm)
+    node_cell = np.floor(node_xy / s).astype(np.int64)
+    n_nodes, n_ways, n_rel = data.n_nodes, data.n_ways, len(data.rel_id)
+    if n_ways:
+        starts = data.way_offsets[:-1]
+        cx = np.floor(way_xy[:, 0] / s).astype(np.int64)
+        way_cx = np.stack([np.minimum.reduceat(cx, starts), np.maximum.reduceat(cx, starts)], axis=1)
+    else:
+        way_cx = np.zeros((0, 2), np.int64)
+    # relations reach the union of their members' columns; depth orders members first
+    first_rel = n_nodes + n_ways
+    ent_cx = np.concatenate([np.repeat(node_cell[:, :1], 2, axis=1), way_cx, np.zeros((n_rel, 2), np.int64)])
+    ent_cx[first_rel:, 0], ent_cx[first_rel:, 1] = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    rel_depth = np.zeros(n_rel, np.int64)
+    for _ in range(16):  # longest member-relation chain followed; cycles stop here
+        changed = False
+        for k, members in enumerate(data.rel_members):
+            lo, hi, depth = ent_cx[first_rel + k, 0], ent_cx[first_rel + k, 1], 0
+            for m, _ in members:
+                lo, hi = min(lo, ent_cx[m, 0]), max(hi, ent_cx[m, 1])
+                if m >= first_rel and m != first_rel + k:
+                    depth = max(depth, rel_depth[m - first_rel] + 1)
+            if lo != ent_cx[first_rel + k, 0] or hi != ent_cx[first_rel + k, 1] or depth != rel_depth[k]:
+                ent_cx[first_rel + k] = (lo, hi)
+                rel_depth[k] = depth
+                changed = True
+        if not changed:
+            break
+    complete = np.concatenate([np.ones(n_nodes, bool), data.way_complete, data.rel_complete])
+    return _Region(data, region, epsg, s, node_xy, node_cell, way_xy, way_cx, ent_cx[first_rel:], rel_depth,
+                   data.osm_type, data.osm_id, complete)
+
+
+# ---- one band ---------------------------------------------------------------------------------
 @dataclass
 class _Pieces:
     """Accumulates pieces: owner entity, tile indices, tile-local geometry, length (NaN: ask GEOS)."""
@@ -120,23 +225,18 @@ class _Pieces:
                 cat(self.geom, object), cat(self.length, np.float64))
 
 
-def _project(lonlat: np.ndarray, transformer: Transformer) -> np.ndarray:
-    """(P, 2) lon/lat degrees -> (P, 2) metres."""
-    if len(lonlat) == 0:
-        return np.zeros((0, 2))
-    x, y = transformer.transform(lonlat[:, 0], lonlat[:, 1])
-    return np.column_stack([x, y])
-
-
-def _repair(geoms: np.ndarray, repaired: Counter) -> np.ndarray:
-    """make_valid on invalid polygons, keeping only their polygonal structure."""
-    invalid = np.flatnonzero(~shapely.is_valid(geoms))
-    if len(invalid) == 0:
-        return geoms
-    geoms = geoms.copy()
-    geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
-    repaired["make_valid"] += len(invalid)
-    return geoms
+@dataclass
+class _BandResult:
+    entities: pa.Table | None  # ENTITIES_SCHEMA, ordered (is_clipped fixed after the merge); None if spilled
+    spill_path: str | None  # where the entities went instead
+    owner: np.ndarray  # (M,) entity index of each row
+    area: np.ndarray  # (M,) piece area, m^2
+    tiles: pa.Table  # TILES_SCHEMA, ordered
+    poly_idx: np.ndarray  # polygon entities seen in this band
+    poly_area: np.ndarray  # their whole (repaired) area, m^2
+    repaired: dict  # reason -> entity indices
+    empty: np.ndarray  # polygon entities empty after repair
+    timings: dict
 
 
 def _ring(xy: np.ndarray):
@@ -174,70 +274,63 @@ def _collect_by_group(parts: np.ndarray, group: np.ndarray, n_groups: int) -> np
     np.minimum.at(lo, fgroup, family)
     np.maximum.at(hi, fgroup, family)
     out = np.empty(n_groups, dtype=object)
-    for fam, ctor in ((0, shapely.multipoints), (1, shapely.multilinestrings), (None, shapely.geometrycollections)):
-        sel_groups = (lo == hi) & (lo == fam) if fam is not None else ~((lo == hi) & (lo < 2))
+    uniform = lo == hi
+    for sel_groups, ctor in ((uniform & (lo == 0), shapely.multipoints), (uniform & (lo == 1), shapely.multilinestrings),
+                             (~(uniform & (lo < 2)), shapely.geometrycollections)):
         sel = sel_groups[fgroup]
-        if not sel.any():
-            continue
-        g = np.flatnonzero(sel_groups)
-        _, idx = np.unique(fgroup[sel], return_inverse=True)
-        out[g] = ctor(flat[sel], indices=idx.reshape(-1))
+        if sel.any():
+            _, idx = np.unique(fgroup[sel], return_inverse=True)
+            out[np.flatnonzero(sel_groups)] = ctor(flat[sel], indices=idx.reshape(-1))
     return out
 
 
-def _tags_array(tags: list) -> pa.MapArray:
-    offsets = np.zeros(len(tags) + 1, np.int32)
-    np.cumsum([len(t) for t in tags], out=offsets[1:])
-    keys = [k for t in tags for k, _ in t]
-    values = [v for t in tags for _, v in t]
-    return pa.MapArray.from_arrays(pa.array(offsets), pa.array(keys, pa.string()), pa.array(values, pa.string()))
+def _repair(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_valid on invalid polygons (keeping only their polygonal structure); returns (geoms, fixed mask)."""
+    invalid = ~shapely.is_valid(geoms)
+    if invalid.any():
+        geoms = geoms.copy()
+        geoms[invalid] = shapely.make_valid(geoms[invalid], method="structure", keep_collapsed=False)
+    return geoms, invalid
 
 
-def tile_osm(data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=None) -> TiledRegion:
-    """Project, repair, clip and describe every kept feature (see the module docstring)."""
-    t0 = time.perf_counter()
+def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Path | None = None) -> _BandResult:
+    """Every piece with ``x0 <= tile_x < x1``; with ``spill_dir`` the pieces go to an Arrow IPC file."""
+    data, s = R.data, R.s
+    n_nodes, first_rel = data.n_nodes, R.first_rel
     timings: dict[str, float] = {}
-    dropped, repaired = Counter(data.dropped), Counter(data.repaired)
-    s = float(tile_size_m)
-    n_nodes, n_ways, n_rel = data.n_nodes, data.n_ways, len(data.rel_id)
-    n_ent = len(data)
-    first_rel = n_nodes + n_ways
-
-    minx, miny, maxx, maxy = data.lonlat_bounds()
-    epsg = utm_epsg((minx + maxx) / 2.0, (miny + maxy) / 2.0)
-    to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
-    node_xy = _project(data.node_lonlat, to_utm)
-    way_xy = _project(data.way_coords, to_utm)
-    timings["project"] = time.perf_counter() - t0
-
+    repaired: dict[str, list] = {"make_valid": [], "multipolygon_unclosed_as_lines": []}
     pieces = _Pieces()
-    # ---- nodes --------------------------------------------------------------------------
-    t = time.perf_counter()
-    cell = np.floor(node_xy / s).astype(np.int64)
-    pieces.add(np.arange(n_nodes), cell[:, 0], cell[:, 1], shapely.points(node_xy - cell * s), np.zeros(n_nodes))
+    in_band = lambda lo, hi: (hi >= x0) & (lo < x1)  # noqa: E731
 
-    # ---- lines: numpy cutter --------------------------------------------------------------
+    # ---- nodes ---------------------------------------------------------------------------
+    t = time.perf_counter()
+    nodes = np.flatnonzero(in_band(R.node_cell[:, 0], R.node_cell[:, 0]))
+    cell = R.node_cell[nodes]
+    pieces.add(nodes, cell[:, 0], cell[:, 1], shapely.points(R.node_xy[nodes] - cell * s), np.zeros(len(nodes)))
+
+    # ---- lines: numpy cutter, whole lines, pieces kept inside the band ----------------------
     counts = np.diff(data.way_offsets)
-    line_ways = np.flatnonzero(~data.way_polygon)
+    ways_here = in_band(R.way_cx[:, 0], R.way_cx[:, 1])
+    line_ways = np.flatnonzero(ways_here & ~data.way_polygon)
     if len(line_ways):
-        sel = np.repeat(~data.way_polygon, counts)
+        idx = _ranges(data.way_offsets, line_ways)
         line_offsets = np.concatenate([[0], np.cumsum(counts[line_ways])])
-        line, tx, ty, geom, length = cut_lines(way_xy[sel], line_offsets, s)
-        pieces.add(n_nodes + line_ways[line], tx, ty, geom, length)
+        line, tx, ty, geom, length = cut_lines(R.way_xy[idx], line_offsets, s)
+        keep = (tx >= x0) & (tx < x1)
+        pieces.add(n_nodes + line_ways[line[keep]], tx[keep], ty[keep], geom[keep], length[keep])
     timings["cut_lines"] = time.perf_counter() - t
 
     # ---- polygons: area ways and multipolygon relations ------------------------------------
     t = time.perf_counter()
-    poly_ways = np.flatnonzero(data.way_polygon)
+    poly_ways = np.flatnonzero(ways_here & data.way_polygon)
     poly_owner = [n_nodes + poly_ways]
     poly_geoms = [np.empty(0, dtype=object)]
     if len(poly_ways):
-        sel = np.repeat(data.way_polygon, counts)
         owner = np.repeat(np.arange(len(poly_ways)), counts[poly_ways])
-        poly_geoms = [shapely.polygons(shapely.linearrings(way_xy[sel], indices=owner))]
-    collect_rels = []  # relations whose pieces are their members' pieces
-    mp_owner, mp_geoms = [], []
-    for k in range(n_rel):
+        poly_geoms = [shapely.polygons(shapely.linearrings(R.way_xy[_ranges(data.way_offsets, poly_ways)], indices=owner))]
+    rels_here = np.flatnonzero(in_band(R.rel_cx[:, 0], R.rel_cx[:, 1]))
+    collect_rels, mp_owner, mp_geoms = [], [], []
+    for k in rels_here.tolist():
         if not data.rel_multipolygon[k]:
             collect_rels.append(k)
             continue
@@ -245,23 +338,22 @@ def tile_osm(data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=N
         for m, role in data.rel_members[k]:
             if n_nodes <= m < first_rel:
                 w = m - n_nodes
-                (inner if role == "inner" else outer).append(way_xy[data.way_offsets[w]:data.way_offsets[w + 1]])
+                (inner if role == "inner" else outer).append(R.way_xy[data.way_offsets[w]:data.way_offsets[w + 1]])
         geom = _assemble_multipolygon(outer, inner) if outer else None
         if geom is None:
-            repaired["multipolygon_unclosed_as_lines"] += 1
+            repaired["multipolygon_unclosed_as_lines"].append(first_rel + k)
             collect_rels.append(k)
         else:
             mp_owner.append(first_rel + k)
             mp_geoms.append(geom)
-    poly_owner.append(np.asarray(mp_owner, np.int64))
-    poly_geoms.append(np.asarray(mp_geoms, dtype=object))
-    poly_owner = np.concatenate(poly_owner)
-    poly_geoms = _repair(np.concatenate(poly_geoms), repaired)
+    poly_owner = np.concatenate(poly_owner + [np.asarray(mp_owner, np.int64)])
+    poly_geoms, fixed = _repair(np.concatenate(poly_geoms + [np.asarray(mp_geoms, dtype=object)]))
+    repaired["make_valid"] = poly_owner[fixed]
     empty = shapely.is_empty(poly_geoms)
-    dropped["empty_after_repair"] += int(empty.sum())
+    empty_idx = poly_owner[empty]
     poly_owner, poly_geoms = poly_owner[~empty], poly_geoms[~empty]
     if len(poly_geoms):
-        idx, tx, ty, geom, _ = clip_to_grid(poly_geoms, s)
+        idx, tx, ty, geom, _ = clip_to_grid(poly_geoms, s, x_range=(x0, x1))
         coords, coord_owner = shapely.get_coordinates(geom, return_index=True)
         origin = np.stack([tx, ty], axis=1).astype(np.float64) * s
         local = shapely.set_coordinates(geom.copy(), coords - origin[coord_owner])
@@ -270,58 +362,39 @@ def tile_osm(data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=N
 
     # ---- other relations: their members' pieces, grouped per tile, members first -----------
     t = time.perf_counter()
-    depth = np.zeros(n_rel, np.int64)
-    for _ in range(16):  # longest member-relation chain we follow
-        new = depth.copy()
-        for k in collect_rels:
-            sub = [depth[m - first_rel] + 1 for m, _ in data.rel_members[k] if m >= first_rel and m - first_rel != k]
-            new[k] = max(sub, default=0)
-        if (new == depth).all():
-            break
-        depth = new
-    for level in sorted({int(depth[k]) for k in collect_rels}):
-        rels = [k for k in collect_rels if depth[k] == level]
-        pairs = np.unique(np.asarray([(first_rel + k, m) for k in rels for m, _ in data.rel_members[k] if m != first_rel + k],
-                                     np.int64).reshape(-1, 2), axis=0)
+    for level in sorted({int(R.rel_depth[k]) for k in collect_rels}):
+        rels = [k for k in collect_rels if R.rel_depth[k] == level]
+        pairs = np.asarray([(first_rel + k, m) for k in rels for m, _ in data.rel_members[k] if m != first_rel + k],
+                           np.int64).reshape(-1, 2)
+        pairs = pairs[np.unique(pairs[:, 0] * (R.osm_id.size + 1) + pairs[:, 1], return_index=True)[1]]
         owner, ptx, pty, pgeom, _ = pieces.arrays()
         order = np.argsort(owner, kind="stable")
         sorted_owner = owner[order]
         lo = np.searchsorted(sorted_owner, pairs[:, 1], "left")
-        hi = np.searchsorted(sorted_owner, pairs[:, 1], "right")
-        n_each = hi - lo
+        n_each = np.searchsorted(sorted_owner, pairs[:, 1], "right") - lo
+        if n_each.sum() == 0:
+            continue
         rep = np.repeat(np.arange(len(pairs)), n_each)
         pos = order[np.repeat(lo, n_each) + (np.arange(len(rep)) - np.repeat(np.cumsum(n_each) - n_each, n_each))]
-        key = np.stack([pairs[rep, 0], ptx[pos], pty[pos]], axis=1)
-        if len(key) == 0:
-            continue
-        uniq, group = np.unique(key, axis=0, return_inverse=True)
+        key = dense_key(pairs[rep, 0], ptx[pos], pty[pos])
+        uniq_key, first, group = np.unique(key, return_index=True, return_inverse=True)
         group = group.reshape(-1)
         sort = np.argsort(group, kind="stable")
-        geoms = _collect_by_group(pgeom[pos][sort], group[sort], len(uniq))
-        pieces.add(uniq[:, 0], uniq[:, 1], uniq[:, 2], geoms)
+        geoms = _collect_by_group(pgeom[pos][sort], group[sort], len(uniq_key))
+        pieces.add(pairs[rep[first], 0], ptx[pos][first], pty[pos][first], geoms)
     timings["relations"] = time.perf_counter() - t
 
-    # ---- order: tiles by 16x16 block, row-major within; pieces by tile, type, id -----------
+    # ---- order: block column, block row, row-major in the block; then type, id --------------
     t = time.perf_counter()
     owner, tx, ty, local, length = pieces.arrays()
-    has_piece = np.zeros(n_ent, bool)
-    has_piece[owner] = True
-    no_piece = int(n_ent - has_piece.sum()) - int(empty.sum())
-    dropped["no_tile_piece"] += no_piece
-    osm_type, osm_id = data.osm_type, data.osm_id
-    uniq, inverse = np.unique(np.stack([ty, tx], axis=1), axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    u_ty, u_tx = uniq[:, 0], uniq[:, 1]
-    tile_order = np.lexsort((u_tx, u_ty, np.floor_divide(u_tx, BLOCK_TILES), np.floor_divide(u_ty, BLOCK_TILES)))
-    rank = np.empty(len(uniq), np.int64)
-    rank[tile_order] = np.arange(len(uniq))
-    piece_tile = rank[inverse]
-    order = np.lexsort((osm_id[owner], osm_type[owner], piece_tile))
-    owner, tx, ty, local, length, piece_tile = owner[order], tx[order], ty[order], local[order], length[order], piece_tile[order]
-    u_tx, u_ty = u_tx[tile_order], u_ty[tile_order]
+    tile_key = dense_key(tx // BLOCK_TILES, ty // BLOCK_TILES, ty % BLOCK_TILES, tx % BLOCK_TILES)
+    order = np.lexsort((R.osm_id[owner], R.osm_type[owner], tile_key))
+    owner, tx, ty, local, length, tile_key = owner[order], tx[order], ty[order], local[order], length[order], tile_key[order]
+    tile_start = np.flatnonzero(np.concatenate([[True], tile_key[1:] != tile_key[:-1]])) if len(tile_key) else np.zeros(0, np.int64)
+    piece_tile = np.cumsum(np.concatenate([[False], tile_key[1:] != tile_key[:-1]])) if len(tile_key) else np.zeros(0, np.int64)
     timings["order"] = time.perf_counter() - t
 
-    # ---- describe: min boxes, measures ----------------------------------------------------
+    # ---- describe --------------------------------------------------------------------------
     t = time.perf_counter()
     zeros = np.zeros(len(local))
     minbox = minbox_corners(local, zeros, zeros, s)
@@ -329,63 +402,49 @@ def tile_osm(data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=N
     area = shapely.area(local)
     need_len = np.isnan(length)
     length[need_len] = shapely.length(local[need_len])
-    pieces_per_entity = np.bincount(owner, minlength=n_ent)
+    wkb = shapely.to_wkb(local, output_dimension=2)
+    del local
     timings["describe"] = time.perf_counter() - t
 
-    # ---- area accounting for polygons wholly inside the extract ---------------------------
-    complete = np.concatenate([np.ones(n_nodes, bool), data.way_complete, data.rel_complete])
-    check = np.zeros(n_ent, bool)
-    check[poly_owner] = complete[poly_owner]
-    check &= has_piece
-    orig_area = np.zeros(n_ent)
-    orig_area[poly_owner] = shapely.area(poly_geoms)
-    piece_area = np.bincount(owner, weights=np.where(check[owner], area, 0.0), minlength=n_ent)
-    rel = np.abs(piece_area[check] - orig_area[check]) / np.maximum(orig_area[check], 1e-12)
-    area_check = {
-        "n_polygons_checked": int(check.sum()),
-        "max_rel_error": float(rel.max()) if len(rel) else 0.0,
-        "n_over_tolerance": int((rel > AREA_REL_TOL).sum()),
-        "tolerance": AREA_REL_TOL,
-    }
-
-    # ---- Arrow tables ---------------------------------------------------------------------
+    # ---- tables -----------------------------------------------------------------------------
     t = time.perf_counter()
-    n_tiles = len(u_tx)
-    tile_id = pa.array([f"{epsg}_{x}_{y}" for x, y in zip(u_tx.tolist(), u_ty.tolist())], pa.string())
+    u_tx, u_ty = tx[tile_start], ty[tile_start]
+    tile_id = pa.array([f"{R.epsg}_{x}_{y}" for x, y in zip(u_tx.tolist(), u_ty.tolist())], pa.string())
     n_pieces = len(owner)
-    entities_table = pa.table(
+    entities = pa.table(
         {
             "tile_id": tile_id.take(pa.array(piece_tile)),
-            "region": pa.array([region], pa.string()).take(pa.array(np.zeros(n_pieces, np.int64))),
-            "osm_type": pa.array(OSM_TYPE_NAMES, pa.string()).take(pa.array(osm_type[owner].astype(np.int64))),
-            "osm_id": pa.array(osm_id[owner], pa.int64()),
-            "tags": _tags_array(data.tags).take(pa.array(owner)),
+            "region": pa.array([R.region], pa.string()).take(pa.array(np.zeros(n_pieces, np.int64))),
+            "osm_type": pa.array(OSM_TYPE_NAMES, pa.string()).take(pa.array(R.osm_type[owner].astype(np.int64))),
+            "osm_id": pa.array(R.osm_id[owner], pa.int64()),
+            "tags": data.tags.take(pa.array(owner)),
             "geom_type": pa.array(GEOMETRY_TYPE_NAMES, pa.string()).take(pa.array(type_ids.astype(np.int64))),
-            "geometry": pa.array(shapely.to_wkb(local, output_dimension=2), pa.binary()),
+            "geometry": pa.array(wkb, pa.binary()),
             "minbox": pa.FixedSizeListArray.from_arrays(pa.array(minbox.reshape(-1), pa.float32()), 8),
             "area_m2": pa.array(area, pa.float64()),
             "length_m": pa.array(length, pa.float64()),
-            "is_clipped": pa.array(pieces_per_entity[owner] > 1, pa.bool_()),
-            "entity_complete": pa.array(complete[owner], pa.bool_()),
+            "is_clipped": pa.array(np.zeros(n_pieces, bool), pa.bool_()),
+            "entity_complete": pa.array(R.complete[owner], pa.bool_()),
         },
         schema=ENTITIES_SCHEMA,
     )
+    n_tiles = len(u_tx)
     per_type = np.zeros((n_tiles, 3), np.int64)
-    np.add.at(per_type, (piece_tile, osm_type[owner].astype(np.int64)), 1)
-    to_lonlat = Transformer.from_crs(epsg, 4326, always_xy=True)
+    np.add.at(per_type, (piece_tile, R.osm_type[owner].astype(np.int64)), 1)
+    to_lonlat = Transformer.from_crs(R.epsg, 4326, always_xy=True)
     lon, lat = to_lonlat.transform((u_tx + 0.5) * s, (u_ty + 0.5) * s)
-    tiles_table = pa.table(
+    tiles = pa.table(
         {
             "tile_id": tile_id,
-            "region": pa.array([region] * n_tiles, pa.string()),
-            "epsg": pa.array(np.full(n_tiles, epsg), pa.int32()),
+            "region": pa.array([R.region] * n_tiles, pa.string()),
+            "epsg": pa.array(np.full(n_tiles, R.epsg), pa.int32()),
             "tile_x": pa.array(u_tx, pa.int32()),
             "tile_y": pa.array(u_ty, pa.int32()),
             "x_min_m": pa.array(u_tx * s, pa.float64()),
             "y_min_m": pa.array(u_ty * s, pa.float64()),
             "tile_size_m": pa.array(np.full(n_tiles, s), pa.float32()),
-            "lon": pa.array(np.asarray(lon), pa.float64()),
-            "lat": pa.array(np.asarray(lat), pa.float64()),
+            "lon": pa.array(np.asarray(lon, np.float64).reshape(-1), pa.float64()),
+            "lat": pa.array(np.asarray(lat, np.float64).reshape(-1), pa.float64()),
             "n_entities": pa.array(per_type.sum(axis=1), pa.int32()),
             "n_nodes": pa.array(per_type[:, 0], pa.int32()),
             "n_ways": pa.array(per_type[:, 1], pa.int32()),
@@ -394,12 +453,145 @@ def tile_osm(data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=N
         schema=TILES_SCHEMA,
     )
     timings["tables"] = time.perf_counter() - t
+    spill_path = None
+    if spill_dir is not None:
+        spill_path = str(spill_dir / f"band-{band_index:05d}.arrow")
+        with pa.OSFile(spill_path, "wb") as sink, pa.ipc.new_file(sink, ENTITIES_SCHEMA) as writer:
+            writer.write_table(entities, max_chunksize=65536)
+        entities = None
+    return _BandResult(entities, spill_path, owner, area, tiles, poly_owner, shapely.area(poly_geoms),
+                       {k: np.asarray(v, np.int64) for k, v in repaired.items()}, empty_idx, timings)
+
+
+def _ranges(offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(offsets[i], offsets[i + 1])`` for each i in ``items`` (vectorized)."""
+    lengths = offsets[items + 1] - offsets[items]
+    return np.repeat(offsets[items] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+
+
+# ---- bands and workers ------------------------------------------------------------------------
+_SHARED: _Region | None = None  # set before forking; workers read it
+
+
+def _band_worker(job: tuple) -> _BandResult:
+    return _tile_band(_SHARED, *job)
+
+
+def _bands(R: _Region, band_entities: int) -> list[tuple[int, int]]:
+    """Cell-column ranges of whole 16-tile block columns holding ~``band_entities`` entities each."""
+    rel_lo = R.rel_cx[:, 0][R.rel_cx[:, 0] <= R.rel_cx[:, 1]]  # relations that reach some column
+    anchors = np.concatenate([R.node_cell[:, 0], R.way_cx[:, 0], rel_lo]) // BLOCK_TILES
+    if len(anchors) == 0:
+        return []
+    cols, n = np.unique(anchors, return_counts=True)
+    n_bands = max(1, int(np.ceil(len(anchors) / band_entities)))
+    target = np.cumsum(n) / n.sum() * n_bands
+    band_of_col = np.minimum(np.floor(target - 1e-9).astype(np.int64), n_bands - 1)
+    bands = []
+    for b in np.unique(band_of_col):
+        c = cols[band_of_col == b]
+        bands.append([int(c.min()), int(c.max()) + 1])
+    # extend to cover every column (entities reach past their anchor column)
+    reach_lo = min(int(R.node_cell[:, 0].min(initial=10**12)), int(R.way_cx[:, 0].min(initial=10**12)))
+    reach_hi = max(int(R.node_cell[:, 0].max(initial=-10**12)), int(R.way_cx[:, 1].max(initial=-10**12)))
+    bands[0][0] = min(bands[0][0], reach_lo // BLOCK_TILES)
+    bands[-1][1] = max(bands[-1][1], reach_hi // BLOCK_TILES + 1)
+    for a, b in zip(bands, bands[1:]):
+        a[1] = b[0]
+    return [(lo * BLOCK_TILES, hi * BLOCK_TILES) for lo, hi in bands]
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def tile_osm(
+    data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=None,
+    workers: int | None = None, band_entities: int = BAND_ENTITIES, spill_dir: Path | None = None,
+) -> TiledRegion:
+    """Project, repair, clip and describe every kept feature (see the module docstring).
+
+    ``spill_dir``: write each band's pieces there (Arrow IPC) instead of returning them in
+    memory; ``TiledRegion.entity_chunks()`` reads them back one band at a time.
+    """
+    global _SHARED
+    t0 = time.perf_counter()
+    if len(data) == 0:
+        raise ValueError("the extract holds no tagged features to tile")
+    R = _prepare(data, region, float(tile_size_m))
+    bands = _bands(R, band_entities)
+    jobs = [(x0, x1, i, spill_dir) for i, (x0, x1) in enumerate(bands)]
+    timings: dict[str, float] = {"prepare": time.perf_counter() - t0}
+    workers = default_workers() if workers is None else max(1, workers)
+    use_pool = workers > 1 and len(bands) > 1 and "fork" in multiprocessing.get_all_start_methods()
+    if log:
+        log(f"tiling {region}: {len(data):,} entities in {len(bands)} band(s) on {workers if use_pool else 1} process(es)")
+    results: list[_BandResult] = []
+    if use_pool:
+        _SHARED = R
+        try:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(bands))) as pool:
+                for i, res in enumerate(pool.imap(_band_worker, jobs)):
+                    results.append(res)
+                    if log:
+                        log(f"tiling {region}: band {i + 1}/{len(bands)} done ({len(res.owner):,} pieces)")
+        finally:
+            _SHARED = None
+    else:
+        for i, job in enumerate(jobs):
+            results.append(_tile_band(R, *job))
+            if log and len(bands) > 1:
+                log(f"tiling {region}: band {i + 1}/{len(bands)} done ({len(results[-1].owner):,} pieces)")
+    for r in results:
+        for k, v in r.timings.items():
+            timings[k] = timings.get(k, 0.0) + v  # summed over bands (CPU seconds when parallel)
+
+    # ---- merge -----------------------------------------------------------------------------
+    t = time.perf_counter()
+    n_ent = len(data)
+    owner = np.concatenate([r.owner for r in results]) if results else np.zeros(0, np.int64)
+    pieces_per_entity = np.bincount(owner, minlength=n_ent)
+    tiles = pa.concat_tables([r.tiles for r in results]) if results else TILES_SCHEMA.empty_table()
+    entities, band_files = None, []
+    if spill_dir is None:
+        entities = pa.concat_tables([r.entities for r in results]) if results else ENTITIES_SCHEMA.empty_table()
+        entities = entities.set_column(entities.schema.get_field_index("is_clipped"), ENTITIES_SCHEMA.field("is_clipped"),
+                                       pa.array(pieces_per_entity[owner] > 1, pa.bool_()))
+    else:
+        band_files = [(r.spill_path, r.tiles.num_rows, pieces_per_entity[r.owner] > 1) for r in results]
+    has_piece = pieces_per_entity > 0
+    dropped, repaired = Counter(data.dropped), Counter(data.repaired)
+    empty = np.unique(np.concatenate([r.empty for r in results])) if results else np.zeros(0, np.int64)
+    dropped["empty_after_repair"] += len(empty)
+    dropped["no_tile_piece"] += int(n_ent - has_piece.sum()) - len(empty)
+    for reason in ("make_valid", "multipolygon_unclosed_as_lines"):
+        n = len(np.unique(np.concatenate([r.repaired[reason] for r in results]))) if results else 0
+        if n:
+            repaired[reason] += n
+
+    # area accounting for polygons wholly inside the extract
+    area_col = np.concatenate([r.area for r in results]) if results else np.zeros(0)
+    orig_area = np.zeros(n_ent)
+    is_poly = np.zeros(n_ent, bool)
+    for r in results:
+        orig_area[r.poly_idx] = r.poly_area
+        is_poly[r.poly_idx] = True
+    check = is_poly & R.complete & has_piece
+    piece_area = np.bincount(owner, weights=np.where(check[owner], area_col, 0.0), minlength=n_ent)
+    rel = np.abs(piece_area[check] - orig_area[check]) / np.maximum(orig_area[check], 1e-12)
+    area_check = {
+        "n_polygons_checked": int(check.sum()),
+        "max_rel_error": float(rel.max()) if len(rel) else 0.0,
+        "n_over_tolerance": int((rel > AREA_REL_TOL).sum()),
+        "tolerance": AREA_REL_TOL,
+    }
+    timings["merge"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     result = TiledRegion(
-        epsg=epsg, tiles=tiles_table, entities=entities_table, n_input=data.n_input,
+        epsg=R.epsg, tiles=tiles, entities=entities, n_input=data.n_input,
         n_entities_kept=int(has_piece.sum()), dropped=dropped, repaired=repaired,
-        area_check=area_check, timings_s=timings,
+        area_check=area_check, timings_s=timings, n_bands=len(bands), n_pieces=len(owner), band_files=band_files,
     )
     if log:
-        log(f"tiled {region}: EPSG:{epsg}, {n_tiles:,} tiles, {n_pieces:,} pieces of {result.n_entities_kept:,} entities")
+        log(f"tiled {region}: EPSG:{R.epsg}, {tiles.num_rows:,} tiles, {len(owner):,} pieces of {result.n_entities_kept:,} entities")
     return result

@@ -29,7 +29,7 @@ def test_area_rules():
 def test_every_rule_on_a_built_extract(tmp_path):
     data = read_osm(rules_fixture(tmp_path / "rules.osm.pbf"))
     index = {(int(t), int(i)): k for k, (t, i) in enumerate(zip(data.osm_type, data.osm_id))}
-    tags = lambda t, i: data.tags[index[(t, i)]]  # noqa: E731
+    tags = lambda t, i: data.tags[index[(t, i)]].as_py()  # noqa: E731
     # nodes: 1 kept (source dropped), 2 and 3 dropped, 4 kept untagged as a relation member
     assert tags(0, 1) == [("amenity", "bench")]
     assert (0, 2) not in index and (0, 3) not in index
