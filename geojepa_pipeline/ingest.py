@@ -88,7 +88,6 @@ def build_tile_shards(
     staging = store.new_staging_dir(TILES_KIND, region)
     spill = staging / "_bands"  # scratch: one Arrow IPC file of pieces per band, removed before commit
     try:
-        spill.mkdir()
         tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=spill)
         del data
         t1 = time.perf_counter()

@@ -3,7 +3,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
 
 from geojepa_pipeline.definitions import defs
 

@@ -45,6 +45,7 @@ def osm_extract(context: dg.AssetExecutionContext, geojepa: GeojepaResource) -> 
 class TileShardsConfig(dg.Config):
     shard_tiles: int = DEFAULT_SHARD_TILES  # tiles per Parquet shard
     tile_size_m: float = TILE_SIZE_M  # grid spacing in metres (the method uses 300)
+    workers: int = 0  # processes for tiling; 0 = one per core, at most 2 (the output does not depend on it)
 
 
 def _schema_check(dataset) -> dg.AssetCheckResult:
@@ -109,6 +110,7 @@ def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geo
         region, store, extract_path=extract_path,
         source={"sha256": sha, "uri": uri.osm if uri else None},
         shard_tiles=config.shard_tiles, tile_size_m=config.tile_size_m, log=context.log.info,
+        workers=config.workers or None,
     )
     ds, tiled, manifest = result.dataset, result.tiled, result.manifest
     tiles = tiled.tiles

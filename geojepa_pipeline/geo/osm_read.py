@@ -9,7 +9,7 @@ Measured on the 8x8 replicated Liechtenstein (30 MB): 1 s to decode, ~3 s in all
 pyosmium: a relations-only pass that is the cheapest full integrity check.
 
 Entity rule (the method note): a feature is kept when it has at least one tag left after
-``osm_rules.filter_tags``, or when it is a member of a relation (then possibly untagged).
+``osm_rules.keep_key``, or when it is a member of a relation (then possibly untagged).
 Everything else is counted under a reason in ``dropped``. The population accounted for is
 every way, every relation, every tagged node and every untagged relation-member node;
 untagged non-member nodes are way vertices, not features.
@@ -28,16 +28,12 @@ from pathlib import Path
 import numpy as np
 import osmium
 import pyarrow as pa
-import shapely
 
 from ..errors import GeojepaError
 from .osm_rules import AREA_NO, AREA_YES, IMPLIES_AREA, area_vote, keep_key
 
 NODE, WAY, RELATION = 0, 1, 2
 OSM_TYPE_NAMES = ("node", "way", "relation")
-_MEMBER_TYPE = {"n": NODE, "w": WAY, "r": RELATION}
-_WKB_LINESTRING_HEADER = "0102000000"  # little-endian LineString; 8 more hex digits hold the point count
-_WKB_HEADER_HEX = 18
 
 
 def check_pbf_header(path: str | os.PathLike) -> None:
@@ -141,24 +137,6 @@ class OsmData:
         if len(pts) == 0:
             raise GeojepaError("the extract holds no tagged feature with coordinates; nothing to tile")
         return float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())
-
-
-def tags_map_array(tags: list) -> pa.MapArray:
-    """Arrow ``map<string, string>`` from per-entity lists of (key, value) pairs."""
-    offsets = np.zeros(len(tags) + 1, np.int32)
-    np.cumsum([len(t) for t in tags], out=offsets[1:])
-    keys = [k for t in tags for k, _ in t]
-    values = [v for t in tags for _, v in t]
-    return pa.MapArray.from_arrays(pa.array(offsets), pa.array(keys, pa.string()), pa.array(values, pa.string()))
-
-
-def tags_map_array(tags: list) -> pa.MapArray:
-    """Arrow ``map<string, string>`` from per-entity lists of (key, value) pairs."""
-    offsets = np.zeros(len(tags) + 1, np.int32)
-    np.cumsum([len(t) for t in tags], out=offsets[1:])
-    keys = [k for t in tags for k, _ in t]
-    values = [v for t in tags for _, v in t]
-    return pa.MapArray.from_arrays(pa.array(offsets), pa.array(keys, pa.string()), pa.array(values, pa.string()))
 
 
 class _TagColumns:

@@ -31,11 +31,6 @@ def keep_key(key: str) -> bool:
     return not (key in _DROP_EXACT or key.startswith(_DROP_PREFIXES) or key.endswith(_DROP_SUFFIXES))
 
 
-def filter_tags(tags) -> list[tuple[str, str]]:
-    """Keep the (key, value) pairs whose key survives; input is any iterable of pairs."""
-    return [(k, v) for k, v in tags if keep_key(k)]
-
-
 # Closed ways are areas when a key below says so (values in the exception sets stay lines).
 _AREA_KEYS = {
     "building": (), "building:part": (), "landuse": (), "amenity": (), "shop": (), "office": (),

@@ -520,6 +520,9 @@ def tile_osm(
         raise ValueError("the extract holds no tagged features to tile")
     R = _prepare(data, region, float(tile_size_m))
     bands = _bands(R, band_entities)
+    if spill_dir is not None:
+        spill_dir = Path(spill_dir)
+        spill_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(x0, x1, i, spill_dir) for i, (x0, x1) in enumerate(bands)]
     timings: dict[str, float] = {"prepare": time.perf_counter() - t0}
     workers = default_workers() if workers is None else max(1, workers)

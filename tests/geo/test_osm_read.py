@@ -5,7 +5,7 @@ import pytest
 
 from geojepa_pipeline.errors import GeojepaError
 from geojepa_pipeline.geo.osm_read import RELATION, WAY, read_osm, validate_pbf
-from geojepa_pipeline.geo.osm_rules import filter_tags, is_area, keep_key
+from geojepa_pipeline.geo.osm_rules import is_area, keep_key
 
 from ..conftest import LIECHTENSTEIN, needs_shared
 from ..osm_fixtures import rules_fixture
@@ -17,7 +17,6 @@ def test_tag_filters():
         assert not keep_key(key), key
     for key in ["name", "building", "highway", "maxspeed", "addr:street", "layer"]:
         assert keep_key(key), key
-    assert filter_tags([("building", "yes"), ("source", "bing")]) == [("building", "yes")]
 
 
 def test_area_rules():

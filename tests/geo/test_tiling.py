@@ -2,6 +2,7 @@ import json
 
 import geopandas as gpd
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import shapely
@@ -94,3 +95,47 @@ def test_shards_geoparquet_and_determinism(tmp_path, pyrosm_test_pbf):
 def test_shard_size_must_be_positive(tmp_path, pyrosm_test_pbf):
     with pytest.raises(ValueError, match="shard_tiles"):
         write_tile_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), tmp_path, shard_tiles=0)
+
+
+@pytest.fixture(scope="module")
+def wide_pbf(tmp_path_factory, pyrosm_test_pbf):
+    """pyrosm's test extract copied 4 x 1: wide enough for several 16-tile block columns."""
+    from geojepa_pipeline.geo.replicate import replicate
+
+    return replicate(pyrosm_test_pbf, tmp_path_factory.mktemp("wide") / "wide.osm.pbf", 4, 1)
+
+
+def test_bands_workers_and_spill_agree(tmp_path, wide_pbf):
+    """Banding bounds memory and feeds the worker pool; it must not change what is produced."""
+    data = read_osm(wide_pbf)
+    whole = tile_osm(data, "h")
+    serial = tile_osm(data, "h", band_entities=2500, workers=1)
+    pooled = tile_osm(data, "h", band_entities=2500, workers=2, spill_dir=tmp_path)
+    assert serial.n_bands >= 2 and pooled.n_bands == serial.n_bands
+    spilled = pa.concat_tables([e for _, e in pooled.entity_chunks()])
+    assert pooled.entities is None and len(list(tmp_path.glob("band-*.arrow"))) == pooled.n_bands
+    assert spilled.equals(serial.entities)  # worker count and spilling change nothing
+    assert serial.tiles.equals(whole.tiles)
+    assert serial.accounting() == whole.accounting() and serial.area_check["n_over_tolerance"] == 0
+    key = lambda t: sorted(zip(t.column("tile_id").to_pylist(), t.column("osm_type").to_pylist(), t.column("osm_id").to_pylist()))  # noqa: E731
+    assert key(serial.entities) == key(whole.entities)
+    # geometry agrees up to floating-point rounding of the clipping order
+    np.testing.assert_allclose(np.asarray(serial.entities.column("area_m2")), np.asarray(whole.entities.column("area_m2")), atol=1e-6)
+
+
+def test_shards_stream_across_band_boundaries(tmp_path, wide_pbf):
+    tiled = tile_osm(read_osm(wide_pbf), "h", band_entities=2500, workers=1, spill_dir=tmp_path / "spill")
+    assert tiled.n_bands >= 2
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = write_tile_shards(tiled, out, shard_tiles=4)
+    assert [s["n_tiles"] for s in manifest["shards"]] == [4] * (tiled.tiles.num_rows // 4) + ([tiled.tiles.num_rows % 4] if tiled.tiles.num_rows % 4 else [])
+    tiles = pa.concat_tables([pq.read_table(out / s["tiles_file"]) for s in manifest["shards"]])
+    ents = pa.concat_tables([pq.read_table(out / s["entities_file"]) for s in manifest["shards"]])
+    assert tiles.column("tile_id").to_pylist() == tiled.tiles.column("tile_id").to_pylist()
+    assert ents.num_rows == tiled.n_pieces == manifest["n_pieces"]
+    for s in manifest["shards"]:  # every shard holds exactly its tiles' pieces
+        t = pq.read_table(out / s["tiles_file"])
+        e = pq.read_table(out / s["entities_file"])
+        assert set(e.column("tile_id").to_pylist()) == set(t.column("tile_id").to_pylist())
+        assert e.num_rows == sum(t.column("n_entities").to_pylist())

@@ -1,8 +1,9 @@
-"""Build an N x N replicated OSM extract: every object copied N*N times, shifted by the
-extract's width/height and with ids offset by a large constant per copy (see
-``../shared/data/README.md``). Used by ``bench/ingest.py``.
+"""Build an NX x NY replicated OSM extract: every object copied NX*NY times, shifted by the
+extract's width/height and with ids offset by a large constant per copy (the scaling data
+of ``../shared/data/README.md``). Used by ``bench/ingest.py`` and by tests that need an
+extract wider than one block of tiles.
 
-    python bench/osm_replicate.py SRC.osm.pbf OUT.osm.pbf --n 8
+    python -m geojepa_pipeline.geo.replicate SRC.osm.pbf OUT.osm.pbf --n 8
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ def _bounds(src: str) -> tuple[float, float, float, float]:
     return minx, miny, maxx, maxy
 
 
-def replicate(src: str | os.PathLike, out: str | os.PathLike, n: int) -> Path:
-    """Write ``out`` (overwritten) with n*n shifted copies of ``src``; returns the path."""
+def replicate(src: str | os.PathLike, out: str | os.PathLike, n: int, ny: int | None = None) -> Path:
+    """Write ``out`` (overwritten) with n x ny shifted copies of ``src`` (ny defaults to n)."""
     src, out = str(src), Path(out)
+    ny = n if ny is None else ny
     minx, miny, maxx, maxy = _bounds(src)
     width, height = (maxx - minx) * 1.001, (maxy - miny) * 1.001
-    copies = [(k, (k % n) * width, (k // n) * height) for k in range(n * n)]
+    copies = [(k, (k % n) * width, (k // n) * height) for k in range(n * ny)]
     tmp = out.with_name(out.name + ".tmp.osm.pbf")
     tmp.unlink(missing_ok=True)
     writer = osmium.SimpleWriter(str(tmp))
