@@ -9,7 +9,8 @@ ingestion on 1x1 ... NxN copies and prints seconds per 1,000 input features.
 
 Baseline ("plain approach" of ../shared/data/README.md): pyrosm reads buildings, the full
 network, POIs, landuse and natural; geopandas projects to UTM and overlays each geometry family
-with a 300 m grid over the bounding box. Ours: ``ingest.build_tile_shards`` end to end,
+with a 300 m grid over the bounding box. Each run gets a fresh TMPDIR, so pyrosm's persistent
+result cache ($TMPDIR/pyrosm/cache) cannot turn a repeat run into a cache read. Ours: ``ingest.build_tile_shards`` end to end,
 including writing the zstd Parquet shards and the manifest.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -89,7 +91,10 @@ def run_ours(path: str) -> dict:
 
 
 def _subprocess(which: str, path: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", which, str(path)], capture_output=True, text=True)
+    # pyrosm keeps a result cache in $TMPDIR/pyrosm/cache: a fresh TMPDIR makes every run cold
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([sys.executable, __file__, "--worker", which, str(path)], capture_output=True, text=True,
+                              env={**os.environ, "TMPDIR": tmp})
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

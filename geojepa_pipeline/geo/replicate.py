@@ -19,6 +19,10 @@ ID_OFFSET = 10_000_000_000  # per copy; real OSM ids are far below this
 
 
 def _bounds(src: str) -> tuple[float, float, float, float]:
+    """The extract's extent: its header bounding box, else the bounds of its nodes."""
+    box = osmium.io.Reader(src, osmium.osm.osm_entity_bits.NOTHING).header().box()
+    if box.valid():
+        return box.bottom_left.lon, box.bottom_left.lat, box.top_right.lon, box.top_right.lat
     minx = miny = float("inf")
     maxx = maxy = float("-inf")
     for node in osmium.FileProcessor(src, osmium.osm.NODE):
