@@ -39,7 +39,7 @@ import pyarrow as pa
 import shapely
 from pyproj import Transformer
 
-from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, utm_epsg
+from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, tile_ids, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
 
 SCHEMA_VERSION = 1
@@ -409,7 +409,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     # ---- tables -----------------------------------------------------------------------------
     t = time.perf_counter()
     u_tx, u_ty = tx[tile_start], ty[tile_start]
-    tile_id = pa.array([f"{R.epsg}_{x}_{y}" for x, y in zip(u_tx.tolist(), u_ty.tolist())], pa.string())
+    tile_id = pa.array(tile_ids(R.epsg, u_tx, u_ty), pa.string())
     n_pieces = len(owner)
     entities = pa.table(
         {
