@@ -47,12 +47,14 @@ def tile_density_png(tile_x: np.ndarray, tile_y: np.ndarray, counts: np.ndarray,
             s = max_px / max(img.size)
             img = img.resize((max(1, int(img.size[0] * s)), max(1, int(img.size[1] * s))), Image.BOX)
         legend_h = 22
-        canvas = Image.new("RGB", (max(img.size[0], 260), img.size[1] + legend_h), (255, 255, 255))
+        label = f"1 .. {int(counts.max())} per tile (log)  {title}"
+        text_w = int(ImageDraw.Draw(img).textlength(label)) + 120
+        canvas = Image.new("RGB", (max(img.size[0], text_w), img.size[1] + legend_h), (255, 255, 255))
         canvas.paste(img, (0, legend_h))
         draw = ImageDraw.Draw(canvas)
         bar = colormap(np.linspace(0, 1, 100))[None, :, :].repeat(8, axis=0)
         canvas.paste(Image.fromarray(bar), (4, 4))
-        draw.text((110, 2), f"1 .. {int(counts.max())} per tile (log)  {title}", fill=(0, 0, 0))
+        draw.text((110, 2), label, fill=(0, 0, 0))
         img = canvas
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
