@@ -86,7 +86,7 @@ def build_tile_shards(
     data = read_osm(extract_path, log=log)
     t_read = time.perf_counter() - t0
     staging = store.new_staging_dir(TILES_KIND, region)
-    spill = staging / "_bands"  # scratch: one Arrow IPC file of pieces per band, removed before commit
+    spill = store.scratch_dir(staging)  # one Arrow IPC file of pieces per band, removed before commit
     try:
         tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=spill)
         del data

@@ -152,6 +152,11 @@ class Store:
         staging.mkdir()
         return staging
 
+    @staticmethod
+    def scratch_dir(staging: Path) -> Path:
+        """Temporary files of a write in progress; removed before the staging directory is committed."""
+        return staging / "_scratch"
+
     def discard_staging(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -50,7 +50,7 @@ def test_kill_9_mid_write_leaves_nothing_visible(tmp_path, pyrosm_test_pbf):
     result = build_tile_shards("r", store, extract_path=pyrosm_test_pbf, source={}, shard_tiles=8)
     assert store.versions("tiles", "r") == [result.dataset.data_version]
     assert not [p for p in region_dir.iterdir() if p.name.startswith(".")]
-    assert not (result.dataset.path / "_bands").exists()
+    assert not Store.scratch_dir(result.dataset.path).exists()
     assert sorted(result.manifest["files"]) == sorted(p.name for p in result.dataset.path.glob("*.parquet"))
 
 
