@@ -38,8 +38,11 @@ class ExtractResult:
 
 def fetch_extract(region: Region, store: Store, log: Log | None = None) -> ExtractResult:
     """Copy/download the region's pbf into the store, validated, and point ``osm/<region>/CURRENT`` at it."""
-    fetched = fetch_osm_source(region.osm, store, region.name, log=log, validate=validate_pbf)
-    summary = validate_pbf(fetched.path)
+    summaries: list[PbfSummary] = []
+    validate = lambda path, label: summaries.append(validate_pbf(path, label))  # noqa: E731
+    fetched = fetch_osm_source(region.osm, store, region.name, log=log, validate=validate)
+    # a reused copy was validated when first stored; read its header facts once more
+    summary = summaries[0] if summaries else validate_pbf(fetched.path)
     store.set_current(OSM_KIND, region.name, fetched.sha256)
     return ExtractResult(region.name, region.osm, fetched.path, fetched.sha256, fetched.bytes, fetched.reused, summary)
 

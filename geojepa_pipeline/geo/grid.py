@@ -59,6 +59,12 @@ def dense_key(*cols: np.ndarray) -> np.ndarray:
     return key
 
 
+def ranges(offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(offsets[i], offsets[i + 1])`` for each i in ``items`` (vectorized)."""
+    lengths = offsets[items + 1] - offsets[items]
+    return np.repeat(offsets[items] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+
+
 def _keep_dimension(pieces: np.ndarray, dims: np.ndarray) -> np.ndarray:
     """Drop the lower-dimensional parts of each piece (a polygon touching a tile edge yields a line)."""
     piece_dims = shapely.get_dimensions(pieces)
@@ -463,7 +469,7 @@ def cut_lines(coords: np.ndarray, offsets: np.ndarray, tile_size_m: float = TILE
     if len(flat):
         fx = np.floor(coords[offsets[flat], 0] / s).astype(np.int64)
         fy = np.floor(coords[offsets[flat], 1] / s).astype(np.int64)
-        pts_idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in flat])
+        pts_idx = ranges(offsets, flat)
         owner_pt = np.repeat(np.arange(len(flat)), counts[flat])
         flat_local = coords[pts_idx] - np.column_stack([fx, fy])[owner_pt] * s
         runs = np.concatenate([runs, shapely.linestrings(flat_local, indices=owner_pt)])

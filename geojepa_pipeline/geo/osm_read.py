@@ -173,6 +173,11 @@ class _StringTable:
             self.keep[k] = keep_key(strings[k])
 
 
+def _csr_owner(offsets: np.ndarray) -> np.ndarray:
+    """Row index of each value of a CSR column with these ``offsets`` (R + 1,)."""
+    return np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+
+
 def _map_array(keys: pa.Array, values: pa.Array, owner: np.ndarray, order: np.ndarray, n: int) -> pa.MapArray:
     """``map<string,string>`` for ``n`` elements from tag rows (owner sorted) picked/ordered by ``order``."""
     counts = np.bincount(owner, minlength=n)
@@ -220,16 +225,14 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
             if ways is not None and len(ways["id"]):
                 n = len(ways["id"])
                 way_id.append(ways["id"])
-                owner = np.repeat(np.arange(n), np.diff(ways["tags_off"]))
-                way_tags.add(table, ways["keys"], ways["vals"], owner, n, n_ways)
+                way_tags.add(table, ways["keys"], ways["vals"], _csr_owner(ways["tags_off"]), n, n_ways)
                 way_refs.append(ways["refs"])
                 way_counts.append(np.diff(ways["refs_off"]))
                 n_ways += n
             if relations is not None and len(relations["id"]):
                 n = len(relations["id"])
                 rel_id.append(relations["id"])
-                owner = np.repeat(np.arange(n), np.diff(relations["tags_off"]))
-                rel_tags.add(table, relations["keys"], relations["vals"], owner, n, n_rels)
+                rel_tags.add(table, relations["keys"], relations["vals"], _csr_owner(relations["tags_off"]), n, n_rels)
                 for r in range(n):  # the type tag decides how a relation is built
                     a, b = relations["tags_off"][r], relations["tags_off"][r + 1]
                     t = [strings[v] for k, v in zip(relations["keys"][a:b], relations["vals"][a:b]) if strings[k] == "type"]

@@ -39,7 +39,7 @@ import pyarrow as pa
 import shapely
 from pyproj import Transformer
 
-from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, tile_ids, utm_epsg
+from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, ranges, tile_ids, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
 
 SCHEMA_VERSION = 1
@@ -313,7 +313,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     ways_here = in_band(R.way_cx[:, 0], R.way_cx[:, 1])
     line_ways = np.flatnonzero(ways_here & ~data.way_polygon)
     if len(line_ways):
-        idx = _ranges(data.way_offsets, line_ways)
+        idx = ranges(data.way_offsets, line_ways)
         line_offsets = np.concatenate([[0], np.cumsum(counts[line_ways])])
         line, tx, ty, geom, length = cut_lines(R.way_xy[idx], line_offsets, s)
         keep = (tx >= x0) & (tx < x1)
@@ -327,7 +327,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     poly_geoms = [np.empty(0, dtype=object)]
     if len(poly_ways):
         owner = np.repeat(np.arange(len(poly_ways)), counts[poly_ways])
-        poly_geoms = [shapely.polygons(shapely.linearrings(R.way_xy[_ranges(data.way_offsets, poly_ways)], indices=owner))]
+        poly_geoms = [shapely.polygons(shapely.linearrings(R.way_xy[ranges(data.way_offsets, poly_ways)], indices=owner))]
     rels_here = np.flatnonzero(in_band(R.rel_cx[:, 0], R.rel_cx[:, 1]))
     collect_rels, mp_owner, mp_geoms = [], [], []
     for k in rels_here.tolist():
@@ -461,12 +461,6 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
         entities = None
     return _BandResult(entities, spill_path, owner, area, tiles, poly_owner, shapely.area(poly_geoms),
                        {k: np.asarray(v, np.int64) for k, v in repaired.items()}, empty_idx, timings)
-
-
-def _ranges(offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(offsets[i], offsets[i + 1])`` for each i in ``items`` (vectorized)."""
-    lengths = offsets[items + 1] - offsets[items]
-    return np.repeat(offsets[items] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
 
 
 # ---- bands and workers ------------------------------------------------------------------------
