@@ -64,3 +64,32 @@ def tile_density_png(tile_x: np.ndarray, tile_y: np.ndarray, counts: np.ndarray,
 def png_markdown(png: bytes, alt: str) -> str:
     """Markdown with the PNG inline (a data URI), as the Dagster UI renders it."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def chip_preview_png(rows: list[tuple[np.ndarray, np.ndarray, str]], panel_px: int = 160) -> bytes:
+    """Chips next to the OSM entities they should show: one row per tile.
+
+    Args:
+        rows: (chip (H, W, 4) uint8 R G B NIR, osm_map (h, w, 3) uint8, label) per tile.
+        panel_px: side of each panel in the picture.
+    Columns: the chip's RGB, its NIR as grey, the rendered OSM entities. Quantised to 256
+    colours so the inline PNG stays small.
+    """
+    label_h, gap = 14, 4
+    cols = 3
+    width = cols * panel_px + (cols + 1) * gap
+    height = max(1, len(rows)) * (panel_px + label_h + gap) + gap + label_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(("chip RGB", "chip NIR", "OSM entities")):
+        draw.text((gap + c * (panel_px + gap), 1), title, fill=(0, 0, 0))
+    for r, (chip, osm_map, label) in enumerate(rows):
+        y = label_h + gap + r * (panel_px + label_h + gap)
+        panels = [chip[..., :3], np.repeat(chip[..., 3:4], 3, axis=2), osm_map]
+        for c, panel in enumerate(panels):
+            img = Image.fromarray(np.ascontiguousarray(panel)).resize((panel_px, panel_px), Image.BILINEAR)
+            canvas.paste(img, (gap + c * (panel_px + gap), y))
+        draw.text((gap, y + panel_px + 1), label, fill=(0, 0, 0))
+    buf = io.BytesIO()
+    canvas.quantize(256).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
