@@ -151,12 +151,14 @@ def cmd_demo(args) -> int:
     store = default_store()
     cols, rows = run_sql(
         store,
-        "SELECT region, count(*) AS tiles, sum(n_entities) AS pieces, any_value(epsg) AS epsg FROM tiles "
-        "WHERE region IN ('helsinki', 'pyrosm-test') GROUP BY region ORDER BY region",
+        "SELECT t.region, count(*) AS tiles, sum(t.n_entities) AS pieces, any_value(t.epsg) AS epsg, "
+        "count(*) FILTER (WHERE i.has_image) AS chips, round(avg(i.coverage), 3) AS coverage "
+        "FROM tiles t LEFT JOIN images i ON i.region = t.region AND i.tile_id = t.tile_id "
+        "WHERE t.region IN ('helsinki', 'pyrosm-test') GROUP BY t.region ORDER BY t.region",
     )
     print(format_table(cols, rows))
     exe = _command_name()
-    print(f"shards:   {store.root / 'tiles'}")
+    print(f"shards:   {store.root / 'tiles'}   chips: {store.root / 'images'}")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0
 

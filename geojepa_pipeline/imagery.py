@@ -1,0 +1,403 @@
+"""Aerial imagery without Dagster: ``naip_scenes`` (get the scenes) and ``tile_images`` (chip them).
+
+Scene sources, by the region's ``imagery`` setting:
+- ``synthetic``: NAIP-like COGs rendered from the region's tile shards, one per block of
+  ``block_tiles`` x ``block_tiles`` tiles that holds any tile (``geo/synthetic.py``);
+- ``stac``: a STAC search for NAIP over the region's tiles, newest acquisition per area (``stac.py``);
+- a glob of local GeoTIFF/COG files: validated and checksummed, read where they are;
+- ``none``: no scenes; every tile is kept with coverage 0.
+
+``scenes/<region>/<data_version>/`` holds ``scenes.json`` (ids, checksums, CRS, bounds,
+dates: the data version derives from it) and the scene files that the store owns
+(synthetic, downloaded). ``images/<region>/<data_version>/images-NNNNN.parquet`` lines up
+1:1 with the tile shards: same shard index, same tile order.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+
+from .errors import GeojepaError
+from .geo.raster import BANDS, CHIP_PX, SceneChipper, SceneInfo, inspect_scene
+from .ingest import TILES_KIND
+from .progress import Progress
+from .regions import Region
+from .store import Dataset, Store, sha256_file, shard_filename
+
+SCENES_KIND = "scenes"
+IMAGES_KIND = "images"
+SCENES_SCHEMA_VERSION = 1
+IMAGES_SCHEMA_VERSION = 1
+SCENES_FILE = "scenes.json"
+IMAGE_ROW_GROUP = 256  # chips per Parquet row group (~51 MB uncompressed)
+DEFAULT_BLOCK_TILES = 4  # synthetic scenes: 4 x 4 tiles = 1.2 km, 2000 px at 0.6 m
+
+Log = Callable[[str], None]
+
+IMAGES_SCHEMA = pa.schema([
+    ("tile_id", pa.string()),
+    ("coverage", pa.float32()),  # fraction of chip pixels with data in every band
+    ("has_image", pa.bool_()),  # coverage > 0; else ``image`` is null and the modality is missing
+    ("has_nir", pa.bool_()),  # band 4 came from a NIR band (False for RGB-only scenes: NIR is 0)
+    ("scene_ids", pa.list_(pa.string())),  # scenes that filled pixels, newest first
+    ("image", pa.binary()),  # CHIP_PX * CHIP_PX * 4 uint8, row-major (H, W, C), C = R G B NIR, row 0 north
+])
+
+
+def decode_chip(image_bytes: bytes) -> np.ndarray:
+    """(CHIP_PX, CHIP_PX, 4) uint8 view of one ``image`` cell."""
+    return np.frombuffer(image_bytes, np.uint8).reshape(CHIP_PX, CHIP_PX, len(BANDS))
+
+
+# ---- shared helpers -----------------------------------------------------------------------
+
+def _current_tiles(store: Store, region: str) -> Dataset:
+    ds = store.current(TILES_KIND, region)
+    if ds is None:
+        raise GeojepaError(f"region {region!r} has no tile_shards yet; materialize tile_shards[{region}] first")
+    return ds
+
+
+def _read_tiles(ds: Dataset, shard: dict, columns=("tile_id", "tile_x", "tile_y", "x_min_m", "y_min_m", "tile_size_m")) -> pa.Table:
+    return pq.read_table(ds.path / shard["tiles_file"], columns=list(columns))
+
+
+def tiles_bbox_lonlat(ds: Dataset) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of the region's tiles, from tile centres padded by half a tile."""
+    from pyproj import Transformer
+
+    xs0, ys0, xs1, ys1 = [], [], [], []
+    for shard in ds.manifest["shards"]:
+        t = _read_tiles(ds, shard)
+        x, y, s = (t.column(c).to_numpy() for c in ("x_min_m", "y_min_m", "tile_size_m"))
+        xs0.append(x.min()); ys0.append(y.min()); xs1.append((x + s).max()); ys1.append((y + s).max())
+    if not xs0:
+        raise GeojepaError(f"tile_shards of {ds.region} hold no tiles; nothing to get imagery for")
+    to_lonlat = Transformer.from_crs(ds.manifest["epsg"], 4326, always_xy=True)
+    return tuple(float(v) for v in to_lonlat.transform_bounds(min(xs0), min(ys0), max(xs1), max(ys1), densify_pts=21))
+
+
+# ---- naip_scenes --------------------------------------------------------------------------
+
+@dataclass
+class ScenesResult:
+    dataset: Dataset
+    scenes: list[SceneInfo]
+    source: str
+    warnings: list[str] = field(default_factory=list)
+    timings_s: dict = field(default_factory=dict)
+
+
+def _synthetic_scenes(tiles: Dataset, staging: Path, seed: int, res_m: float, block_tiles: int, log: Log | None) -> list[SceneInfo]:
+    """Render one COG per block of tiles that holds any tile, from the tiles' own entity pieces."""
+    from .geo.synthetic import SYNTHETIC_ACQUIRED, SyntheticBlock, classify, render_block, write_cog
+
+    epsg = int(tiles.manifest["epsg"])
+    size = float(tiles.manifest["tile_size_m"])
+    per_block: dict[tuple[int, int], list] = {}
+    for shard in tiles.manifest["shards"]:
+        t = _read_tiles(tiles, shard)
+        ents = pq.read_table(tiles.path / shard["entities_file"], columns=["tile_id", "osm_id", "tags", "geometry"])
+        classes, widths = classify(ents.column("tags"), ents.column("osm_id").to_numpy())
+        keep = np.flatnonzero(classes >= 0)
+        if not len(keep):
+            continue
+        # tile origin of each piece: pieces are stored in tile-local metres
+        tile_row = {tid: i for i, tid in enumerate(t.column("tile_id").to_pylist())}
+        rows = np.array([tile_row[tid] for tid in ents.column("tile_id").take(pa.array(keep)).to_pylist()], np.int64)
+        x0, y0 = t.column("x_min_m").to_numpy()[rows], t.column("y_min_m").to_numpy()[rows]
+        geoms = shapely.from_wkb(ents.column("geometry").take(pa.array(keep)).to_numpy(zero_copy_only=False))
+        coords, index = shapely.get_coordinates(geoms, return_index=True)
+        geoms = shapely.set_coordinates(geoms, coords + np.column_stack([x0, y0])[index])
+        bx = t.column("tile_x").to_numpy()[rows] // block_tiles
+        by = t.column("tile_y").to_numpy()[rows] // block_tiles
+        for key in set(zip(bx.tolist(), by.tolist())):
+            m = (bx == key[0]) & (by == key[1])
+            per_block.setdefault(key, []).append((geoms[m], classes[keep][m], widths[keep][m]))
+        # blocks with tiles but no classed entity still get a (bare ground) scene
+        for key in set(zip((t.column("tile_x").to_numpy() // block_tiles).tolist(), (t.column("tile_y").to_numpy() // block_tiles).tolist())):
+            per_block.setdefault(key, [])
+    def render(key: tuple[int, int]) -> SceneInfo:
+        bx, by = key
+        parts = per_block[key]
+        geoms = np.concatenate([p[0] for p in parts]) if parts else np.array([], object)
+        classes = np.concatenate([p[1] for p in parts]) if parts else np.array([], np.int16)
+        widths = np.concatenate([p[2] for p in parts]) if parts else np.array([], np.float32)
+        block = SyntheticBlock(bx, by, bx * block_tiles * size, by * block_tiles * size, block_tiles * size)
+        image = render_block(block, geoms, classes, widths, seed=seed, res_m=res_m)
+        name = f"synthetic-{bx}_{by}.tif"
+        write_cog(staging / name, image, epsg, block.left_m, block.bottom_m + block.size_m, res_m, SYNTHETIC_ACQUIRED)
+        return inspect_scene(staging / name, sha256_file(staging / name), scene_id=f"synthetic-{epsg}-{bx}_{by}")
+
+    # two threads: rasterize, numpy and GDAL's compression release the GIL for most of a block
+    scenes = []
+    progress = Progress(f"render synthetic scenes ({len(per_block)} blocks of {block_tiles}x{block_tiles} tiles)", total=len(per_block), log=log)
+    with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
+        for done, info in enumerate(pool.map(render, sorted(per_block)), start=1):
+            scenes.append(info)
+            progress.update(done)
+    progress.finish()
+    return scenes
+
+
+def _local_scenes(pattern: str, log: Log | None) -> list[SceneInfo]:
+    paths = sorted(Path(p) for p in globlib.glob(pattern) if Path(p).is_file())
+    if not paths:
+        raise GeojepaError(f"imagery glob {pattern!r} matches no files; fix the glob with `geojepa regions add … --imagery 'DIR/*.tif' --replace`")
+    scenes = []
+    ids = set()
+    for path in paths:
+        st = path.stat()
+        info = inspect_scene(path, sha256_file(path))
+        if info.scene_id in ids:
+            info = SceneInfo(**{**info.__dict__, "scene_id": f"{info.scene_id}-{info.sha256[:8]}"})
+        ids.add(info.scene_id)
+        info.extra.update(bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+        scenes.append(info)
+        if log:
+            log(f"scene {info.scene_id}: {info.crs}, {info.count} bands {info.dtype}, {info.res[0]:.2f} m, acquired {info.acquired or 'unknown'}")
+    return scenes
+
+
+def _stac_scenes(bbox: tuple, staging: Path, endpoint: str, year: int | None, log: Log | None) -> list[SceneInfo]:
+    from .stac import download_asset, search_naip
+
+    found = search_naip(endpoint, bbox, year=year, log=log)
+    scenes = []
+    for item in found:
+        name = f"{item.item_id}.tif"
+        sha = download_asset(item.href, staging / name, log=log)
+        info = inspect_scene(staging / name, sha, scene_id=item.item_id, acquired=item.acquired)
+        info.extra.update(stac_endpoint=endpoint, href=item.href.split("?")[0])  # no signature tokens
+        scenes.append(info)
+    return scenes
+
+
+def _coverage_warning(scenes: list[SceneInfo], bbox: tuple, source: str, region: str) -> str | None:
+    area = shapely.box(*bbox)
+    if any(shapely.box(*s.bounds_lonlat).intersects(area) for s in scenes):
+        return None
+    what = "no scenes" if not scenes else f"{len(scenes)} scene(s), none of them over the region's tiles"
+    return f"imagery {source!r} of region {region!r} has {what}: every tile of tile_images will have coverage 0"
+
+
+def build_naip_scenes(
+    region: Region, store: Store, stac_endpoint: str | None = None, stac_year: int | None = None,
+    seed: int = 0, res_m: float = 0.6, block_tiles: int = DEFAULT_BLOCK_TILES, log: Log | None = None,
+) -> ScenesResult:
+    """Get the region's scenes into an immutable ``scenes/<region>/<data_version>``."""
+    from .stac import PLANETARY_COMPUTER_STAC
+
+    source = region.imagery
+    tiles = _current_tiles(store, region.name)
+    bbox = tiles_bbox_lonlat(tiles)
+    t0 = time.perf_counter()
+    staging = store.new_staging_dir(SCENES_KIND, region.name)
+    try:
+        if source == "synthetic":
+            scenes = _synthetic_scenes(tiles, staging, seed, res_m, block_tiles, log)
+            detail = {"seed": seed, "res_m": res_m, "block_tiles": block_tiles, "tile_shards": tiles.data_version}
+        elif source == "stac":
+            endpoint = stac_endpoint or os.environ.get("GEOJEPA_STAC_URL") or PLANETARY_COMPUTER_STAC
+            scenes = _stac_scenes(bbox, staging, endpoint, stac_year, log)
+            detail = {"stac_endpoint": endpoint, "year": stac_year}
+        elif source == "none":
+            scenes, detail = [], {}
+        else:
+            scenes, detail = _local_scenes(source, log), {"glob": source}
+        # what the data version derives from: ids, checksums and the facts that decide chipping
+        identity = [{k: v for k, v in s.to_dict().items() if k not in ("path", "extra")} for s in scenes]
+        (staging / SCENES_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+        stored = []
+        for s in scenes:  # files the store owns are named relative to the dataset directory
+            d = s.to_dict()
+            if Path(s.path).parent == staging:
+                d["path"] = Path(s.path).name
+            stored.append(d)
+        manifest = {
+            "schema_version": SCENES_SCHEMA_VERSION, "source": source, "bbox_lonlat": list(bbox),
+            "scenes": stored, "n_scenes": len(scenes), **detail,
+        }
+        dataset = store.commit(SCENES_KIND, region.name, staging, manifest)
+    except BaseException:
+        store.discard_staging(staging)
+        raise
+    store.set_current(SCENES_KIND, region.name, dataset.data_version)
+    warnings = [w for w in [_coverage_warning(scenes, bbox, source, region.name)] if w]
+    for w in warnings:
+        if log:
+            log(f"WARNING: {w}")
+    return ScenesResult(dataset, load_scenes(dataset), source, warnings, {"scenes_s": time.perf_counter() - t0})
+
+
+def load_scenes(ds: Dataset) -> list[SceneInfo]:
+    """The scenes of a committed ``naip_scenes`` dataset, with absolute paths."""
+    out = []
+    for d in ds.manifest["scenes"]:
+        p = Path(d["path"])
+        out.append(SceneInfo.from_dict({**d, "path": str(p if p.is_absolute() else ds.path / p)}))
+    return out
+
+
+def _check_unchanged(scenes: list[SceneInfo]) -> None:
+    for s in scenes:
+        if "mtime_ns" not in s.extra:
+            continue
+        try:
+            st = os.stat(s.path)
+        except FileNotFoundError:
+            raise GeojepaError(f"scene {s.path} is gone since naip_scenes was materialized; restore it or re-materialize naip_scenes") from None
+        if st.st_size != s.extra["bytes"] or st.st_mtime_ns != s.extra["mtime_ns"]:
+            raise GeojepaError(f"scene {s.path} changed since naip_scenes was materialized; re-materialize naip_scenes")
+
+
+# ---- tile_images --------------------------------------------------------------------------
+
+@dataclass
+class ImagesResult:
+    dataset: Dataset
+    n_tiles: int
+    n_with_image: int
+    coverage_mean: float
+    coverage_hist: dict
+    scene_use: dict
+    warnings: list[str]
+    timings_s: dict
+
+
+def _chip_rows(scenes: list[SceneInfo], epsg: int, x0: np.ndarray, y0: np.ndarray, size: np.ndarray) -> list:
+    with SceneChipper(scenes, epsg) as chipper:
+        return [chipper.chip(float(x), float(y), float(s)) for x, y, s in zip(x0, y0, size)]
+
+
+def chip_tiles(scenes: list[SceneInfo], epsg: int, x0: np.ndarray, y0: np.ndarray, size: np.ndarray, workers: int = 2) -> list:
+    """Chips of the tiles with lower-left corners (x0, y0) and sizes in metres, in order.
+
+    ``workers`` threads each hold their own dataset handles; GDAL reads and warps outside
+    the GIL, so two threads use two cores.
+    """
+    n = len(x0)
+    if workers <= 1 or n < 8:
+        return _chip_rows(scenes, epsg, x0, y0, size)
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        parts = pool.map(lambda i: _chip_rows(scenes, epsg, x0[bounds[i]:bounds[i + 1]], y0[bounds[i]:bounds[i + 1]], size[bounds[i]:bounds[i + 1]]), range(workers))
+        return [c for part in parts for c in part]
+
+
+def build_tile_images(region: str, store: Store, log: Log | None = None, workers: int | None = None, batch_tiles: int = 512) -> ImagesResult:
+    """Chip every tile of the current tile shards from the current scenes into ``images/<region>/<data_version>``."""
+    tiles = _current_tiles(store, region)
+    scenes_ds = store.current(SCENES_KIND, region)
+    if scenes_ds is None:
+        raise GeojepaError(f"region {region!r} has no naip_scenes yet; materialize naip_scenes[{region}] first")
+    scenes = load_scenes(scenes_ds)
+    _check_unchanged(scenes)
+    epsg = int(tiles.manifest["epsg"])
+    workers = workers or max(1, min(2, os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    staging = store.new_staging_dir(IMAGES_KIND, region)
+    n_tiles = n_with = 0
+    cov_sum = 0.0
+    hist = np.zeros(5, np.int64)  # coverage 0, (0, .25], (.25, .5], (.5, 1), 1
+    scene_use: dict[str, int] = {}
+    shards = []
+    progress = Progress(f"tile_images[{region}]", total=tiles.manifest["n_tiles"], log=log)
+    meta = {b"geojepa:chip": json.dumps({"px": CHIP_PX, "bands": list(BANDS), "layout": "HWC", "dtype": "uint8"}).encode()}
+    try:
+        for shard in tiles.manifest["shards"]:
+            t = _read_tiles(tiles, shard)
+            name = shard_filename("images", shard["index"])
+            n_shard_with = 0
+            with pq.ParquetWriter(staging / name, IMAGES_SCHEMA.with_metadata(meta), compression="zstd") as writer:
+                for start in range(0, t.num_rows, batch_tiles):
+                    part = t.slice(start, batch_tiles)
+                    chips = chip_tiles(scenes, epsg, part.column("x_min_m").to_numpy(), part.column("y_min_m").to_numpy(),
+                                       part.column("tile_size_m").to_numpy(), workers=workers)
+                    cov = np.array([c.coverage for c in chips], np.float32)
+                    has = cov > 0
+                    batch = pa.table({
+                        "tile_id": part.column("tile_id"),
+                        "coverage": cov,
+                        "has_image": has,
+                        "has_nir": [c.has_nir for c in chips],
+                        "scene_ids": [c.scene_ids for c in chips],
+                        "image": [c.image.tobytes() if h else None for c, h in zip(chips, has)],
+                    }, schema=IMAGES_SCHEMA)
+                    writer.write_table(batch, row_group_size=IMAGE_ROW_GROUP)
+                    for c in chips:
+                        for sid in c.scene_ids:
+                            scene_use[sid] = scene_use.get(sid, 0) + 1
+                    n_tiles += len(chips)
+                    n_shard_with += int(has.sum())
+                    cov_sum += float(cov.sum())
+                    hist += np.array([(cov == 0).sum(), ((cov > 0) & (cov <= .25)).sum(), ((cov > .25) & (cov <= .5)).sum(),
+                                      ((cov > .5) & (cov < 1)).sum(), (cov == 1).sum()])
+                    progress.update(n_tiles)
+            n_with += n_shard_with
+            shards.append({"index": shard["index"], "images_file": name, "tiles_file": shard["tiles_file"],
+                           "n_tiles": t.num_rows, "n_with_image": n_shard_with,
+                           "first_tile": shard.get("first_tile"), "last_tile": shard.get("last_tile")})
+        progress.finish()
+        manifest = {
+            "schema_version": IMAGES_SCHEMA_VERSION, "chip_px": CHIP_PX, "bands": list(BANDS), "layout": "HWC",
+            "epsg": epsg, "n_tiles": n_tiles, "n_with_image": n_with, "shards": shards,
+            "inputs": {"tile_shards": tiles.data_version, "naip_scenes": scenes_ds.data_version},
+        }
+        dataset = store.commit(IMAGES_KIND, region, staging, manifest)
+    except BaseException:
+        store.discard_staging(staging)
+        raise
+    store.set_current(IMAGES_KIND, region, dataset.data_version)
+    warnings = []
+    if n_tiles and n_with == 0:
+        warnings.append(f"no tile of region {region!r} is covered by its imagery ({len(scenes)} scene(s)): every tile has coverage 0 and no image")
+    for w in warnings:
+        if log:
+            log(f"WARNING: {w}")
+    labels = ["0", "(0, 0.25]", "(0.25, 0.5]", "(0.5, 1)", "1"]
+    return ImagesResult(
+        dataset, n_tiles, n_with, cov_sum / max(n_tiles, 1), dict(zip(labels, hist.tolist())), scene_use, warnings,
+        {"chip_s": time.perf_counter() - t0},
+    )
+
+
+def preview_png(tiles: Dataset, images: Dataset, n: int = 3) -> bytes:
+    """A few chips (those with image and the most entities) beside their rendered OSM entities."""
+    import pyarrow.compute as pc
+
+    from .geo.render import chip_preview_png
+    from .geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
+
+    candidates = []
+    for t_shard, i_shard in zip(tiles.manifest["shards"], images.manifest["shards"]):
+        t = _read_tiles(tiles, t_shard, columns=("tile_id", "n_entities", "tile_size_m"))
+        has = pq.read_table(images.path / i_shard["images_file"], columns=["has_image"]).column("has_image").to_numpy(zero_copy_only=False)
+        for tid, ne, s, h in zip(t.column("tile_id").to_pylist(), t.column("n_entities").to_pylist(), t.column("tile_size_m").to_pylist(), has):
+            if h:
+                candidates.append((ne, tid, t_shard, i_shard, s))
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    rows = []
+    for ne, tid, t_shard, i_shard, size in candidates[:n]:
+        img = pq.read_table(images.path / i_shard["images_file"], columns=["tile_id", "image", "coverage"], filters=[("tile_id", "=", tid)])
+        ents = pq.read_table(tiles.path / t_shard["entities_file"], columns=["tile_id", "osm_id", "tags", "geometry"], filters=[("tile_id", "=", tid)])
+        classes, widths = classify(ents.column("tags"), ents.column("osm_id").to_numpy())
+        geoms = shapely.from_wkb(ents.column("geometry").to_numpy(zero_copy_only=False))
+        shapes, values = paint_geometries(geoms, classes, widths)
+        res = size / CHIP_PX
+        osm_map = class_preview_rgb(rasterize_classes(shapes, values, 0.0, size, CHIP_PX, CHIP_PX, res))
+        cov = float(pc.min(img.column("coverage")).as_py())
+        rows.append((decode_chip(img.column("image")[0].as_py()), osm_map, f"{tid}  {ne} entities  coverage {cov:.2f}"))
+    return chip_preview_png(rows)
