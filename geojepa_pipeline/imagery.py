@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob as globlib
 import json
+import multiprocessing
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from .errors import GeojepaError
+from .geo.tiling import default_workers
 from .geo.raster import BANDS, CHIP_PX, SceneChipper, SceneInfo, inspect_scene
 from .ingest import TILES_KIND
 from .progress import Progress
@@ -102,7 +104,7 @@ class ScenesResult:
 
 def _synthetic_scenes(tiles: Dataset, staging: Path, seed: int, res_m: float, block_tiles: int, log: Log | None) -> list[SceneInfo]:
     """Render one COG per block of tiles that holds any tile, from the tiles' own entity pieces."""
-    from .geo.synthetic import SYNTHETIC_ACQUIRED, SyntheticBlock, classify, render_block, write_cog
+    from .geo.synthetic import classify
 
     epsg = int(tiles.manifest["epsg"])
     size = float(tiles.manifest["tile_size_m"])
@@ -129,27 +131,48 @@ def _synthetic_scenes(tiles: Dataset, staging: Path, seed: int, res_m: float, bl
         # blocks with tiles but no classed entity still get a (bare ground) scene
         for key in set(zip((t.column("tile_x").to_numpy() // block_tiles).tolist(), (t.column("tile_y").to_numpy() // block_tiles).tolist())):
             per_block.setdefault(key, [])
-    def render(key: tuple[int, int]) -> SceneInfo:
-        bx, by = key
-        parts = per_block[key]
-        geoms = np.concatenate([p[0] for p in parts]) if parts else np.array([], object)
-        classes = np.concatenate([p[1] for p in parts]) if parts else np.array([], np.int16)
-        widths = np.concatenate([p[2] for p in parts]) if parts else np.array([], np.float32)
-        block = SyntheticBlock(bx, by, bx * block_tiles * size, by * block_tiles * size, block_tiles * size)
-        image = render_block(block, geoms, classes, widths, seed=seed, res_m=res_m)
-        name = f"synthetic-{bx}_{by}.tif"
-        write_cog(staging / name, image, epsg, block.left_m, block.bottom_m + block.size_m, res_m, SYNTHETIC_ACQUIRED)
-        return inspect_scene(staging / name, sha256_file(staging / name), scene_id=f"synthetic-{epsg}-{bx}_{by}")
-
-    # two threads: rasterize, numpy and GDAL's compression release the GIL for most of a block
+    global _SYNTH
+    job = dict(per_block=per_block, staging=staging, seed=seed, res_m=res_m, block_tiles=block_tiles, size=size, epsg=epsg)
+    keys = sorted(per_block)
     scenes = []
-    progress = Progress(f"render synthetic scenes ({len(per_block)} blocks of {block_tiles}x{block_tiles} tiles)", total=len(per_block), log=log)
-    with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-        for done, info in enumerate(pool.map(render, sorted(per_block)), start=1):
-            scenes.append(info)
+    progress = Progress(f"render synthetic scenes ({len(keys)} blocks of {block_tiles}x{block_tiles} tiles)", total=len(keys), log=log)
+    workers = default_workers()
+    if workers > 1 and len(keys) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        _SYNTH = job  # forked workers inherit the geometries instead of receiving them pickled
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for done, info in enumerate(pool.imap(_render_synthetic_block, keys), start=1):
+                    scenes.append(info)
+                    progress.update(done)
+        finally:
+            _SYNTH = None
+    else:
+        for done, key in enumerate(keys, start=1):
+            scenes.append(_render_synthetic_block(key, job))
             progress.update(done)
     progress.finish()
     return scenes
+
+
+_SYNTH: dict | None = None  # the synthetic render job, set before forking workers
+
+
+def _render_synthetic_block(key: tuple[int, int], job: dict | None = None) -> SceneInfo:
+    """Render and write one synthetic scene; returns its SceneInfo (runs in a worker process)."""
+    from .geo.synthetic import SYNTHETIC_ACQUIRED, SyntheticBlock, render_block, write_cog
+
+    job = job or _SYNTH
+    bx, by = key
+    parts = job["per_block"][key]
+    geoms = np.concatenate([p[0] for p in parts]) if parts else np.array([], object)
+    classes = np.concatenate([p[1] for p in parts]) if parts else np.array([], np.int16)
+    widths = np.concatenate([p[2] for p in parts]) if parts else np.array([], np.float32)
+    n, size = job["block_tiles"], job["size"]
+    block = SyntheticBlock(bx, by, bx * n * size, by * n * size, n * size)
+    image = render_block(block, geoms, classes, widths, seed=job["seed"], res_m=job["res_m"])
+    path = job["staging"] / f"synthetic-{bx}_{by}.tif"
+    write_cog(path, image, job["epsg"], block.left_m, block.bottom_m + block.size_m, job["res_m"], SYNTHETIC_ACQUIRED)
+    return inspect_scene(path, sha256_file(path), scene_id=f"synthetic-{job['epsg']}-{bx}_{by}")
 
 
 def _local_scenes(pattern: str, log: Log | None) -> list[SceneInfo]:
@@ -306,7 +329,7 @@ def build_tile_images(region: str, store: Store, log: Log | None = None, workers
     scenes = load_scenes(scenes_ds)
     _check_unchanged(scenes)
     epsg = int(tiles.manifest["epsg"])
-    workers = workers or max(1, min(2, os.cpu_count() or 1))
+    workers = workers or default_workers()
     t0 = time.perf_counter()
     staging = store.new_staging_dir(IMAGES_KIND, region)
     n_tiles = n_with = 0

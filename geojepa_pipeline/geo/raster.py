@@ -301,6 +301,19 @@ class SceneChipper:
         px = self.px
         t = src.transform
         same_crs = src.crs == self.dst_crs and t.b == 0 and t.d == 0 and t.e < 0
+        if same_crs and scene.nodata is None:
+            # the common case (NAIP in the region's UTM zone): one RasterIO call reads the tile's
+            # exact (fractional) window resampled bilinearly to px x px, from the best overview
+            win = from_bounds(x_min, y_min, x_min + size, y_min + size, transform=t)
+            eps = 1e-6
+            if win.col_off >= -eps and win.row_off >= -eps and win.col_off + win.width <= src.width + eps \
+                    and win.row_off + win.height <= src.height + eps:
+                bands = list(range(1, min(src.count, 4) + 1))
+                try:
+                    data = src.read(bands, window=win, out_shape=(len(bands), px, px), resampling=Resampling.bilinear)
+                except (RasterioIOError, RasterioError) as exc:
+                    raise GeojepaError(f"scene {scene.path}: cannot read pixels ({str(exc).splitlines()[0]}); the file is damaged, re-download it") from None
+                return data  # source dtype; every pixel valid
         step = self._overview_step(src, size / px) if same_crs else 1
         window = self._window(src, x_min, y_min, size, step)
         if window is None:
@@ -330,6 +343,10 @@ class SceneChipper:
             if warped is None:
                 continue
             nb = warped.shape[0]
+            if not used and nb == 4 and warped.dtype == np.uint8 and scene.rescale is None:
+                # one uint8 scene covers the whole tile (the common case): no mosaic needed
+                return Chip(np.ascontiguousarray(warped.transpose(1, 2, 0)), 1.0, [scene.scene_id], True)
+            warped = warped.astype(np.float32, copy=False)
             valid = ~np.isnan(warped).any(axis=0)
             if scene.rescale is not None:
                 for b in range(nb):

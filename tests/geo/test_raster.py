@@ -199,3 +199,30 @@ def test_same_crs_fast_path_agrees_with_gdal_warp(tmp_path):
     # edges line up: the road (a 12 m east-west stripe) sits on the same chip rows
     road_rows = lambda a: set(np.flatnonzero(np.abs(a[0].mean(axis=1) - 84) < 12))  # noqa: E731
     assert len(road_rows(ours) ^ road_rows(reference)) <= 2
+
+
+def test_tile_over_a_scene_edge_matches_gdal_on_the_covered_part(tmp_path):
+    """Edge tiles take the numpy path (exact pixel-centre coverage); GDAL's warper is the reference."""
+    from rasterio.warp import Resampling, reproject
+
+    from geojepa_pipeline.geo.raster import tile_transform
+    from geojepa_pipeline.geo.synthetic import colorize, write_cog
+
+    classes = np.zeros((1000, 1000), np.uint8)
+    classes[:, 500:] = 2
+    classes[300:320, :] = 8
+    path = tmp_path / "edge.tif"
+    write_cog(path, colorize(classes, np.random.default_rng(2)), TILE_EPSG, TILE_X0 - 450, TILE_Y0 + TILE + 150, 0.6, "2021-05-01")
+    # the scene ends 150 m into the tile: its eastern half is uncovered
+    with rasterio.open(path) as src:
+        reference = np.full((4, CHIP_PX, CHIP_PX), np.nan, np.float32)
+        reproject(src.read(), reference, src_transform=src.transform, src_crs=src.crs, dst_nodata=np.nan,
+                  dst_transform=tile_transform(TILE_X0, TILE_Y0, TILE), dst_crs=src.crs, resampling=Resampling.bilinear)
+    with SceneChipper([scene(path)], TILE_EPSG) as chipper:
+        chip = chipper.chip(TILE_X0, TILE_Y0, TILE)
+    assert abs(chip.coverage - 0.5) < 0.01
+    covered = ~np.isnan(reference).any(axis=0)
+    assert abs(covered.mean() - chip.coverage) < 0.01
+    ours = chip.image.transpose(2, 0, 1).astype(np.float32)
+    assert np.abs(ours[:, covered] - reference[:, covered]).mean() < 4.0
+    assert not chip.image[:, 120:].any()  # uncovered pixels stay 0
