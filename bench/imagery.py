@@ -70,7 +70,7 @@ def bench_synthetic(store, region_name: str, osm: str):
 
 
 def bench_file(tmp: Path):
-    from geojepa_pipeline.geo.raster import SceneChipper, inspect_scene
+    from geojepa_pipeline.geo.raster import inspect_scene
     from geojepa_pipeline.imagery import chip_tiles
     from geojepa_pipeline.store import sha256_file
 

