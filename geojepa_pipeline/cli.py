@@ -93,13 +93,19 @@ def cmd_regions_remove(args) -> int:
 
 
 def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print) -> dict[str, object]:
-    """Materialize the selected assets for each region, in process, on the GEOJEPA_HOME instance."""
+    """Materialize the selected assets, in process, on the GEOJEPA_HOME instance.
+
+    First the region-partitioned assets (ingest, imagery) for each region, then the assets
+    over all regions (the tag vocabulary) once. Returns the Dagster results by region name
+    (``"@all"`` for the second phase).
+    """
     import dagster as dg
 
     from .assets.partitions import sync_region_partitions
     from .assets.resources import GeojepaResource
-    from .definitions import ALL_ASSETS
+    from .definitions import ALL_ASSETS, GLOBAL_ASSETS, REGION_ASSETS, defs
     from .regions import default_registry
+    from .store import GLOBAL_SCOPE
 
     registry = default_registry()
     regions = registry.load()
@@ -108,26 +114,37 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
         raise GeojepaError("no regions registered; add one with: geojepa regions add NAME --osm PATH_OR_URL")
     for name in names:
         registry.get(name)  # clear error for an unknown region
-    selection = None
+    keys_of = lambda assets: {k for a in assets for k in a.keys}  # noqa: E731
+    wanted = keys_of(ALL_ASSETS)
     if select:
         try:
-            selection = dg.AssetSelection.from_string(select)
+            wanted = dg.AssetSelection.from_string(select).resolve(defs.resolve_asset_graph())
         except Exception as exc:
-            raise GeojepaError(f"invalid --select {select!r} ({exc}); e.g. --select tile_shards or --select 'key:osm_extract'") from None
+            raise GeojepaError(f"invalid --select {select!r} ({str(exc).splitlines()[0]}); e.g. --select tile_shards, --select group:imagery or --select 'key:osm_extract or key:tile_shards'") from None
+    region_keys, global_keys = wanted & keys_of(REGION_ASSETS), wanted & keys_of(GLOBAL_ASSETS)
     results = {}
+
+    def run(partition_key, keys, label):
+        result = dg.materialize(
+            ALL_ASSETS, instance=instance, partition_key=partition_key, selection=dg.AssetSelection.assets(*keys),
+            resources={"geojepa": GeojepaResource()}, raise_on_error=False, tags={"geojepa/region": label},
+        )
+        if not result.success:
+            raise GeojepaError(f"materialize {label} failed: {_failure_message(result)}")
+        return result
+
     with _instance() as instance:
         sync_region_partitions(instance, regions.keys())
-        for name in names:
-            log(f"materializing region {name} ...")
-            result = dg.materialize(
-                ALL_ASSETS, instance=instance, partition_key=name, selection=selection,
-                resources={"geojepa": GeojepaResource()}, raise_on_error=False,
-                tags={"geojepa/region": name},
-            )
-            if not result.success:
-                raise GeojepaError(f"materialize {name} failed: {_failure_message(result)}")
-            results[name] = result
-            log(f"region {name}: done (run {result.run_id})")
+        if region_keys:
+            for name in names:
+                log(f"materializing region {name} ...")
+                results[name] = run(name, region_keys, name)
+                log(f"region {name}: done (run {results[name].run_id})")
+        if global_keys:
+            label = ", ".join(sorted(k.to_user_string() for k in global_keys))
+            log(f"materializing {label} (all regions) ...")
+            results[GLOBAL_SCOPE] = run(None, global_keys, GLOBAL_SCOPE)
+            log(f"{label}: done (run {results[GLOBAL_SCOPE].run_id})")
     return results
 
 
@@ -158,6 +175,10 @@ def cmd_demo(args) -> int:
     )
     print(format_table(cols, rows))
     exe = _command_name()
+    tags = store.current("tag_embeddings", "@all")
+    if tags is not None:
+        m = tags.manifest
+        print(f"tag vocabulary: {m['n_pairs']:,} pairs embedded with {m['model_id']} ({m['n_new']:,} new in its last run)")
     print(f"shards:   {store.root / 'tiles'}   chips: {store.root / 'images'}")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0

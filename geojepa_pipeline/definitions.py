@@ -8,8 +8,11 @@ from .assets.imagery import naip_scenes, tile_images
 from .assets.osm import osm_extract, tile_shards
 from .assets.resources import GeojepaResource
 from .assets.sensors import region_registry_sensor
+from .assets.tokens import tag_embeddings
 
-ALL_ASSETS = [osm_extract, tile_shards, naip_scenes, tile_images]
+REGION_ASSETS = [osm_extract, tile_shards, naip_scenes, tile_images]  # partitioned by region
+GLOBAL_ASSETS = [tag_embeddings]  # over all regions, unpartitioned
+ALL_ASSETS = REGION_ASSETS + GLOBAL_ASSETS
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,

@@ -8,6 +8,7 @@ Layout under the store root (``GEOJEPA_HOME/store`` by default)::
         manifest.json                        written last: a directory without it is not a dataset
         tiles-00000.parquet ...
     <kind>/<region>/CURRENT                  the data version the latest materialization produced
+    <kind>/@all/<data_version>/              datasets over all regions (tag_embeddings, geometry_encoder)
 
 Writes are atomic: files are written to a temporary name and renamed; datasets are
 written into a hidden staging directory (``.staging-<pid>-<uuid>``) that is renamed to its
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
+GLOBAL_SCOPE = "@all"  # the "region" of datasets over all regions (e.g. the tag cache); not a valid region name
 CURRENT = "CURRENT"
 _STAGING_PREFIX = ".staging-"
 

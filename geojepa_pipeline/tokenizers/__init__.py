@@ -1,0 +1,1 @@
+"""Frozen tokenizers, one per modality: tags (text embeddings), geometry (PolygonGNN), images."""

