@@ -178,7 +178,7 @@ def cmd_demo(args) -> int:
     tags = store.current("tag_embeddings", "@all")
     if tags is not None:
         m = tags.manifest
-        print(f"tag vocabulary: {m['n_pairs']:,} pairs embedded with {m['model_id']} ({m['n_new']:,} new in its last run)")
+        print(f"tag vocabulary: {m['n_pairs']:,} pairs embedded with {m['model_id']} ({m['n_new']:,} embedded when this version was made)")
     print(f"shards:   {store.root / 'tiles'}   chips: {store.root / 'images'}")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0

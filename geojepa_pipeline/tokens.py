@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import duckdb
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import GeojepaError
