@@ -96,14 +96,15 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
     """Materialize the selected assets, in process, on the GEOJEPA_HOME instance.
 
     First the region-partitioned assets (ingest, imagery) for each region, then the assets
-    over all regions (the tag vocabulary) once. Returns the Dagster results by region name
-    (``"@all"`` for the second phase).
+    over all regions (tag vocabulary, geometry encoder) once, then the region assets that
+    need them (tile tokens). Returns the Dagster results by phase: region name (phase 1),
+    ``"@all"``, and ``"<region>:tokens"``.
     """
     import dagster as dg
 
     from .assets.partitions import sync_region_partitions
     from .assets.resources import GeojepaResource
-    from .definitions import ALL_ASSETS, GLOBAL_ASSETS, REGION_ASSETS, defs
+    from .definitions import ALL_ASSETS, GLOBAL_ASSETS, REGION_ASSETS, REGION_TOKEN_ASSETS, defs
     from .regions import default_registry
     from .store import GLOBAL_SCOPE
 
@@ -122,6 +123,7 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
         except Exception as exc:
             raise GeojepaError(f"invalid --select {select!r} ({str(exc).splitlines()[0]}); e.g. --select tile_shards, --select group:imagery or --select 'key:osm_extract or key:tile_shards'") from None
     region_keys, global_keys = wanted & keys_of(REGION_ASSETS), wanted & keys_of(GLOBAL_ASSETS)
+    token_keys = wanted & keys_of(REGION_TOKEN_ASSETS)
     results = {}
 
     def run(partition_key, keys, label):
@@ -145,6 +147,11 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
             log(f"materializing {label} (all regions) ...")
             results[GLOBAL_SCOPE] = run(None, global_keys, GLOBAL_SCOPE)
             log(f"{label}: done (run {results[GLOBAL_SCOPE].run_id})")
+        if token_keys:
+            for name in names:
+                log(f"materializing tokens of region {name} ...")
+                results[f"{name}:tokens"] = run(name, token_keys, name)
+                log(f"tokens of {name}: done (run {results[f'{name}:tokens'].run_id})")
     return results
 
 
@@ -179,7 +186,15 @@ def cmd_demo(args) -> int:
     if tags is not None:
         m = tags.manifest
         print(f"tag vocabulary: {m['n_pairs']:,} pairs embedded with {m['model_id']} ({m['n_new']:,} embedded when this version was made)")
-    print(f"shards:   {store.root / 'tiles'}   chips: {store.root / 'images'}")
+    geom = store.current("geometry_encoder", "@all")
+    if geom is not None:
+        r2 = geom.manifest["probe_r2"]
+        print("geometry encoder: probe R² " + ", ".join(f"{k} {v['pretrained']:.2f}" for k, v in r2.items()) + " (chance 0)")
+    for name in DEMO_REGIONS:
+        tok = store.current("tokens", name)
+        if tok is not None:
+            print(f"tile tokens {name}: {tok.manifest['n_pieces']:,} pieces -> tag {tok.manifest['tag_dim']}-d + geometry {tok.manifest['geometry_dim']}-d")
+    print(f"shards:   {store.root / 'tiles'}   chips: {store.root / 'images'}   tokens: {store.root / 'tokens'}")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0
 

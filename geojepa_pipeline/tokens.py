@@ -1,4 +1,4 @@
-"""Token embeddings without Dagster: the ``tag_embeddings`` vocabulary cache (more tokenizers follow).
+"""Token embeddings without Dagster: the ``tag_embeddings`` vocabulary cache and the ``geometry_encoder``.
 
 ``tag_embeddings/@all/<data_version>/`` holds ``pairs.parquet`` (model, key, value, text,
 float16 vector; sorted by key, value) and ``policy.json`` (the open keys and thresholds).
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import GeojepaError
@@ -135,8 +137,6 @@ def build_tag_embeddings(
     if new:
         progress.finish()
     t_embed = time.perf_counter() - t1
-    import numpy as np
-
     dim = chunks[0].shape[1] if chunks else (base_table.column("vector").type.list_size if base_table is not None else embedder.dim)
     new_vectors = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
     keys = [k for k, _ in new]
@@ -174,3 +174,190 @@ def build_tag_embeddings(
         {n: len(c) for n, c in per_region.items()}, sorted(open_), int(dim),
         {"vocabulary_s": t_vocab, "embed_s": t_embed, "total_s": time.perf_counter() - t0},
     )
+
+
+# ---- geometry_encoder ---------------------------------------------------------------------
+
+GEOMETRY_KIND = "geometry_encoder"
+GEOMETRY_SCHEMA_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "history.json"
+
+
+def sample_pieces(store: Store, regions: list[str], max_pieces: int, seed: int) -> np.ndarray:
+    """Up to ``max_pieces`` piece geometries (tile-local metres) drawn evenly from the regions' CURRENT shards."""
+    import shapely
+
+    wkb = []
+    for name in sorted(regions):
+        ds = store.current(TILES_KIND, name)
+        if ds is None:
+            raise GeojepaError(f"region {name!r} has no tile_shards yet; materialize tile_shards[{name}] first")
+        for f in shard_files(ds, "entities"):
+            wkb.append(pq.read_table(f, columns=["geometry"]).column("geometry").to_numpy(zero_copy_only=False))
+    if not wkb:
+        raise GeojepaError("no regions with tile shards: nothing to pretrain the geometry encoder on")
+    wkb = np.concatenate(wkb)
+    if len(wkb) > max_pieces:
+        wkb = wkb[np.sort(np.random.default_rng(seed).choice(len(wkb), max_pieces, replace=False))]
+    return shapely.from_wkb(wkb)
+
+
+@dataclass
+class GeometryEncoderResult:
+    dataset: Dataset
+    n_train: int
+    n_probe: int
+    losses: list
+    probe: dict
+    timings_s: dict
+
+
+def build_geometry_encoder(
+    store: Store, regions: list[str], steps: int = 300, seed: int = 0, max_pieces: int = 20000,
+    dim: int = 64, log: Log | None = None,
+) -> GeometryEncoderResult:
+    """Pretrain the PolygonGNN on the regions' pieces; save weights (safetensors) + config + history."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .tokenizers.geometry import GeometryEncoderConfig, PretrainConfig, pretrain, probe
+
+    t0 = time.perf_counter()
+    geoms = sample_pieces(store, regions, max_pieces, seed)
+    order = np.random.default_rng(seed).permutation(len(geoms))
+    n_probe = max(1, int(0.15 * len(geoms)))
+    probe_set, train_set = geoms[order[:n_probe]], geoms[order[n_probe:]]
+    enc_cfg, train_cfg = GeometryEncoderConfig(dim=dim), PretrainConfig(steps=steps, seed=seed)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    model, losses = pretrain(train_set, enc_cfg, train_cfg, log=log)
+    t_train = time.perf_counter() - t0
+    report = probe(model, probe_set, seed=seed)
+    if log:
+        log("geometry encoder probe R² (pretrained / untrained / chance): " + ", ".join(
+            f"{k} {v['pretrained']:.2f} / {v['untrained']:.2f} / 0" for k, v in report.items()))
+    staging = store.new_staging_dir(GEOMETRY_KIND, GLOBAL_SCOPE)
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_FILE))
+        config = {"encoder": enc_cfg.to_dict(), "pretrain": train_cfg.to_dict(), "objective": "InfoNCE between a jittered and a simplified view",
+                  "node_features": 9, "edge_features": 3, "inputs": {n: store.current_version(TILES_KIND, n) for n in sorted(regions)},
+                  "n_train": len(train_set), "n_probe": len(probe_set)}
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+        (staging / HISTORY_FILE).write_text(json.dumps({"loss": [round(v, 5) for v in losses], "probe_r2": report}, sort_keys=True) + "\n")
+        manifest = {"schema_version": GEOMETRY_SCHEMA_VERSION, "dim": dim, "regions": sorted(regions), "probe_r2": report}
+        dataset = store.commit(GEOMETRY_KIND, GLOBAL_SCOPE, staging, manifest)
+    except BaseException:
+        store.discard_staging(staging)
+        raise
+    store.set_current(GEOMETRY_KIND, GLOBAL_SCOPE, dataset.data_version)
+    return GeometryEncoderResult(dataset, len(train_set), len(probe_set), losses, report,
+                                 {"train_s": t_train, "total_s": time.perf_counter() - t0})
+
+
+def load_geometry_encoder(ds: Dataset):
+    """The PolygonGNN of a committed ``geometry_encoder`` version, in eval mode."""
+    from safetensors.torch import load_file
+
+    from .tokenizers.geometry import GeometryEncoderConfig, PolygonGNN
+
+    config = json.loads((ds.path / CONFIG_FILE).read_text())
+    model = PolygonGNN(GeometryEncoderConfig(**config["encoder"]))
+    model.load_state_dict(load_file(str(ds.path / WEIGHTS_FILE)))
+    return model.eval()
+
+
+# ---- tile_tokens ---------------------------------------------------------------------------
+
+TOKENS_KIND = "tokens"
+TOKENS_SCHEMA_VERSION = 1
+INPUTS_FILE = "inputs.json"
+ENTITY_MODALITY = "entity"
+
+
+def tokens_schema(tag_dim: int, geom_dim: int) -> pa.Schema:
+    """One row per entity piece, in the tile shard's order."""
+    return pa.schema([
+        ("tile_id", pa.string()),
+        ("osm_type", pa.string()),
+        ("osm_id", pa.int64()),
+        ("modality", pa.string()),  # "entity": a tag token and a geometry token at one position
+        ("tag_token", pa.list_(pa.float16(), tag_dim)),  # sum of the entity's pair vectors (LayerNorm comes in the model)
+        ("geometry_token", pa.list_(pa.float16(), geom_dim)),  # PolygonGNN of the piece
+        ("position", pa.list_(pa.float32(), 8)),  # min-box corners in [0, 1] tile units (the shard's minbox)
+    ])
+
+
+def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    n, d = values.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), dtype), d)
+
+
+@dataclass
+class TileTokensResult:
+    dataset: Dataset
+    n_pieces: int
+    n_without_tag_token: int
+    timings_s: dict
+
+
+def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_pieces: int = 8192) -> TileTokensResult:
+    """Tag and geometry tokens of every piece of the region's CURRENT tile shards, aligned with them."""
+    import shapely
+    import torch
+
+    from .tokenizers.geometry import geometry_graphs
+
+    tiles = store.current(TILES_KIND, region)
+    if tiles is None:
+        raise GeojepaError(f"region {region!r} has no tile_shards yet; materialize tile_shards[{region}] first")
+    tags_ds = store.current(TAG_KIND, GLOBAL_SCOPE)
+    geom_ds = store.current(GEOMETRY_KIND, GLOBAL_SCOPE)
+    if tags_ds is None or geom_ds is None:
+        missing = [n for n, d in (("tag_embeddings", tags_ds), ("geometry_encoder", geom_ds)) if d is None]
+        raise GeojepaError(f"tile_tokens[{region}] needs {' and '.join(missing)}; materialize them first")
+    if region not in tags_ds.manifest.get("regions", []):
+        raise GeojepaError(f"tag_embeddings {tags_ds.data_version} was built without region {region!r}; re-materialize tag_embeddings")
+    vocab = load_vocabulary(tags_ds)
+    encoder = load_geometry_encoder(geom_ds)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    schema = tokens_schema(vocab.vectors.shape[1], encoder.config.dim)
+    inputs = {"tile_shards": tiles.data_version, "tag_embeddings": tags_ds.data_version, "geometry_encoder": geom_ds.data_version}
+    t0 = time.perf_counter()
+    staging = store.new_staging_dir(TOKENS_KIND, region)
+    n_pieces = n_no_tag = 0
+    shards = []
+    progress = Progress(f"tile_tokens[{region}]", total=tiles.manifest["n_pieces"], log=log)
+    try:
+        (staging / INPUTS_FILE).write_text(json.dumps(inputs, sort_keys=True) + "\n")  # the version follows the inputs
+        for shard in tiles.manifest["shards"]:
+            name = f"tokens-{shard['index']:05d}.parquet"
+            ents = pq.read_table(tiles.path / shard["entities_file"], columns=["tile_id", "osm_type", "osm_id", "tags", "geometry", "minbox"])
+            with pq.ParquetWriter(staging / name, schema, compression="zstd") as writer:
+                for start in range(0, ents.num_rows, batch_pieces):
+                    part = ents.slice(start, batch_pieces)
+                    tag_tok = vocab.tag_tokens(part.column("tags"))
+                    geoms = shapely.from_wkb(part.column("geometry").to_numpy(zero_copy_only=False))
+                    geom_tok = encoder.encode(geometry_graphs(geoms))
+                    n_no_tag += int((np.abs(tag_tok).sum(axis=1) == 0).sum())
+                    writer.write_table(pa.table({
+                        "tile_id": part.column("tile_id"), "osm_type": part.column("osm_type"), "osm_id": part.column("osm_id"),
+                        "modality": pa.array([ENTITY_MODALITY] * part.num_rows, pa.string()),
+                        "tag_token": _fixed_list(tag_tok.astype(np.float16), pa.float16()),
+                        "geometry_token": _fixed_list(geom_tok.astype(np.float16), pa.float16()),
+                        "position": part.column("minbox").cast(pa.list_(pa.float32(), 8)),
+                    }, schema=schema))
+                    n_pieces += part.num_rows
+                    progress.update(n_pieces)
+            shards.append({"index": shard["index"], "tokens_file": name, "entities_file": shard["entities_file"],
+                           "n_pieces": ents.num_rows})
+        progress.finish()
+        manifest = {"schema_version": TOKENS_SCHEMA_VERSION, "inputs": inputs, "n_pieces": n_pieces, "shards": shards,
+                    "tag_dim": int(vocab.vectors.shape[1]), "geometry_dim": int(encoder.config.dim),
+                    "n_without_tag_token": n_no_tag}
+        dataset = store.commit(TOKENS_KIND, region, staging, manifest)
+    except BaseException:
+        store.discard_staging(staging)
+        raise
+    store.set_current(TOKENS_KIND, region, dataset.data_version)
+    return TileTokensResult(dataset, n_pieces, n_no_tag, {"tokens_s": time.perf_counter() - t0})

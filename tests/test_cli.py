@@ -115,5 +115,13 @@ def test_liechtenstein_via_cli(home, capsys):
     code, out, _ = run(capsys, "sql", "select count(*), sum(has_image::int), max(coverage) from images where region = 'li'")
     assert code == 0 and out.splitlines()[2].split("|")[0].strip() == "3146"
     assert [c.strip() for c in out.splitlines()[2].split("|")[1:]] == ["0", "0.0"]
+    # a second materialization of the vocabulary embeds 0 new pairs
+    assert run(capsys, "materialize", "--select", "tag_embeddings")[0] == 0
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        events = instance.fetch_materializations(dg.AssetKey("tag_embeddings"), limit=2).records
+        new = [e.asset_materialization.metadata["n_new_embedded"].value for e in events]
+    assert new[0] == 0 and new[1] > 500  # newest first: 0 now, Liechtenstein's whole vocabulary before
     code, out, _ = run(capsys, "sql", "select count(*) from entities where tags['building'] is not null")
     assert code == 0 and int(out.splitlines()[2]) > 3000

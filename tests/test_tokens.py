@@ -80,3 +80,38 @@ def test_another_model_invalidates_the_cache(store, embedder, tmp_path):
     # back to the first model: its cache is found again, nothing to embed
     third = build_tag_embeddings(store, ["t"], embedder=embedder)
     assert third.n_new == 0 and third.dataset.data_version == first.dataset.data_version
+
+
+def test_geometry_encoder_and_tile_tokens(store, embedder):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from geojepa_pipeline.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder
+
+    build_tag_embeddings(store, ["t"], embedder=embedder)
+    enc = build_geometry_encoder(store, ["t"], steps=20, max_pieces=2000)
+    assert {p.name for p in enc.dataset.path.iterdir()} >= {"model.safetensors", "config.json", "history.json", "manifest.json"}
+    assert len(enc.losses) == 20 and set(enc.probe) == {"log_area_m2", "log_elongation", "log_vertices"}
+    assert build_geometry_encoder(store, ["t"], steps=20, max_pieces=2000).dataset.data_version == enc.dataset.data_version
+    assert load_geometry_encoder(enc.dataset).config.dim == 64
+
+    tokens = build_tile_tokens("t", store)
+    tiles = store.current("tiles", "t")
+    ds = tokens.dataset
+    assert tokens.n_pieces == tiles.manifest["n_pieces"]
+    for t_shard, k_shard in zip(tiles.manifest["shards"], ds.manifest["shards"]):
+        ents = pq.read_table(tiles.path / t_shard["entities_file"], columns=["tile_id", "osm_id", "minbox"])
+        toks = pq.read_table(ds.path / k_shard["tokens_file"])
+        assert toks.column("tile_id").equals(ents.column("tile_id")) and toks.column("osm_id").equals(ents.column("osm_id"))
+        assert toks.column("position").to_pylist()[:50] == ents.column("minbox").to_pylist()[:50]
+        tag = np.array(toks.column("tag_token").to_pylist(), np.float32)
+        geom = np.array(toks.column("geometry_token").to_pylist(), np.float32)
+        assert tag.shape[1] == 384 and geom.shape[1] == 64 and np.isfinite(tag).all() and np.isfinite(geom).all()
+        assert (np.abs(tag).sum(1) > 0).mean() > 0.95 and set(toks.column("modality").to_pylist()) == {"entity"}
+    assert ds.manifest["inputs"] == {"tile_shards": tiles.data_version, "tag_embeddings": store.current_version("tag_embeddings", "@all"),
+                                     "geometry_encoder": enc.dataset.data_version}
+    # another geometry encoder version: new token version, the old one stays readable
+    other = build_geometry_encoder(store, ["t"], steps=20, max_pieces=2000, seed=1)
+    again = build_tile_tokens("t", store)
+    assert other.dataset.data_version != enc.dataset.data_version and again.dataset.data_version != ds.data_version
+    assert (ds.path / "manifest.json").exists()

@@ -1,15 +1,22 @@
-"""``tag_embeddings``: the (key, value) vocabulary cache over all regions; a thin wrapper over ``tokens``."""
+"""``tag_embeddings``, ``geometry_encoder`` (over all regions) and ``tile_tokens[region]``: thin wrappers over ``tokens``."""
 
+import math
 
 import dagster as dg
+import numpy as np
+import pyarrow.parquet as pq
 
+from ..geo.render import curve_png, png_markdown
 from ..ingest import TILES_KIND
 from ..tokenizers.tags import DEFAULT_TAG_MODEL
-from ..tokens import build_tag_embeddings
+from ..tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
 from .osm import tile_shards
+from .partitions import regions_partitions
 from .resources import GeojepaResource
 
 TAG_EMBEDDINGS_CODE_VERSION = "1"
+GEOMETRY_ENCODER_CODE_VERSION = "1"
+TILE_TOKENS_CODE_VERSION = "1"
 
 
 class TagEmbeddingsConfig(dg.Config):
@@ -51,4 +58,85 @@ def tag_embeddings(context: dg.AssetExecutionContext, config: TagEmbeddingsConfi
             "pairs_per_s": dg.MetadataValue.float(round(result.n_new / max(result.timings_s["embed_s"], 1e-9), 1)),
             "timings_s": dg.MetadataValue.json({k: round(v, 3) for k, v in result.timings_s.items()}),
         },
+    )
+
+
+class GeometryEncoderConfigDg(dg.Config):
+    steps: int = 300  # contrastive pretraining steps (batch 256)
+    max_pieces: int = 20000  # pieces sampled from all regions (15 % held out for the probe)
+    dim: int = 64  # geometry token size
+    seed: int = 0
+
+
+@dg.asset(
+    deps=[tile_shards],
+    code_version=GEOMETRY_ENCODER_CODE_VERSION,
+    group_name="tokens",
+    kinds={"pytorch"},
+    description="PolygonGNN geometry encoder (torch-geometric), pretrained self-supervised (InfoNCE over jittered vs "
+                "simplified views) on the regions' own pieces; safetensors + JSON config.",
+)
+def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderConfigDg, geojepa: GeojepaResource) -> dg.MaterializeResult:
+    store = geojepa.store()
+    regions = [r for r in sorted(geojepa.registry().load()) if store.current_version(TILES_KIND, r)]
+    result = build_geometry_encoder(store, regions, steps=config.steps, seed=config.seed, max_pieces=config.max_pieces,
+                                    dim=config.dim, log=context.log.info)
+    ds = result.dataset
+    chance = math.log(min(256, result.n_train))
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(ds.data_version),
+        metadata={
+            "data_version": dg.MetadataValue.text(ds.data_version),
+            "path": dg.MetadataValue.path(str(ds.path)),
+            "n_train_pieces": dg.MetadataValue.int(result.n_train),
+            "n_probe_pieces": dg.MetadataValue.int(result.n_probe),
+            "final_loss": dg.MetadataValue.float(round(float(np.mean(result.losses[-20:])), 4)),
+            "probe_r2": dg.MetadataValue.json(result.probe),
+            "loss_curve": dg.MetadataValue.md(png_markdown(
+                curve_png(result.losses, f"InfoNCE per step (dashed: chance {chance:.2f})", reference=chance), "loss curve")),
+            "regions": dg.MetadataValue.json(regions),
+            "timings_s": dg.MetadataValue.json({k: round(v, 3) for k, v in result.timings_s.items()}),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=regions_partitions,
+    deps=[tile_shards, tag_embeddings, geometry_encoder],
+    code_version=TILE_TOKENS_CODE_VERSION,
+    group_name="tokens",
+    kinds={"parquet"},
+    description="Per entity piece: tag token (sum of pair vectors), geometry token (PolygonGNN), 8-number position; "
+                "shards aligned with tile_shards.",
+    check_specs=[dg.AssetCheckSpec("aligned_with_entities", asset="tile_tokens",
+                                   description="One token row per entity piece, same shards and order as tile_shards.")],
+)
+def tile_tokens(context: dg.AssetExecutionContext, geojepa: GeojepaResource) -> dg.MaterializeResult:
+    region = context.partition_key
+    store = geojepa.store()
+    result = build_tile_tokens(region, store, log=context.log.info)
+    ds = result.dataset
+    tiles = store.current(TILES_KIND, region)
+    problems = []
+    for t_shard, k_shard in zip(tiles.manifest["shards"], ds.manifest["shards"]):
+        ents = pq.read_table(tiles.path / t_shard["entities_file"], columns=["tile_id", "osm_id"])
+        toks = pq.read_table(ds.path / k_shard["tokens_file"], columns=["tile_id", "osm_id"])
+        if not (ents.column("tile_id").equals(toks.column("tile_id")) and ents.column("osm_id").equals(toks.column("osm_id"))):
+            problems.append(f"{k_shard['tokens_file']} differs from {t_shard['entities_file']}")
+    if len(tiles.manifest["shards"]) != len(ds.manifest["shards"]):
+        problems.append("shard counts differ")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(ds.data_version),
+        metadata={
+            "data_version": dg.MetadataValue.text(ds.data_version),
+            "path": dg.MetadataValue.path(str(ds.path)),
+            "n_pieces": dg.MetadataValue.int(result.n_pieces),
+            "n_without_tag_token": dg.MetadataValue.int(result.n_without_tag_token),
+            "inputs": dg.MetadataValue.json(ds.manifest["inputs"]),
+            "tag_dim": dg.MetadataValue.int(ds.manifest["tag_dim"]),
+            "geometry_dim": dg.MetadataValue.int(ds.manifest["geometry_dim"]),
+            "tokens_per_s": dg.MetadataValue.float(round(result.n_pieces / max(result.timings_s["tokens_s"], 1e-9), 1)),
+        },
+        check_results=[dg.AssetCheckResult(check_name="aligned_with_entities", passed=not problems,
+                                           metadata={"problems": dg.MetadataValue.json(problems[:20])})],
     )

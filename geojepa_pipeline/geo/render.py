@@ -93,3 +93,31 @@ def chip_preview_png(rows: list[tuple[np.ndarray, np.ndarray, str]], panel_px: i
     buf = io.BytesIO()
     canvas.quantize(256).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
+
+
+def curve_png(values: list[float], title: str, reference: float | None = None, width: int = 420, height: int = 180) -> bytes:
+    """A line plot of ``values`` (e.g. a loss per step), with an optional dashed reference level."""
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 46, width - 10, 20, height - 22
+    v = np.asarray(values, np.float64)
+    lo = float(min(v.min(), reference if reference is not None else v.min())) if v.size else 0.0
+    hi = float(max(v.max(), reference if reference is not None else v.max())) if v.size else 1.0
+    hi = hi if hi > lo else lo + 1.0
+    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+    draw.text((left, 4), title, fill=(0, 0, 0))
+    draw.text((4, top - 4), f"{hi:.2f}", fill=(80, 80, 80))
+    draw.text((4, bottom - 8), f"{lo:.2f}", fill=(80, 80, 80))
+    draw.text((left, bottom + 6), "0", fill=(80, 80, 80))
+    draw.text((right - 30, bottom + 6), f"{len(v)}", fill=(80, 80, 80))
+    y_of = lambda y: bottom - (y - lo) / (hi - lo) * (bottom - top)  # noqa: E731
+    if reference is not None:
+        y = y_of(reference)
+        for x in range(left, right, 8):
+            draw.line([(x, y), (min(x + 4, right), y)], fill=(200, 80, 80))
+    if v.size > 1:
+        xs = left + np.arange(v.size) / (v.size - 1) * (right - left)
+        draw.line(list(zip(xs.tolist(), [y_of(y) for y in v])), fill=(40, 90, 170), width=2)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
