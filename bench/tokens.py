@@ -11,8 +11,9 @@ In one invocation, on a fresh temporary store: tiles the region, then
 3. a plain ``SentenceTransformer.encode`` of exactly the same texts (batch 256), timed alone;
 4. a second ``build_tag_embeddings``: 0 new pairs, and its time.
 
-Prints both rates and their ratio (target >= 0.8). Geometry tokens per second come with the
-geometry encoder.
+Prints both rates and their ratio (target >= 0.8). Then pretrains the geometry encoder
+(default settings) and prints geometry tokens per second (graph building + PolygonGNN, one
+process) over all of the region's pieces, and ``tile_tokens`` end to end.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> int:
         again = build_tag_embeddings(store, [args.region], embedder=embedder)
         t_again = time.perf_counter() - t0
 
+        geo = _geometry(store, args.region)
+
     rate_ours, rate_plain = ours.n_new / t_ours, len(texts) / t_plain
     print(f"region {args.region}: {ours.n_pairs:,} vocabulary entries ({len(ours.open_keys)} open keys), "
           f"{ours.observed_pairs_by_region[args.region]:,} distinct observed pairs")
@@ -74,7 +77,41 @@ def main() -> int:
     print(f"plain SentenceTransformer.encode of the same {len(texts):,} texts: {t_plain:.2f} s = {rate_plain:.0f} texts/s")
     print(f"ratio ours / plain = {rate_ours / rate_plain:.2f}  (target >= 0.8)")
     print(f"second build_tag_embeddings: {again.n_new} new pairs in {t_again:.2f} s")
+    print(f"geometry encoder: pretrained on {geo['n_train']:,} pieces in {geo['train_s']:.1f} s; probe R² "
+          + ", ".join(f"{k} {v['pretrained']:.2f} (untrained {v['untrained']:.2f})" for k, v in geo["probe"].items()))
+    print(f"geometry tokens: {geo['n']:,} pieces in {geo['encode_s']:.2f} s = {geo['n'] / geo['encode_s']:,.0f} tokens/s "
+          f"(graphs {geo['graphs_s']:.2f} s + PolygonGNN {geo['encode_s'] - geo['graphs_s']:.2f} s)")
+    print(f"tile_tokens end to end: {geo['n']:,} pieces in {geo['tile_tokens_s']:.2f} s = {geo['n'] / geo['tile_tokens_s']:,.0f} pieces/s")
     return 0
+
+
+def _geometry(store, region):
+    import numpy as np
+    import pyarrow.parquet as pq
+    import shapely
+
+    from geojepa_pipeline.tables import shard_files
+    from geojepa_pipeline.tokenizers.geometry import geometry_graphs
+    from geojepa_pipeline.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder
+
+    enc = build_geometry_encoder(store, [region])
+    model = load_geometry_encoder(enc.dataset)
+    ds = store.current("tiles", region)
+    wkb = np.concatenate([pq.read_table(f, columns=["geometry"]).column("geometry").to_numpy(zero_copy_only=False)
+                          for f in shard_files(ds, "entities")])
+    geoms = shapely.from_wkb(wkb)
+    t0 = time.perf_counter()
+    graphs_s = 0.0
+    for start in range(0, len(geoms), 8192):
+        t1 = time.perf_counter()
+        graphs = geometry_graphs(geoms[start:start + 8192])
+        graphs_s += time.perf_counter() - t1
+        model.encode(graphs)
+    encode_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    build_tile_tokens(region, store)
+    return {"n": len(geoms), "graphs_s": graphs_s, "encode_s": encode_s, "tile_tokens_s": time.perf_counter() - t0,
+            "n_train": enc.n_train, "train_s": enc.timings_s["train_s"], "probe": enc.probe}
 
 
 def _pairs(store, result):
