@@ -301,8 +301,35 @@ class TileTokensResult:
     timings_s: dict
 
 
-def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_pieces: int = 8192) -> TileTokensResult:
-    """Tag and geometry tokens of every piece of the region's CURRENT tile shards, aligned with them."""
+IMAGE_TOKENIZERS = ("patch", "vit")
+
+
+def _write_vit_tokens(images: Dataset, shard: dict, tokenizer, path) -> int:
+    """``image-tokens-NNNNN.parquet``: per tile of the shard, the ViT's (1 + 196) x hidden tokens, float16 (null without image)."""
+    from .imagery import decode_chip
+
+    t = pq.read_table(images.path / shard["images_file"], columns=["tile_id", "has_image", "image"])
+    has = t.column("has_image").to_numpy(zero_copy_only=False)
+    chips = np.stack([decode_chip(b) for b, h in zip(t.column("image").to_pylist(), has) if h]) if has.any() else np.zeros((0, 224, 224, 4), np.uint8)
+    tokens = tokenizer.encode(chips).astype(np.float16)  # (n_with_image, 197, hidden)
+    width = (1 + 196) * tokenizer.hidden
+    full = np.zeros((len(has), width), np.float16)
+    full[has] = tokens.reshape(len(tokens), -1)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), pa.float16()), width, mask=pa.array(~has))
+    table = pa.table({"tile_id": t.column("tile_id"), "vit_tokens": column})
+    table = table.replace_schema_metadata({b"geojepa:vit": json.dumps({"tokens": 1 + 196, "hidden": tokenizer.hidden, "model": tokenizer.model_id}).encode()})
+    pq.write_table(table, path, compression="zstd")
+    return int(has.sum())
+
+
+def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_pieces: int = 8192,
+                      image_tokenizer: str = "patch", vit_model: str | None = None) -> TileTokensResult:
+    """Tag and geometry tokens of every piece of the region's CURRENT tile shards, aligned with them.
+
+    ``image_tokenizer``: ``patch`` (the default) caches nothing for images (GeoJEPA learns the
+    patch projection); ``vit`` runs the frozen ViT ``vit_model`` over the region's chips and
+    caches its tokens per shard (``image-tokens-NNNNN.parquet``, aligned with the tile shard).
+    """
     import shapely
     import torch
 
@@ -322,7 +349,21 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
     encoder = load_geometry_encoder(geom_ds)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     schema = tokens_schema(vocab.vectors.shape[1], encoder.config.dim)
-    inputs = {"tile_shards": tiles.data_version, "tag_embeddings": tags_ds.data_version, "geometry_encoder": geom_ds.data_version}
+    if image_tokenizer not in IMAGE_TOKENIZERS:
+        raise GeojepaError(f"unknown image_tokenizer {image_tokenizer!r}: use one of {', '.join(IMAGE_TOKENIZERS)}")
+    images = store.current("images", region)
+    vit = None
+    if image_tokenizer == "vit":
+        if not vit_model:
+            raise GeojepaError("image_tokenizer 'vit' needs vit_model: a local path saved with save_pretrained or a hub id")
+        if images is None:
+            raise GeojepaError(f"image_tokenizer 'vit' needs tile_images[{region}]; materialize it first")
+        from .tokenizers.image import VitTokenizer
+
+        vit = VitTokenizer(vit_model)
+    inputs = {"tile_shards": tiles.data_version, "tag_embeddings": tags_ds.data_version, "geometry_encoder": geom_ds.data_version,
+              "tile_images": images.data_version if images is not None else None, "image_tokenizer": image_tokenizer,
+              "vit_model": vit.model_id if vit is not None else None}
     t0 = time.perf_counter()
     staging = store.new_staging_dir(TOKENS_KIND, region)
     n_pieces = n_no_tag = 0
@@ -349,8 +390,12 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
                     }, schema=schema))
                     n_pieces += part.num_rows
                     progress.update(n_pieces)
-            shards.append({"index": shard["index"], "tokens_file": name, "entities_file": shard["entities_file"],
-                           "n_pieces": ents.num_rows})
+            entry = {"index": shard["index"], "tokens_file": name, "entities_file": shard["entities_file"], "n_pieces": ents.num_rows}
+            if vit is not None:
+                image_shard = images.manifest["shards"][len(shards)]
+                entry["image_tokens_file"] = f"image-tokens-{shard['index']:05d}.parquet"
+                entry["n_image_tokens"] = _write_vit_tokens(images, image_shard, vit, staging / entry["image_tokens_file"])
+            shards.append(entry)
         progress.finish()
         manifest = {"schema_version": TOKENS_SCHEMA_VERSION, "inputs": inputs, "n_pieces": n_pieces, "shards": shards,
                     "tag_dim": int(vocab.vectors.shape[1]), "geometry_dim": int(encoder.config.dim),

@@ -19,7 +19,7 @@ def test_definitions_list_the_expected_assets_and_checks():
     upstream = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
     assert upstream["tile_images"] == {"tile_shards", "naip_scenes"} and upstream["naip_scenes"] == {"tile_shards"}
     assert upstream["tag_embeddings"] == upstream["geometry_encoder"] == {"tile_shards"}
-    assert upstream["tile_tokens"] == {"tile_shards", "tag_embeddings", "geometry_encoder"}
+    assert upstream["tile_tokens"] == {"tile_shards", "tag_embeddings", "geometry_encoder", "tile_images"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         if key.to_user_string() in ("tag_embeddings", "geometry_encoder"):  # over all regions

@@ -109,9 +109,40 @@ def test_geometry_encoder_and_tile_tokens(store, embedder):
         assert tag.shape[1] == 384 and geom.shape[1] == 64 and np.isfinite(tag).all() and np.isfinite(geom).all()
         assert (np.abs(tag).sum(1) > 0).mean() > 0.95 and set(toks.column("modality").to_pylist()) == {"entity"}
     assert ds.manifest["inputs"] == {"tile_shards": tiles.data_version, "tag_embeddings": store.current_version("tag_embeddings", "@all"),
-                                     "geometry_encoder": enc.dataset.data_version}
+                                     "geometry_encoder": enc.dataset.data_version, "tile_images": None,
+                                     "image_tokenizer": "patch", "vit_model": None}
     # another geometry encoder version: new token version, the old one stays readable
     other = build_geometry_encoder(store, ["t"], steps=20, max_pieces=2000, seed=1)
     again = build_tile_tokens("t", store)
     assert other.dataset.data_version != enc.dataset.data_version and again.dataset.data_version != ds.data_version
     assert (ds.path / "manifest.json").exists()
+
+
+def test_vit_tokens_are_cached_per_shard(store, embedder, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images
+    from geojepa_pipeline.tokens import build_geometry_encoder, build_tile_tokens
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+             add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+    build_naip_scenes(Region.create("t", "pyrosm:test"), store)
+    images = build_tile_images("t", store)
+    build_tag_embeddings(store, ["t"], embedder=embedder)
+    build_geometry_encoder(store, ["t"], steps=5, max_pieces=500)
+    patch = build_tile_tokens("t", store)
+    assert "image_tokens_file" not in patch.dataset.manifest["shards"][0]  # patch: nothing cached
+    vit = build_tile_tokens("t", store, image_tokenizer="vit", vit_model=str(tmp_path / "vit"))
+    shard = vit.dataset.manifest["shards"][0]
+    table = pq.read_table(vit.dataset.path / shard["image_tokens_file"])
+    tiles = store.current("tiles", "t")
+    assert table.column("tile_id").equals(pq.read_table(tiles.path / tiles.manifest["shards"][0]["tiles_file"]).column("tile_id"))
+    assert shard["n_image_tokens"] == images.n_with_image == table.num_rows - table.column("vit_tokens").null_count
+    first = np.array(table.column("vit_tokens")[0].as_py(), np.float32).reshape(197, 16)
+    assert np.isfinite(first).all() and first.std() > 0
+    assert vit.dataset.data_version != patch.dataset.data_version
+    assert vit.dataset.manifest["inputs"]["tile_images"] == images.dataset.data_version

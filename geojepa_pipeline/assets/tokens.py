@@ -10,6 +10,7 @@ from ..geo.render import curve_png, png_markdown
 from ..ingest import TILES_KIND
 from ..tokenizers.tags import DEFAULT_TAG_MODEL
 from ..tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
+from .imagery import tile_images
 from .osm import tile_shards
 from .partitions import regions_partitions
 from .resources import GeojepaResource
@@ -100,21 +101,27 @@ def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderC
     )
 
 
+class TileTokensConfig(dg.Config):
+    image_tokenizer: str = "patch"  # patch: learned inside GeoJEPA, nothing cached; vit: frozen ViT tokens cached per shard
+    vit_model: str = ""  # for vit: a local path saved with save_pretrained, or a hub id (HF_HUB_OFFLINE respected)
+
+
 @dg.asset(
     partitions_def=regions_partitions,
-    deps=[tile_shards, tag_embeddings, geometry_encoder],
+    deps=[tile_shards, tag_embeddings, geometry_encoder, tile_images],
     code_version=TILE_TOKENS_CODE_VERSION,
     group_name="tokens",
     kinds={"parquet"},
     description="Per entity piece: tag token (sum of pair vectors), geometry token (PolygonGNN), 8-number position; "
-                "shards aligned with tile_shards.",
+                "shards aligned with tile_shards. With image_tokenizer=vit, frozen ViT tokens of the chips per shard.",
     check_specs=[dg.AssetCheckSpec("aligned_with_entities", asset="tile_tokens",
                                    description="One token row per entity piece, same shards and order as tile_shards.")],
 )
-def tile_tokens(context: dg.AssetExecutionContext, geojepa: GeojepaResource) -> dg.MaterializeResult:
+def tile_tokens(context: dg.AssetExecutionContext, config: TileTokensConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
     region = context.partition_key
     store = geojepa.store()
-    result = build_tile_tokens(region, store, log=context.log.info)
+    result = build_tile_tokens(region, store, log=context.log.info, image_tokenizer=config.image_tokenizer,
+                               vit_model=config.vit_model or None)
     ds = result.dataset
     tiles = store.current(TILES_KIND, region)
     problems = []
@@ -132,6 +139,8 @@ def tile_tokens(context: dg.AssetExecutionContext, geojepa: GeojepaResource) -> 
             "path": dg.MetadataValue.path(str(ds.path)),
             "n_pieces": dg.MetadataValue.int(result.n_pieces),
             "n_without_tag_token": dg.MetadataValue.int(result.n_without_tag_token),
+            "image_tokenizer": dg.MetadataValue.text(config.image_tokenizer),
+            "n_tiles_with_vit_tokens": dg.MetadataValue.int(sum(s.get("n_image_tokens", 0) for s in ds.manifest["shards"])),
             "inputs": dg.MetadataValue.json(ds.manifest["inputs"]),
             "tag_dim": dg.MetadataValue.int(ds.manifest["tag_dim"]),
             "geometry_dim": dg.MetadataValue.int(ds.manifest["geometry_dim"]),
