@@ -1,0 +1,1 @@
+"""Training: streaming shard dataset with length buckets, spatial split, the loop, checkpoints, DDP."""

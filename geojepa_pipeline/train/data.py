@@ -1,0 +1,155 @@
+"""Tile sequences from the token shards, streamed shard by shard and batched in length buckets.
+
+A *tile sequence* is the tile's entity tokens (tag, geometry, position) in shard order,
+truncated to ``max_tokens`` (the first ones: shards keep a tile's pieces together). Batches
+are padded to the smallest bucket length that fits (16, 32, 64, …, ``max_tokens``), so a
+handful of shapes repeat (good for CUDA graphs and compiled kernels) and little is padding.
+
+The split is spatial: tiles are grouped in blocks of 4 x 4 tiles (1.2 km) per region and a
+block belongs to validation when its hash falls in the validation share (at least one block
+when there are two or more), so neighbouring tiles rarely straddle train and validation.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+BLOCK_TILES = 4
+
+
+def _block_hash(region: str, bx: int, by: int, seed: int) -> float:
+    return zlib.crc32(f"{seed}:{region}:{bx}:{by}".encode()) / 2**32
+
+
+def validation_blocks(sources: list["ShardSource"], val_fraction: float, seed: int = 0) -> set[tuple[str, int, int]]:
+    """The (region, block_x, block_y) of the validation split, over all sources (reads tile_x, tile_y only)."""
+    blocks = set()
+    for src in sources:
+        t = pq.read_table(src.tiles_file, columns=["tile_x", "tile_y"])
+        bx, by = t.column("tile_x").to_numpy() // BLOCK_TILES, t.column("tile_y").to_numpy() // BLOCK_TILES
+        blocks.update((src.region, int(a), int(b)) for a, b in set(zip(bx.tolist(), by.tolist())))
+    scored = sorted(blocks, key=lambda k: _block_hash(*k, seed))
+    val = {k for k in scored if _block_hash(*k, seed) < val_fraction}
+    if not val and len(scored) >= 2 and val_fraction > 0:
+        val = {scored[0]}
+    return val
+
+
+def bucket_lengths(max_tokens: int) -> list[int]:
+    out, n = [], 16
+    while n < max_tokens:
+        out.append(n)
+        n *= 2
+    return out + [max_tokens]
+
+
+@dataclass
+class ShardSource:
+    """One region's token shard and its tile shard (paths), plus the building count per tile (probe label)."""
+
+    region: str
+    tokens_file: Path
+    tiles_file: Path
+    entities_file: Path
+
+
+class TileSequences:
+    """Iterates (tile_id, tag (n, Dt) f32, geometry (n, Dg) f32, position (n, 8) f32, buildings int) of one split.
+
+    Reads one shard at a time; ``rank``/``world`` take every world-th tile for DDP;
+    ``shuffle`` (a seed) permutes the shards and the tiles within each shard.
+    """
+
+    def __init__(self, sources: list[ShardSource], split: str = "train", val_fraction: float = 0.1,
+                 max_tokens: int = 128, rank: int = 0, world: int = 1, seed: int = 0, shuffle: int | None = None):
+        self.val_blocks = validation_blocks(sources, val_fraction, seed)
+        self.sources, self.rank, self.world = sources, rank, world
+        self.split, self.max_tokens = split, max_tokens
+        self.rng = np.random.default_rng(shuffle) if shuffle is not None else None  # e.g. seed * 1000 + epoch
+
+    def __iter__(self) -> Iterator[tuple]:
+        sources = [self.sources[i] for i in self.rng.permutation(len(self.sources))] if self.rng is not None else self.sources
+        for src in sources:
+            tiles = pq.read_table(src.tiles_file, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
+            bx = tiles.column("tile_x").to_numpy() // BLOCK_TILES
+            by = tiles.column("tile_y").to_numpy() // BLOCK_TILES
+            val = np.array([(src.region, int(a), int(b)) in self.val_blocks for a, b in zip(bx, by)], bool)
+            keep = val if self.split == "val" else ~val
+            if not keep.any():
+                continue
+            toks = pq.read_table(src.tokens_file, columns=["tag_token", "geometry_token", "position"])
+            tag = _fixed(toks.column("tag_token"))
+            geom = _fixed(toks.column("geometry_token"))
+            pos = _fixed(toks.column("position"))
+            ids = tiles.column("tile_id").to_pylist()
+            buildings = _building_counts(src.entities_file, ids)
+            counts = tiles.column("n_entities").to_numpy().astype(np.int64)
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            rows = np.flatnonzero(keep)
+            rows = self.rng.permutation(rows) if self.rng is not None else rows
+            for t in rows[self.rank::self.world]:
+                a = starts[t]
+                b = a + min(counts[t], self.max_tokens)
+                yield ids[t], tag[a:b], geom[a:b], pos[a:b], int(buildings[t])
+
+
+def _fixed(col) -> np.ndarray:
+    arr = col.combine_chunks()
+    width = arr.type.list_size
+    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, width)
+
+
+def _building_counts(entities_file: Path, tile_ids: list[str]) -> np.ndarray:
+    """(T,) pieces per tile with a tag key containing "building" (the method's building_count), in ``tile_ids`` order."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        rows = con.execute(
+            "SELECT tile_id, count(*) FILTER (WHERE len(list_filter(map_keys(tags), lambda k: k LIKE '%building%')) > 0) "
+            "FROM read_parquet(?) GROUP BY tile_id", [str(entities_file)]
+        ).fetchall()
+    finally:
+        con.close()
+    by_id = dict(rows)
+    return np.array([by_id.get(t, 0) for t in tile_ids], np.int64)
+
+
+def collate(items: list[tuple], length: int) -> dict:
+    """Pad a list of tile sequences to ``length``: tag (B, L, Dt), geometry (B, L, Dg), position (B, L, 8), valid (B, L)."""
+    b = len(items)
+    dt, dg = items[0][1].shape[1], items[0][2].shape[1]
+    tag = np.zeros((b, length, dt), np.float32)
+    geom = np.zeros((b, length, dg), np.float32)
+    pos = np.zeros((b, length, 8), np.float32)
+    valid = np.zeros((b, length), bool)
+    for i, (_, t, g, p, _) in enumerate(items):
+        n = len(t)
+        tag[i, :n], geom[i, :n], pos[i, :n], valid[i, :n] = t, g, p, True
+    return {
+        "tag": torch.from_numpy(tag), "geometry": torch.from_numpy(geom), "position": torch.from_numpy(pos),
+        "valid": torch.from_numpy(valid), "buildings": torch.tensor([it[4] for it in items], dtype=torch.float32),
+        "tile_id": [it[0] for it in items],
+    }
+
+
+def bucketed_batches(sequences, batch_size: int, max_tokens: int) -> Iterator[dict]:
+    """Batches of ``batch_size`` tiles of similar length, padded to their bucket; leftovers at the end."""
+    lengths = bucket_lengths(max_tokens)
+    buckets: dict[int, list] = {n: [] for n in lengths}
+    for item in sequences:
+        n = next(L for L in lengths if len(item[1]) <= L)
+        buckets[n].append(item)
+        if len(buckets[n]) == batch_size:
+            yield collate(buckets[n], n)
+            buckets[n] = []
+    for n, items in buckets.items():
+        if items:
+            yield collate(items, n)

@@ -1,0 +1,208 @@
+"""The training loop: AdamW with schedules, EMA target, gradient clipping, checkpoints, resume, monitoring, DDP.
+
+``train(config, sources, work_dir)`` trains one model from the token shards in ``sources``.
+Checkpoints go to ``work_dir`` every ``ckpt_every`` steps and at the end of each epoch; a
+new call with the same ``work_dir`` resumes from the newest one (after a crash or
+``kill -9``), continuing the same batch order. Each epoch logs the collapse monitors (target
+std per dimension, covariance term, effective rank) and a validation probe (ridge R² of the
+building count from tile embeddings, fitted on train tiles, scored on validation tiles);
+the best-by-probe checkpoint is kept in ``work_dir/best`` and the last in ``work_dir/last``.
+
+Under ``torchrun`` (``torch.distributed`` initialised, gloo or nccl) the model is wrapped in
+DistributedDataParallel, each rank reads every world-th tile (all ranks take the smallest
+rank's number of batches per epoch), and rank 0 writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..model.config import model_config
+from ..model.geojepa import GeoJEPA
+from ..model.losses import covariance_term, effective_rank
+from ..model.schedules import ema_momentum, learning_rate, weight_decay
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import ShardSource, TileSequences, bucketed_batches
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    variant: str = "GT"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    max_tokens: int = 128  # entity tokens per tile (the first ones of the shard)
+    val_fraction: float = 0.15
+    ckpt_every: int = 50  # steps
+    grad_clip: float = 10.0
+    seed: int = 0
+    max_steps: int = 0  # 0: all epochs; else stop after this many steps (tests, smoke runs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_done: int
+    history: dict = field(default_factory=dict)
+    last: Path | None = None
+    best: Path | None = None
+    resumed_from: int = 0
+    seconds: float = 0.0
+    param_checksum: str = ""  # sha256 over every parameter's bytes (DDP ranks must agree)
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _ridge_fit_eval(xtr, ytr, xva, yva, alpha: float = 1.0) -> float:
+    """R² on (xva, yva) of a ridge regression fitted on (xtr, ytr); 0 is the train mean."""
+    if len(ytr) < 3 or len(yva) < 2:
+        return float("nan")
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    a = np.column_stack([(xtr - mu) / sd, np.ones(len(xtr))])
+    w = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ ytr)
+    pred = np.column_stack([(xva - mu) / sd, np.ones(len(xva))]) @ w
+    return float(1 - ((yva - pred) ** 2).sum() / max(((yva - ytr.mean()) ** 2).sum(), 1e-12))
+
+
+@torch.no_grad()
+def embed_tiles(model: GeoJEPA, sources, split: str, cfg: TrainConfig, limit: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """(tile embeddings (N, 2d), building counts (N,)) of up to ``limit`` tiles of a split."""
+    model.eval()
+    xs, ys, n = [], [], 0
+    for batch in bucketed_batches(TileSequences(sources, split, cfg.val_fraction, cfg.max_tokens, seed=cfg.seed), 64, cfg.max_tokens):
+        xs.append(model.tile_embedding(batch).numpy())
+        ys.append(batch["buildings"].numpy())
+        n += len(ys[-1])
+        if n >= limit:
+            break
+    model.train()
+    if not xs:
+        return np.zeros((0, 2 * model.cfg.dim)), np.zeros(0)
+    return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
+
+
+def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Callable[[str], None] = print,
+          on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train (or resume) in ``work_dir``; see the module docstring."""
+    t0 = time.perf_counter()
+    rank, world = _dist()
+    torch.manual_seed(cfg.seed)
+    mcfg = model_config(cfg.preset, cfg.variant)
+    model = GeoJEPA(mcfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.04)
+    mask_gen = torch.Generator().manual_seed(cfg.seed)
+    def train_seqs(epoch: int = 0) -> TileSequences:  # the same order for an epoch on every run: resumes line up
+        return TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed, shuffle=cfg.seed * 100_003 + epoch)
+
+    steps_per_epoch = sum(1 for _ in bucketed_batches(train_seqs(), cfg.batch_size, cfg.max_tokens))
+    if world > 1:  # every rank must take the same number of steps
+        n = torch.tensor([steps_per_epoch])
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        steps_per_epoch = int(n)
+    if steps_per_epoch == 0:
+        from ..errors import GeojepaError
+
+        raise GeojepaError("no training tiles: materialize tile_tokens for the regions first (or lower val_fraction)")
+    total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    history: dict = {"loss": [], "smooth_l1": [], "epoch": []}
+    step, epoch, skip, best_probe = 0, 0, 0, -math.inf
+    work_dir = Path(work_dir)
+    ckpt_root = work_dir / "steps"
+    found = latest_checkpoint(ckpt_root)
+    if found is not None:
+        state = load_checkpoint(found, model, opt, mask_gen)
+        step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+        history, best_probe = state["history"], state.get("best_probe", -math.inf)
+        log(f"resumed from step {step} (epoch {epoch}, {skip} batches into it) at {found}")
+    resumed_from = step
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+    def checkpoint(batches_in_epoch: int, target_dir: Path | None = None) -> Path | None:
+        if rank != 0:
+            return None
+        state = {"epoch": epoch, "batches_in_epoch": batches_in_epoch, "history": history, "best_probe": best_probe,
+                 "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(), "total_steps": total}
+        path = save_checkpoint(ckpt_root, step, model, opt, mask_gen, state)
+        if target_dir is not None:
+            tmp = target_dir.with_name(f".{target_dir.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(path, tmp)
+            shutil.rmtree(target_dir, ignore_errors=True)
+            tmp.rename(target_dir)
+        return path
+
+    log(f"training GeoJEPA-{cfg.variant} ({cfg.preset}): {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
+        + (f", stopping at step {total}" if cfg.max_steps else "") + f" on {world} process(es)")
+    model.train()
+    while epoch < cfg.epochs and step < total:
+        targets_seen = []
+        for i, batch in enumerate(bucketed_batches(train_seqs(epoch), cfg.batch_size, cfg.max_tokens)):
+            if i >= steps_per_epoch:
+                break
+            if i < skip:
+                continue
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(step, total, peak=cfg.lr)
+                g["weight_decay"] = weight_decay(step, total)
+            out = net(batch, mask_gen)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            model.update_target(ema_momentum(step, total))
+            step += 1
+            history["loss"].append(round(float(out["loss"].detach()), 5))
+            history["smooth_l1"].append(round(float(out["smooth_l1"]), 5))
+            targets_seen.append(out["target_out"][:512])
+            if on_step:
+                on_step(step, out)
+            if step % cfg.ckpt_every == 0:
+                checkpoint(i + 1)
+            if step >= total:
+                break
+        skip = 0
+        epoch += 1
+        # ---- end of epoch: collapse monitors and the validation probe ------------------------
+        tgt = torch.cat(targets_seen[-8:]) if targets_seen else torch.zeros(0, mcfg.dim)
+        std = tgt.std(0) if len(tgt) > 1 else torch.zeros(mcfg.dim)
+        xtr, ytr = embed_tiles(model, sources, "train", cfg)
+        xva, yva = embed_tiles(model, sources, "val", cfg)
+        probe = _ridge_fit_eval(xtr, ytr, xva, yva)
+        record = {"epoch": epoch, "step": step, "loss": float(np.mean(history["loss"][-steps_per_epoch:])),
+                  "target_std_mean": float(std.mean()), "target_std_min": float(std.min()),
+                  "covariance": float(covariance_term(tgt)) if len(tgt) > 1 else 0.0,
+                  "rankme": effective_rank(tgt) if len(tgt) > 1 else 1.0, "probe_building_r2": probe}
+        history["epoch"].append(record)
+        log(f"epoch {epoch}: loss {record['loss']:.4f}, target std {record['target_std_mean']:.3f} "
+            f"(min {record['target_std_min']:.3f}), RankMe {record['rankme']:.1f}, probe R² {probe:.3f}")
+        is_best = not math.isnan(probe) and probe > best_probe
+        if is_best:
+            best_probe = probe
+        path = checkpoint(0 if step < total else -1)
+        if path is not None and is_best:
+            checkpoint(0 if step < total else -1, work_dir / "best")
+    last = checkpoint(-1, work_dir / "last") and work_dir / "last"
+    best = work_dir / "best" if (work_dir / "best").exists() else last
+    import hashlib
+
+    checksum = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+    return TrainResult(step, epoch, history, last, best, resumed_from, time.perf_counter() - t0, checksum)

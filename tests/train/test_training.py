@@ -1,0 +1,113 @@
+"""Training: spatial split, length buckets, exact resume after a crash, kill -9 + resume, DDP on 2 CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+from geojepa_pipeline.regions import Region
+from geojepa_pipeline.store import Store
+from geojepa_pipeline.train.data import BLOCK_TILES, ShardSource, TileSequences, bucketed_batches
+from geojepa_pipeline.train.loop import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Token shards of pyrosm's test extract (70 tiles), built through the real pipeline."""
+    from geojepa_pipeline.tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
+
+    store = Store(tmp_path_factory.mktemp("store"))
+    fetch_extract(Region.create("t", "pyrosm:test"), store)
+    build_tile_shards("t", store)
+    build_tag_embeddings(store, ["t"])
+    build_geometry_encoder(store, ["t"], steps=5, max_pieces=500)
+    build_tile_tokens("t", store)
+    tok, tiles = store.current("tokens", "t"), store.current("tiles", "t")
+    return [ShardSource("t", tok.path / a["tokens_file"], tiles.path / b["tiles_file"], tiles.path / b["entities_file"])
+            for a, b in zip(tok.manifest["shards"], tiles.manifest["shards"])]
+
+
+def test_split_is_by_spatial_blocks_and_batches_by_length(sources):
+    train_ids = {s[0] for s in TileSequences(sources, "train", 0.2)}
+    val_ids = {s[0] for s in TileSequences(sources, "val", 0.2)}
+    assert train_ids and val_ids and not train_ids & val_ids and len(train_ids | val_ids) == 70
+    block = lambda tid: tuple(int(v) // BLOCK_TILES for v in tid.split("_")[1:])  # noqa: E731
+    assert not {block(t) for t in train_ids} & {block(t) for t in val_ids}
+    for batch in bucketed_batches(TileSequences(sources, "train", 0.2, max_tokens=64), 8, 64):
+        n = batch["valid"].sum(1)
+        length = batch["valid"].shape[1]
+        assert length in (16, 32, 64) and n.max() <= length and (length == 16 or n.max() > length // 2)
+        assert batch["tag"].shape == (len(n), length, 384) and batch["geometry"].shape[2] == 64
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_gives_the_same_model(sources, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=8, ckpt_every=3, max_tokens=64, val_fraction=0.2)
+    straight = train(cfg, sources, tmp_path / "a", log=lambda m: None)
+
+    def crash(step, _):
+        if step == 7:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        train(cfg, sources, tmp_path / "b", log=lambda m: None, on_step=crash)
+    resumed = train(cfg, sources, tmp_path / "b", log=lambda m: None)
+    assert resumed.resumed_from == 6 and resumed.steps == straight.steps
+    assert resumed.param_checksum == straight.param_checksum  # bit-identical: data order, RNG and optimizer restored
+    assert (tmp_path / "b" / "last" / "model.safetensors").exists() and (tmp_path / "b" / "best" / "state.json").exists()
+    epochs = resumed.history["epoch"]
+    assert len(epochs) == 2 and all(e["target_std_mean"] > 0.05 for e in epochs)
+
+
+def _spec(tmp_path, sources, work, **cfg):
+    spec = {"config": TrainConfig(**cfg).to_dict(), "work_dir": str(work),
+            "sources": [{"region": s.region, "tokens_file": str(s.tokens_file), "tiles_file": str(s.tiles_file),
+                         "entities_file": str(s.entities_file)} for s in sources]}
+    path = tmp_path / f"spec-{work.name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_kill_9_mid_training_resumes_from_the_last_checkpoint(sources, tmp_path):
+    work = tmp_path / "work"
+    spec = _spec(tmp_path, sources, work, epochs=40, batch_size=4, ckpt_every=2, max_tokens=64, val_fraction=0.2)
+    cmd = [sys.executable, "-m", "geojepa_pipeline.train.run", str(spec)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((work / "steps").glob("step-*"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    done = sorted((work / "steps").glob("step-*"))
+    assert done, "no checkpoint was written before the kill"
+    killed_at = int(done[-1].name.split("-")[1])
+    assert killed_at > 0
+    # a new run with the same work dir resumes (here with a step budget a little past the kill)
+    spec2 = _spec(tmp_path, sources, work, epochs=40, batch_size=4, ckpt_every=2, max_tokens=64, val_fraction=0.2, max_steps=killed_at + 4)
+    out = subprocess.run([sys.executable, "-m", "geojepa_pipeline.train.run", str(spec2)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    resumed = int(out.stdout.split("resumed from step ")[1].split()[0])
+    assert resumed == killed_at  # the newest complete checkpoint, not step 0
+    assert f"done: {killed_at + 4} steps" in out.stdout
+
+
+def test_ddp_two_cpu_ranks_end_with_identical_parameters(sources, tmp_path):
+    work = tmp_path / "ddp"
+    spec = _spec(tmp_path, sources, work, epochs=1, batch_size=4, ckpt_every=1000, max_tokens=32, val_fraction=0.2, max_steps=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "geojepa_pipeline.train.run", str(spec)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ranks = [(work / f"params-rank{r}.txt").read_text().strip() for r in (0, 1)]
+    assert ranks[0] == ranks[1] and len(ranks[0]) == 64
+    assert "on 2 process(es)" in out.stdout
