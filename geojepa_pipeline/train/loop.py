@@ -37,7 +37,7 @@ from .data import ShardSource, TileSequences, bucketed_batches
 class TrainConfig:
     preset: str = "tiny"
     variant: str = "GT"
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
     max_tokens: int = 128  # entity tokens per tile (the first ones of the shard)

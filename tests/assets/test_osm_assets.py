@@ -11,7 +11,9 @@ from ..conftest import visible_datasets
 
 
 def _materialize(instance, home, region):
-    return dg.materialize(ALL_ASSETS, instance=instance, partition_key=region,
+    """Everything up to the tokens for one region (the model is partitioned by variant: test_training_asset)."""
+    selection = dg.AssetSelection.groups("ingest", "imagery", "tokens")
+    return dg.materialize(ALL_ASSETS, instance=instance, partition_key=region, selection=selection,
                           resources={"geojepa": GeojepaResource(home=str(home))})
 
 

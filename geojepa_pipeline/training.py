@@ -1,0 +1,111 @@
+"""A GeoJEPA checkpoint without Dagster: train on the regions' tile tokens, store, log and register in MLflow.
+
+``checkpoints/<variant>/<data_version>/`` holds ``model.safetensors`` (best by validation
+probe), ``last.safetensors``, ``train_state.json`` (configs, per-epoch monitors) and
+``inputs.json`` (every input's data version). Training itself runs in a work directory keyed
+by the config and the input versions (``checkpoints/<variant>/.work-<key>``), so a
+materialization that was killed resumes from its last checkpoint when started again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import GeojepaError
+from .ingest import OSM_KIND, TILES_KIND
+from .settings import Settings
+from .store import Dataset, Store
+from .tokens import TOKENS_KIND
+from .train.data import ShardSource
+from .train.loop import TrainConfig, train
+
+CHECKPOINT_KIND = "checkpoints"
+CHECKPOINT_SCHEMA_VERSION = 1
+
+
+def training_sources(store: Store, regions: list[str]) -> tuple[list[ShardSource], dict]:
+    """Token shards of ``regions`` and the data version of every input (for lineage)."""
+    sources, inputs = [], {}
+    for name in sorted(regions):
+        tok, tiles = store.current(TOKENS_KIND, name), store.current(TILES_KIND, name)
+        if tok is None or tiles is None:
+            raise GeojepaError(f"region {name!r} has no tile_tokens yet; materialize tile_tokens[{name}] first")
+        if tok.manifest["inputs"]["tile_shards"] != tiles.data_version:
+            raise GeojepaError(f"tile_tokens[{name}] was built from an older tile_shards version; re-materialize tile_tokens[{name}]")
+        sources += [ShardSource(name, tok.path / a["tokens_file"], tiles.path / b["tiles_file"], tiles.path / b["entities_file"])
+                    for a, b in zip(tok.manifest["shards"], tiles.manifest["shards"])]
+        inputs[f"tile_tokens/{name}"] = tok.data_version
+        inputs[f"tile_shards/{name}"] = tiles.data_version
+        inputs[f"tile_images/{name}"] = tok.manifest["inputs"].get("tile_images")
+        inputs[f"osm_sha256/{name}"] = store.current_version(OSM_KIND, name)
+        inputs["tag_embeddings"] = tok.manifest["inputs"]["tag_embeddings"]
+        inputs["geometry_encoder"] = tok.manifest["inputs"]["geometry_encoder"]
+    return sources, inputs
+
+
+@dataclass
+class CheckpointResult:
+    dataset: Dataset
+    variant: str
+    steps: int
+    resumed_from: int
+    history: dict
+    inputs: dict
+    mlflow: object
+    seconds: float
+
+
+def build_checkpoint(
+    variant: str, store: Store, settings: Settings, cfg: TrainConfig, regions: list[str] | None = None,
+    tags: dict | None = None, log: Callable[[str], None] = print,
+) -> CheckpointResult:
+    """Train (or resume) GeoJEPA-``variant`` on the regions' tokens; commit the checkpoint; log it to MLflow."""
+    from .train.tracking import git_commit, log_training, tracking_uri
+
+    if "I" in variant:
+        raise GeojepaError(f"variant {variant} needs the image batches, which the shard loader does not stream yet; use T or GT")
+    cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
+    if regions is None:
+        regions = store.regions(TOKENS_KIND)
+    if not regions:
+        raise GeojepaError("no region has tile_tokens; materialize the regions first (geojepa materialize)")
+    sources, inputs = training_sources(store, regions)
+    key = hashlib.sha256(json.dumps({"config": cfg.to_dict(), "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
+    work = store.kind_dir(CHECKPOINT_KIND, variant) / f".work-{key}"
+    t0 = time.perf_counter()
+    result = train(cfg, sources, work, log=log)
+    staging = store.new_staging_dir(CHECKPOINT_KIND, variant)
+    try:
+        shutil.copyfile(result.best / "model.safetensors", staging / "model.safetensors")
+        shutil.copyfile(result.last / "model.safetensors", staging / "last.safetensors")
+        state = json.loads((result.last / "state.json").read_text())
+        (staging / "train_state.json").write_text(json.dumps(
+            {"train_config": state["train_config"], "model_config": state["model_config"], "epochs": state["history"]["epoch"],
+             "steps": result.steps, "best_probe": state.get("best_probe")}, sort_keys=True, default=float) + "\n")
+        (staging / "inputs.json").write_text(json.dumps(inputs, sort_keys=True) + "\n")
+        manifest = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "variant": variant, "regions": sorted(regions),
+                    "inputs": inputs, "steps": result.steps, "train_config": cfg.to_dict()}
+        dataset = store.commit(CHECKPOINT_KIND, variant, staging, manifest)
+    except BaseException:
+        store.discard_staging(staging)
+        raise
+    store.set_current(CHECKPOINT_KIND, variant, dataset.data_version)
+    last_epoch = result.history["epoch"][-1] if result.history["epoch"] else {}
+    lineage = {**(tags or {}), "geojepa.data_version": dataset.data_version, "geojepa.git_commit": git_commit(),
+               **{f"input.{k}": v for k, v in inputs.items()}}
+    logged = log_training(
+        tracking_uri(settings.mlflow_dir), settings.mlflow_dir, variant,
+        {**{f"train.{k}": v for k, v in cfg.to_dict().items()}, **{f"model.{k}": v for k, v in state["model_config"].items()},
+         "regions": ",".join(sorted(regions))},
+        result.history, {"best": result.best, "last": result.last}, lineage,
+        {k: v for k, v in last_epoch.items() if isinstance(v, (int, float))},
+    )
+    log(f"GeoJEPA-{variant}: {dataset.path} (MLflow {logged.model_name} v{logged.version}, run {logged.run_id})")
+    return CheckpointResult(dataset, variant, result.steps, result.resumed_from, result.history, inputs, logged,
+                            time.perf_counter() - t0)
+

@@ -1,0 +1,87 @@
+"""geojepa_checkpoint through the CLI: MLflow run + registered version with lineage tags; kill -9 then resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from geojepa_pipeline.cli import main
+
+UP_TO_TOKENS = "group:ingest or group:imagery or group:tokens"
+
+
+@pytest.fixture
+def tokens_home(home, capsys):
+    assert main(["regions", "add", "t", "--osm", "pyrosm:test", "--imagery", "none"]) == 0
+    assert main(["materialize", "--region", "t", "--select", UP_TO_TOKENS]) == 0
+    capsys.readouterr()
+    return home
+
+
+def _cli(home, *args, **kw):
+    exe = Path(sys.executable).parent / "geojepa"
+    return subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "GEOJEPA_HOME": str(home)}, start_new_session=True, **kw)
+
+
+def test_checkpoint_is_registered_in_mlflow_with_lineage(tokens_home, capsys):
+    import dagster as dg
+    from mlflow.tracking import MlflowClient
+
+    assert main(["materialize", "--select", "geojepa_checkpoint", "--variant", "GT"]) == 0
+    with dg.DagsterInstance.from_config(str(tokens_home / "dagster")) as instance:
+        ev = instance.get_latest_materialization_event(dg.AssetKey("geojepa_checkpoint"))
+        meta, run_id = ev.asset_materialization.metadata, ev.run_id
+        tokens_version = instance.get_latest_materialization_event(dg.AssetKey("tile_tokens")).asset_materialization.metadata["data_version"].value
+    assert ev.asset_materialization.partition == "GT"
+    assert meta["model_version"].value == "geojepa-GT:1" and "base64," in meta["loss_curve"].value
+    client = MlflowClient(f"sqlite:///{tokens_home / 'mlflow' / 'mlflow.db'}")
+    version = client.get_model_version("geojepa-GT", "1")
+    run = client.get_run(version.run_id)
+    for tags in (version.tags, run.data.tags):
+        assert tags["dagster.run_id"] == run_id and tags["dagster.code_version"] == "1"
+        assert tags["input.tile_tokens/t"] == tokens_version
+        assert tags["input.tag_embeddings"] and tags["input.geometry_encoder"] and tags["input.osm_sha256/t"]
+        assert tags["geojepa.data_version"] == meta["data_version"].value
+    assert len(client.get_metric_history(version.run_id, "loss")) == meta["steps"].value
+    epochs = client.get_metric_history(version.run_id, "epoch/target_std_mean")
+    assert epochs and min(m.value for m in epochs) > 0.05  # no collapse
+    arts = {a.path for a in client.list_artifacts(version.run_id, "checkpoint/best")}
+    assert "checkpoint/best/model.safetensors" in arts
+
+
+def test_kill_9_during_materialization_then_resume(tokens_home):
+    args = ["materialize", "--select", "geojepa_checkpoint", "--variant", "T"]
+    proc = _cli(tokens_home, *args)
+    steps_dir = None
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        found = list((tokens_home / "store" / "checkpoints" / "T").glob(".work-*/steps/step-*"))
+        if len(found) >= 1:
+            steps_dir = found[0].parent
+            break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    assert steps_dir is not None, "no training checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    newest = int(sorted(steps_dir.glob("step-*"))[-1].name.split("-")[1])
+    assert newest > 0
+    again = _cli(tokens_home, *args)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    assert f"resumed from step {newest}" in out
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(tokens_home / "dagster")) as instance:
+        meta = instance.get_latest_materialization_event(dg.AssetKey("geojepa_checkpoint")).asset_materialization.metadata
+    assert meta["resumed_from_step"].value == newest
+    state = json.loads((Path(meta["path"].value) / "train_state.json").read_text())
+    assert state["steps"] == meta["steps"].value > newest
