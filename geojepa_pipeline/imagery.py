@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from .errors import GeojepaError
-from .geo.tiling import default_workers
+from .geo.tiling import default_workers, fork_worker_init
 from .geo.raster import BANDS, CHIP_PX, SceneChipper, SceneInfo, inspect_scene
 from .ingest import TILES_KIND
 from .progress import Progress
@@ -140,10 +140,12 @@ def _synthetic_scenes(tiles: Dataset, staging: Path, seed: int, res_m: float, bl
     if workers > 1 and len(keys) > 1 and "fork" in multiprocessing.get_all_start_methods():
         _SYNTH = job  # forked workers inherit the geometries instead of receiving them pickled
         try:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+            with multiprocessing.get_context("fork").Pool(workers, initializer=fork_worker_init) as pool:
                 for done, info in enumerate(pool.imap(_render_synthetic_block, keys), start=1):
                     scenes.append(info)
                     progress.update(done)
+                pool.close()
+                pool.join()
         finally:
             _SYNTH = None
     else:

@@ -495,6 +495,14 @@ def _bands(R: _Region, band_entities: int) -> list[tuple[int, int]]:
     return [(lo * BLOCK_TILES, hi * BLOCK_TILES) for lo, hi in bands]
 
 
+def fork_worker_init() -> None:
+    """In a forked worker: default signal handlers (the parent's, e.g. Dagster's, must not run there)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
@@ -527,11 +535,13 @@ def tile_osm(
     if use_pool:
         _SHARED = R
         try:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(bands))) as pool:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(bands)), initializer=fork_worker_init) as pool:
                 for i, res in enumerate(pool.imap(_band_worker, jobs)):
                     results.append(res)
                     if log:
                         log(f"tiling {region}: band {i + 1}/{len(bands)} done ({len(res.owner):,} pieces)")
+                pool.close()
+                pool.join()
         finally:
             _SHARED = None
     else:

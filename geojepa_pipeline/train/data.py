@@ -12,6 +12,7 @@ when there are two or more), so neighbouring tiles rarely straddle train and val
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,18 +109,24 @@ def _fixed(col) -> np.ndarray:
 
 def _building_counts(entities_file: Path, tile_ids: list[str]) -> np.ndarray:
     """(T,) pieces per tile with a tag key containing "building" (the method's building_count), in ``tile_ids`` order."""
+    by_id = _building_counts_by_tile(str(entities_file))
+    return np.array([by_id.get(t, 0) for t in tile_ids], np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _building_counts_by_tile(entities_file: str) -> dict[str, int]:
+    """Computed once per shard file and process (shards are immutable)."""
     import duckdb
 
     con = duckdb.connect()
     try:
         rows = con.execute(
             "SELECT tile_id, count(*) FILTER (WHERE len(list_filter(map_keys(tags), lambda k: k LIKE '%building%')) > 0) "
-            "FROM read_parquet(?) GROUP BY tile_id", [str(entities_file)]
+            "FROM read_parquet(?) GROUP BY tile_id", [entities_file]
         ).fetchall()
     finally:
         con.close()
-    by_id = dict(rows)
-    return np.array([by_id.get(t, 0) for t in tile_ids], np.int64)
+    return dict(rows)
 
 
 def collate(items: list[tuple], length: int) -> dict:
@@ -153,3 +160,45 @@ def bucketed_batches(sequences, batch_size: int, max_tokens: int) -> Iterator[di
     for n, items in buckets.items():
         if items:
             yield collate(items, n)
+
+
+def prefetch(batches: Iterator[dict], depth: int = 4) -> Iterator[dict]:
+    """Produce ``batches`` in a background thread, up to ``depth`` ahead.
+
+    Parquet decoding and collation release the GIL for most of their work, as do torch's
+    kernels, so reading the next batches overlaps the current step.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for b in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # hand the error to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()

@@ -30,7 +30,7 @@ from ..model.geojepa import GeoJEPA
 from ..model.losses import covariance_term, effective_rank
 from ..model.schedules import ema_momentum, learning_rate, weight_decay
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import ShardSource, TileSequences, bucketed_batches
+from .data import ShardSource, TileSequences, bucketed_batches, prefetch
 
 
 @dataclass
@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     model.train()
     while epoch < cfg.epochs and step < total:
         targets_seen = []
-        for i, batch in enumerate(bucketed_batches(train_seqs(epoch), cfg.batch_size, cfg.max_tokens)):
+        for i, batch in enumerate(prefetch(bucketed_batches(train_seqs(epoch), cfg.batch_size, cfg.max_tokens))):
             if i >= steps_per_epoch:
                 break
             if i < skip:
