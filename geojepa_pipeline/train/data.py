@@ -200,5 +200,6 @@ def prefetch(batches: Iterator[dict], depth: int = 4) -> Iterator[dict]:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
+    finally:  # the consumer stopped early (or finished): let the thread end before we return
         stop.set()
+        thread.join(timeout=30)

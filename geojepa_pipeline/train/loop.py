@@ -155,7 +155,8 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     model.train()
     while epoch < cfg.epochs and step < total:
         targets_seen = []
-        for i, batch in enumerate(prefetch(bucketed_batches(train_seqs(epoch), cfg.batch_size, cfg.max_tokens))):
+        batches = prefetch(bucketed_batches(train_seqs(epoch), cfg.batch_size, cfg.max_tokens))
+        for i, batch in enumerate(batches):
             if i >= steps_per_epoch:
                 break
             if i < skip:
@@ -179,6 +180,7 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
                 checkpoint(i + 1)
             if step >= total:
                 break
+        batches.close()  # stops the prefetch thread when the epoch ends early
         skip = 0
         epoch += 1
         # ---- end of epoch: collapse monitors and the validation probe ------------------------
