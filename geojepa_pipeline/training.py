@@ -28,8 +28,8 @@ CHECKPOINT_KIND = "checkpoints"
 CHECKPOINT_SCHEMA_VERSION = 1
 
 
-def training_sources(store: Store, regions: list[str]) -> tuple[list[ShardSource], dict]:
-    """Token shards of ``regions`` and the data version of every input (for lineage)."""
+def training_sources(store: Store, regions: list[str], with_images: bool = False) -> tuple[list[ShardSource], dict]:
+    """Token shards of ``regions`` (with their chip shards when ``with_images``) and every input's data version."""
     sources, inputs = [], {}
     for name in sorted(regions):
         tok, tiles = store.current(TOKENS_KIND, name), store.current(TILES_KIND, name)
@@ -37,8 +37,12 @@ def training_sources(store: Store, regions: list[str]) -> tuple[list[ShardSource
             raise GeojepaError(f"region {name!r} has no tile_tokens yet; materialize tile_tokens[{name}] first")
         if tok.manifest["inputs"]["tile_shards"] != tiles.data_version:
             raise GeojepaError(f"tile_tokens[{name}] was built from an older tile_shards version; re-materialize tile_tokens[{name}]")
-        sources += [ShardSource(name, tok.path / a["tokens_file"], tiles.path / b["tiles_file"], tiles.path / b["entities_file"])
-                    for a, b in zip(tok.manifest["shards"], tiles.manifest["shards"])]
+        images = store.current("images", name)
+        if with_images and (images is None or images.manifest["inputs"]["tile_shards"] != tiles.data_version):
+            raise GeojepaError(f"the image variants need tile_images[{name}] built from the current tile_shards; materialize it first")
+        chips = [images.path / s["images_file"] for s in images.manifest["shards"]] if with_images else [None] * len(tiles.manifest["shards"])
+        sources += [ShardSource(name, tok.path / a["tokens_file"], tiles.path / b["tiles_file"], tiles.path / b["entities_file"], c)
+                    for a, b, c in zip(tok.manifest["shards"], tiles.manifest["shards"], chips)]
         inputs[f"tile_tokens/{name}"] = tok.data_version
         inputs[f"tile_shards/{name}"] = tiles.data_version
         inputs[f"tile_images/{name}"] = tok.manifest["inputs"].get("tile_images")
@@ -67,14 +71,14 @@ def build_checkpoint(
     """Train (or resume) GeoJEPA-``variant`` on the regions' tokens; commit the checkpoint; log it to MLflow."""
     from .train.tracking import git_commit, log_training, tracking_uri
 
-    if "I" in variant:
-        raise GeojepaError(f"variant {variant} needs the image batches, which the shard loader does not stream yet; use T or GT")
     cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
     if regions is None:
         regions = store.regions(TOKENS_KIND)
     if not regions:
         raise GeojepaError("no region has tile_tokens; materialize the regions first (geojepa materialize)")
-    sources, inputs = training_sources(store, regions)
+    sources, inputs = training_sources(store, regions, with_images="I" in variant)
+    if "I" in variant:
+        inputs.update({f"tile_images/{r}": store.current_version("images", r) for r in sorted(regions)})
     key = hashlib.sha256(json.dumps({"config": cfg.to_dict(), "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
     work = store.kind_dir(CHECKPOINT_KIND, variant) / f".work-{key}"
     t0 = time.perf_counter()

@@ -59,20 +59,28 @@ class ShardSource:
     tokens_file: Path
     tiles_file: Path
     entities_file: Path
+    images_file: Path | None = None  # the aligned tile_images shard (image variants)
+
+
+IMAGE_CHUNK = 256  # tiles per image row group (see imagery.IMAGE_ROW_GROUP)
 
 
 class TileSequences:
-    """Iterates (tile_id, tag (n, Dt) f32, geometry (n, Dg) f32, position (n, 8) f32, buildings int) of one split.
+    """Iterates (tile_id, tag (n, Dt) f32, geometry (n, Dg) f32, position (n, 8) f32, buildings int, image) of one split.
 
+    ``image`` is the (224, 224, 4) uint8 chip, or None (no image, or ``with_images`` off).
     Reads one shard at a time; ``rank``/``world`` take every world-th tile for DDP;
-    ``shuffle`` (a seed) permutes the shards and the tiles within each shard.
+    ``shuffle`` (a seed) permutes the shards and the tiles within each shard. With images,
+    tiles are shuffled within chunks of 256 (one Parquet row group of chips, read once) and
+    the chunks are shuffled, so memory stays at one row group.
     """
 
     def __init__(self, sources: list[ShardSource], split: str = "train", val_fraction: float = 0.1,
-                 max_tokens: int = 128, rank: int = 0, world: int = 1, seed: int = 0, shuffle: int | None = None):
+                 max_tokens: int = 128, rank: int = 0, world: int = 1, seed: int = 0, shuffle: int | None = None,
+                 with_images: bool = False):
         self.val_blocks = validation_blocks(sources, val_fraction, seed)
         self.sources, self.rank, self.world = sources, rank, world
-        self.split, self.max_tokens = split, max_tokens
+        self.split, self.max_tokens, self.with_images = split, max_tokens, with_images
         self.rng = np.random.default_rng(shuffle) if shuffle is not None else None  # e.g. seed * 1000 + epoch
 
     def __iter__(self) -> Iterator[tuple]:
@@ -93,12 +101,41 @@ class TileSequences:
             buildings = _building_counts(src.entities_file, ids)
             counts = tiles.column("n_entities").to_numpy().astype(np.int64)
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            rows = np.flatnonzero(keep)
-            rows = self.rng.permutation(rows) if self.rng is not None else rows
-            for t in rows[self.rank::self.world]:
-                a = starts[t]
-                b = a + min(counts[t], self.max_tokens)
-                yield ids[t], tag[a:b], geom[a:b], pos[a:b], int(buildings[t])
+            if not self.with_images:
+                rows = np.flatnonzero(keep)
+                rows = self.rng.permutation(rows) if self.rng is not None else rows
+                for t in rows[self.rank::self.world]:
+                    a = starts[t]
+                    b = a + min(counts[t], self.max_tokens)
+                    yield ids[t], tag[a:b], geom[a:b], pos[a:b], int(buildings[t]), None
+                continue
+            if src.images_file is None:
+                from ..errors import GeojepaError
+
+                raise GeojepaError(f"region {src.region!r} has no tile_images aligned with its tokens; materialize tile_images[{src.region}]")
+            images = pq.ParquetFile(src.images_file)
+            group_start = np.concatenate([[0], np.cumsum([images.metadata.row_group(g).num_rows for g in range(images.num_row_groups)])])
+            groups = np.arange(images.num_row_groups)
+            groups = self.rng.permutation(groups) if self.rng is not None else groups
+            n_seen = 0
+            for g in groups:
+                rows = np.arange(group_start[g], group_start[g + 1])
+                rows = rows[keep[rows]]
+                if not len(rows):
+                    continue
+                rows = self.rng.permutation(rows) if self.rng is not None else rows
+                mine = rows[(np.arange(len(rows)) + n_seen) % self.world == self.rank]
+                n_seen += len(rows)
+                if not len(mine):
+                    continue
+                chunk = images.read_row_group(int(g), columns=["has_image", "image"])
+                has, blobs = chunk.column("has_image").to_pylist(), chunk.column("image")
+                for t in mine:
+                    a = starts[t]
+                    b = a + min(counts[t], self.max_tokens)
+                    j = int(t - group_start[g])
+                    img = np.frombuffer(blobs[j].as_py(), np.uint8).reshape(224, 224, 4) if has[j] else None
+                    yield ids[t], tag[a:b], geom[a:b], pos[a:b], int(buildings[t]), img
 
 
 def _fixed(col) -> np.ndarray:
@@ -130,21 +167,32 @@ def _building_counts_by_tile(entities_file: str) -> dict[str, int]:
 
 
 def collate(items: list[tuple], length: int) -> dict:
-    """Pad a list of tile sequences to ``length``: tag (B, L, Dt), geometry (B, L, Dg), position (B, L, 8), valid (B, L)."""
+    """Pad a list of tile sequences to ``length``: tag (B, L, Dt), geometry (B, L, Dg), position (B, L, 8), valid (B, L);
+    with chips, also images (B, 224, 224, 4) uint8 and has_image (B,) (zeros / False where a tile has none)."""
     b = len(items)
     dt, dg = items[0][1].shape[1], items[0][2].shape[1]
     tag = np.zeros((b, length, dt), np.float32)
     geom = np.zeros((b, length, dg), np.float32)
     pos = np.zeros((b, length, 8), np.float32)
     valid = np.zeros((b, length), bool)
-    for i, (_, t, g, p, _) in enumerate(items):
+    for i, item in enumerate(items):
+        t, g, p = item[1], item[2], item[3]
         n = len(t)
         tag[i, :n], geom[i, :n], pos[i, :n], valid[i, :n] = t, g, p, True
-    return {
+    out = {
         "tag": torch.from_numpy(tag), "geometry": torch.from_numpy(geom), "position": torch.from_numpy(pos),
         "valid": torch.from_numpy(valid), "buildings": torch.tensor([it[4] for it in items], dtype=torch.float32),
         "tile_id": [it[0] for it in items],
     }
+    if any(len(it) > 5 and it[5] is not None for it in items):
+        images = np.zeros((b, 224, 224, 4), np.uint8)
+        has = np.zeros(b, bool)
+        for i, item in enumerate(items):
+            if item[5] is not None:
+                images[i], has[i] = item[5], True
+        out["images"], out["has_image"] = torch.from_numpy(images), torch.from_numpy(has)
+    return out
+
 
 
 def bucketed_batches(sequences, batch_size: int, max_tokens: int) -> Iterator[dict]:

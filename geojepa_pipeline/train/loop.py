@@ -46,6 +46,7 @@ class TrainConfig:
     grad_clip: float = 10.0
     seed: int = 0
     max_steps: int = 0  # 0: all epochs; else stop after this many steps (tests, smoke runs)
+    device: str = "auto"  # auto: cuda when available (bf16 autocast), else cpu
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +62,16 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
     param_checksum: str = ""  # sha256 over every parameter's bytes (DDP ranks must agree)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _dist():
@@ -85,8 +96,10 @@ def embed_tiles(model: GeoJEPA, sources, split: str, cfg: TrainConfig, limit: in
     """(tile embeddings (N, 2d), building counts (N,)) of up to ``limit`` tiles of a split."""
     model.eval()
     xs, ys, n = [], [], 0
-    for batch in bucketed_batches(TileSequences(sources, split, cfg.val_fraction, cfg.max_tokens, seed=cfg.seed), 64, cfg.max_tokens):
-        xs.append(model.tile_embedding(batch).numpy())
+    seqs = TileSequences(sources, split, cfg.val_fraction, cfg.max_tokens, seed=cfg.seed, with_images=model.cfg.uses[2])
+    device = next(model.parameters()).device
+    for batch in bucketed_batches(seqs, 64, cfg.max_tokens):
+        xs.append(model.tile_embedding(to_device(batch, device)).float().cpu().numpy())
         ys.append(batch["buildings"].numpy())
         n += len(ys[-1])
         if n >= limit:
@@ -108,8 +121,12 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.04)
     mask_gen = torch.Generator().manual_seed(cfg.seed)
+    device = _device(cfg.device)
+    model.to(device)
+
     def train_seqs(epoch: int = 0) -> TileSequences:  # the same order for an epoch on every run: resumes line up
-        return TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed, shuffle=cfg.seed * 100_003 + epoch)
+        return TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed,
+                             shuffle=cfg.seed * 100_003 + epoch, with_images=mcfg.uses[2])
 
     steps_per_epoch = sum(1 for _ in bucketed_batches(train_seqs(), cfg.batch_size, cfg.max_tokens))
     if world > 1:  # every rank must take the same number of steps
@@ -134,7 +151,8 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     resumed_from = step
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
+                                                        device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(batches_in_epoch: int, target_dir: Path | None = None) -> Path | None:
         if rank != 0:
@@ -164,7 +182,8 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
             for g in opt.param_groups:
                 g["lr"] = learning_rate(step, total, peak=cfg.lr)
                 g["weight_decay"] = weight_decay(step, total)
-            out = net(batch, mask_gen)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                out = net(to_device(batch, device), mask_gen)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -173,7 +192,7 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
             step += 1
             history["loss"].append(round(float(out["loss"].detach()), 5))
             history["smooth_l1"].append(round(float(out["smooth_l1"]), 5))
-            targets_seen.append(out["target_out"][:512])
+            targets_seen.append(out["target_out"][:512].float().cpu())
             if on_step:
                 on_step(step, out)
             if step % cfg.ckpt_every == 0:

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(spec["work_dir"])
     rank = torch.distributed.get_rank() if distributed else 0
     result = train(TrainConfig(**spec["config"]), sources, work, log=lambda m: print(f"[rank {rank}] {m}", flush=True))
+    work.mkdir(parents=True, exist_ok=True)  # only rank 0 writes checkpoints: the directory may not exist here yet
     (work / f"params-rank{rank}.txt").write_text(result.param_checksum + "\n")
     if distributed:
         torch.distributed.barrier()

@@ -111,3 +111,34 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(sources, tmp_path):
     ranks = [(work / f"params-rank{r}.txt").read_text().strip() for r in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 64
     assert "on 2 process(es)" in out.stdout
+
+
+def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
+    """TI: chips come from the tile_images shard aligned with the tokens, one row group at a time."""
+    import shutil
+
+    import torch
+
+    from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images, decode_chip
+
+    store_root = tmp_path / "store"
+    shutil.copytree(sources[0].tiles_file.parents[3], store_root)  # the fixture's store
+    store = Store(store_root)
+    build_naip_scenes(Region.create("t", "pyrosm:test"), store)
+    images = build_tile_images("t", store)
+    from geojepa_pipeline.training import training_sources
+
+    with_chips, _ = training_sources(store, ["t"], with_images=True)
+    seqs = list(TileSequences(with_chips, "train", 0.2, max_tokens=32, shuffle=1, with_images=True))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(with_chips[0].images_file)
+    by_id = dict(zip(table.column("tile_id").to_pylist(), table.column("image").to_pylist()))
+    assert seqs and all(s[5] is not None for s in seqs) and images.n_with_image == 70
+    assert all((s[5] == decode_chip(by_id[s[0]])).all() for s in seqs[:5])  # the right chip for the tile
+    assert {s[0] for s in seqs} == {s[0] for s in TileSequences(with_chips, "train", 0.2, max_tokens=32)}
+    batch = next(bucketed_batches(iter(seqs), 4, 32))
+    assert batch["images"].shape == (4, 224, 224, 4) and batch["has_image"].all()
+    result = train(TrainConfig(variant="TI", epochs=1, batch_size=4, max_tokens=32, val_fraction=0.2, max_steps=2),
+                   with_chips, tmp_path / "ti", log=lambda m: None)
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.history["loss"])).all()
