@@ -1,0 +1,1 @@
+"""Evaluation: task labels and their removal from the input, probes, baselines, kNN metrics, reports."""
