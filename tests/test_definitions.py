@@ -12,7 +12,8 @@ from .conftest import REPO
 def test_definitions_list_the_expected_assets_and_checks():
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"osm_extract", "tile_shards", "naip_scenes", "tile_images", "tag_embeddings",
-                                                                         "geometry_encoder", "tile_tokens", "geojepa_checkpoint"}
+                                                                         "geometry_encoder", "tile_tokens", "geojepa_checkpoint",
+                                                                         "evaluation_report"}
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
     assert checks == {("tile_shards", "schema"), ("tile_shards", "entity_accounting"), ("tile_shards", "clipped_area"),
                       ("tile_images", "aligned_with_tiles"), ("tile_tokens", "aligned_with_entities")}
@@ -21,11 +22,12 @@ def test_definitions_list_the_expected_assets_and_checks():
     assert upstream["tag_embeddings"] == upstream["geometry_encoder"] == {"tile_shards"}
     assert upstream["tile_tokens"] == {"tile_shards", "tag_embeddings", "geometry_encoder", "tile_images"}
     assert upstream["geojepa_checkpoint"] == {"tile_tokens", "tile_images", "tag_embeddings", "geometry_encoder"}
+    assert upstream["evaluation_report"] == {"geojepa_checkpoint"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         if key.to_user_string() in ("tag_embeddings", "geometry_encoder"):  # over all regions
             assert node.partitions_def is None
-        elif key.to_user_string() == "geojepa_checkpoint":
+        elif key.to_user_string() in ("geojepa_checkpoint", "evaluation_report"):
             assert node.partitions_def.get_partition_keys() == ["T", "GT", "TI", "GTI"]
         else:
             assert node.partitions_def.name == "regions"

@@ -54,6 +54,7 @@ def test_ui_shows_cli_materializations(home, capsys):
             **{(key,): ["t"] for key in ("osm_extract", "tile_shards", "naip_scenes", "tile_images", "tile_tokens")},
             ("tag_embeddings",): [], ("geometry_encoder",): [],  # over all regions
             ("geojepa_checkpoint",): ["T", "GT", "TI", "GTI"],  # one partition per model variant
+            ("evaluation_report",): ["T", "GT", "TI", "GTI"],
         }  # the registry's regions are the partitions
         q = '{ assetOrError(assetKey: {path: ["tag_embeddings"]}) { ... on Asset { assetMaterializations(limit: 5) { runId } } } }'
         assert len(_graphql(port, q)["data"]["assetOrError"]["assetMaterializations"]) == 1

@@ -51,8 +51,7 @@ def log_training(uri: str, mlflow_dir: Path, variant: str, params: dict, history
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = MlflowClient(uri)  # not mlflow.set_tracking_uri: it would export MLFLOW_TRACKING_URI to the process
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         artifacts = (mlflow_dir / "artifacts").resolve().as_uri() if uri.startswith("sqlite:") else None

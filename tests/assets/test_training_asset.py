@@ -55,6 +55,7 @@ def test_checkpoint_is_registered_in_mlflow_with_lineage(tokens_home, capsys):
     assert epochs and min(m.value for m in epochs) > 0.05  # no collapse
     arts = {a.path for a in client.list_artifacts(version.run_id, "checkpoint/best")}
     assert "checkpoint/best/model.safetensors" in arts
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # logging must not redirect later runs to this home's store
 
 
 def test_kill_9_during_materialization_then_resume(tokens_home):
@@ -85,3 +86,28 @@ def test_kill_9_during_materialization_then_resume(tokens_home):
     assert meta["resumed_from_step"].value == newest
     state = json.loads((Path(meta["path"].value) / "train_state.json").read_text())
     assert state["steps"] == meta["steps"].value > newest
+
+
+def test_evaluation_report_metrics_schema_and_cli(tokens_home, capsys):
+    assert main(["materialize", "--select", "key:geojepa_checkpoint or key:evaluation_report", "--variant", "GT"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) >= {"variant", "model_version", "regions", "tasks", "knn"}
+    assert metrics["variant"] == "GT" and metrics["model_version"] == "geojepa-GT:1" and metrics["regions"] == ["t"]
+    for task, methods in metrics["tasks"].items():
+        assert set(methods) == {"geojepa_linear", "geojepa_mlp", "dummy", "tagpool_mlp", "tagcount_mlp"}
+        assert all({"mae", "n_test"} <= set(v) for v in methods.values())
+    assert set(metrics["tasks"]) | set(metrics["skipped"]) == {"building_count", "traffic_signals", "max_speed", "bridge", "car_bridge"}
+    assert all("ratio" in v for v in metrics["knn"].values()) and "building_count" in metrics["knn"]
+    assert main(["report"]) == 0
+    out = capsys.readouterr().out
+    assert "| task |" in out and "report.html" in out
+    html = Path(out.strip().splitlines()[-1].split("report: ")[1]).read_text()
+    assert html.count("data:image/png;base64,") >= 6 and "<table>" in html  # query + 5 neighbours, tables
+    tiles_dir = tokens_home / "store" / "tiles" / "t"
+    manifest = json.loads((tiles_dir / (tiles_dir / "CURRENT").read_text().strip() / "manifest.json").read_text())
+    tile = manifest["shards"][0]["first_tile"]
+    assert main(["knn", tile, "--k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 3 + 1 and tile not in "".join(lines[2:5])
