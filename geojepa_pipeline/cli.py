@@ -226,14 +226,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _current_report(variant: str):
+    """The latest committed evaluation report of ``variant``, or a one-line error saying how to make one."""
+    from .store import default_store
+
+    ds = default_store().current("reports", variant)
+    if ds is None:
+        raise GeojepaError(f"no evaluation_report[{variant}] yet; run: geojepa materialize --select evaluation_report --variant {variant}")
+    return ds
+
+
 def cmd_report(args) -> int:
     import json
 
-    from .store import default_store
-
-    ds = default_store().current("reports", args.variant)
-    if ds is None:
-        raise GeojepaError(f"no evaluation_report[{args.variant}] yet; run: geojepa materialize --select evaluation_report --variant {args.variant}")
+    ds = _current_report(args.variant)
     metrics = json.loads((ds.path / "metrics.json").read_text())
     if args.json:
         print(json.dumps(metrics, indent=1, sort_keys=True))
@@ -252,11 +258,7 @@ def cmd_knn(args) -> int:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from .store import default_store
-
-    ds = default_store().current("reports", args.variant)
-    if ds is None:
-        raise GeojepaError(f"no evaluation_report[{args.variant}] yet: its embeddings answer kNN queries; materialize it first")
+    ds = _current_report(args.variant)  # its embeddings answer kNN queries
     t = pq.read_table(ds.path / "embeddings.parquet")
     ids = t.column("tile_id").to_pylist()
     if args.tile_id not in ids:
