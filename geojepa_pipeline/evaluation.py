@@ -146,11 +146,10 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
     ev = evaluate(model, vocab, store, ck.manifest["regions"], variant, model_version, seeds=seeds,
                   max_tokens=state["train_config"]["max_tokens"], log=log)
     table = metrics_table_markdown(ev.metrics)
-    # the query: the tile with the most neighbours' agreement is not chosen; take the densest tile, deterministic
+    # the query shown: the tile with the most entity pieces (a busy place is the telling example)
     emb = ev.embeddings
     nn = cosine_knn(emb, 5)
-    counts = np.linalg.norm(emb, axis=1)
-    q = int(np.argmax(counts))
+    q = int(np.argmax(ev.tile_pieces))
     e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     neighbours = [(ev.tile_regions[j], ev.tile_ids[j], float(e[q] @ e[j])) for j in nn[q]]
     page = render_html(ev.metrics, table, store, (ev.tile_regions[q], ev.tile_ids[q]), neighbours)

@@ -128,6 +128,7 @@ class Evaluation:
     embeddings: np.ndarray | None = None  # building-masked embeddings of every tile (for kNN views)
     tile_ids: list = field(default_factory=list)
     tile_regions: list = field(default_factory=list)
+    tile_pieces: np.ndarray | None = None  # (T,) entity pieces per tile
 
 
 def evaluate(model, vocab, store: Store, regions: list[str], variant: str, model_version: str,
@@ -209,7 +210,8 @@ def evaluate(model, vocab, store: Store, regions: list[str], variant: str, model
                "knn": knn, "skipped": skipped, "seeds": list(seeds), "split": "4x4-tile blocks, 70/15/15"}
     ids = [t for r in data for t in r.tile_ids]
     regs = [r.region for r in data for _ in r.tile_ids]
-    return Evaluation(metrics, skipped, per_task_emb["building_count"], ids, regs)
+    pieces = np.concatenate([np.bincount(r.piece_tile, minlength=len(r.tile_ids)) for r in data])
+    return Evaluation(metrics, skipped, per_task_emb["building_count"], ids, regs, pieces)
 
 
 def _landuse_class(r: RegionTiles) -> np.ndarray:
