@@ -258,12 +258,14 @@ def cmd_knn(args) -> int:
     import numpy as np
     import pyarrow.parquet as pq
 
+    from .columns import fixed_list_to_numpy
+
     ds = _current_report(args.variant)  # its embeddings answer kNN queries
     t = pq.read_table(ds.path / "embeddings.parquet")
     ids = t.column("tile_id").to_pylist()
     if args.tile_id not in ids:
         raise GeojepaError(f"unknown tile {args.tile_id!r}; ids look like {ids[0]!r} (see: geojepa sql \"select tile_id from tiles limit 5\")")
-    emb = np.asarray(t.column("embedding").combine_chunks().flatten().to_numpy(), np.float32).reshape(len(ids), -1)
+    emb = fixed_list_to_numpy(t.column("embedding"))
     q = ids.index(args.tile_id)
     e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     sims = e @ e[q]

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .columns import numpy_to_fixed_list
 from .errors import GeojepaError
 from .settings import Settings
 from .store import GLOBAL_SCOPE, Dataset, Store
@@ -59,7 +60,12 @@ def _tile_picture(store: Store, region: str, tile_id: str, px: int = 112) -> byt
     import shapely
     from PIL import Image
 
-    from .geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
+    from .geo.synthetic import (
+        class_preview_rgb,
+        classify,
+        paint_geometries,
+        rasterize_classes,
+    )
 
     tiles = store.current("tiles", region)
     panels = []
@@ -158,7 +164,7 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
         (staging / "metrics.json").write_text(json.dumps(ev.metrics, indent=1, sort_keys=True) + "\n")
         (staging / "report.html").write_text(page)
         pq.write_table(pa.table({"tile_id": ev.tile_ids, "region": ev.tile_regions,
-                                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float32).reshape(-1)), emb.shape[1])}),
+                                 "embedding": numpy_to_fixed_list(emb.astype(np.float32), pa.float32())}),
                        staging / "embeddings.parquet", compression="zstd")
         manifest = {"schema_version": REPORT_SCHEMA_VERSION, "variant": variant, "checkpoint": ck.data_version,
                     "model_version": model_version, "regions": ck.manifest["regions"]}

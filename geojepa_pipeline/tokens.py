@@ -20,14 +20,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .columns import fixed_list_to_numpy, numpy_to_fixed_list
 from .errors import GeojepaError
 from .ingest import TILES_KIND
 from .progress import Progress
 from .store import GLOBAL_SCOPE, Dataset, Store
 from .tables import _sql_list, shard_files
 from .tokenizers.tags import (
-    DEFAULT_TAG_MODEL, OPEN_MIN_DISTINCT, OPEN_MIN_NUMERIC_FRACTION, OPEN_MIN_UNIQUE_RATIO,
-    TagVocabulary, TextEmbedder, open_keys, pair_text, pairs_table, vocabulary,
+    DEFAULT_TAG_MODEL,
+    OPEN_MIN_DISTINCT,
+    OPEN_MIN_NUMERIC_FRACTION,
+    OPEN_MIN_UNIQUE_RATIO,
+    TagVocabulary,
+    TextEmbedder,
+    open_keys,
+    pair_text,
+    pairs_table,
+    vocabulary,
 )
 
 TAG_KIND = "tag_embeddings"
@@ -144,7 +153,7 @@ def build_tag_embeddings(
     if base_table is not None:
         keys = base_table.column("key").to_pylist() + keys
         values = base_table.column("value").to_pylist() + values
-        base_vec = base_table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        base_vec = fixed_list_to_numpy(base_table.column("vector"), np.float16)
         new_vectors = np.concatenate([base_vec.astype(np.float16), new_vectors.astype(np.float16)])
     table = pairs_table(embedder.model_id, keys, values, new_vectors)
 
@@ -222,7 +231,12 @@ def build_geometry_encoder(
     import torch
     from safetensors.torch import save_file
 
-    from .tokenizers.geometry import GeometryEncoderConfig, PretrainConfig, pretrain, probe
+    from .tokenizers.geometry import (
+        GeometryEncoderConfig,
+        PretrainConfig,
+        pretrain,
+        probe,
+    )
 
     t0 = time.perf_counter()
     geoms = sample_pieces(store, regions, max_pieces, seed)
@@ -288,11 +302,6 @@ def tokens_schema(tag_dim: int, geom_dim: int) -> pa.Schema:
     ])
 
 
-def _fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    n, d = values.shape
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), dtype), d)
-
-
 @dataclass
 class TileTokensResult:
     dataset: Dataset
@@ -315,7 +324,7 @@ def _write_vit_tokens(images: Dataset, shard: dict, tokenizer, path) -> int:
     width = (1 + 196) * tokenizer.hidden
     full = np.zeros((len(has), width), np.float16)
     full[has] = tokens.reshape(len(tokens), -1)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(full.reshape(-1), pa.float16()), width, mask=pa.array(~has))
+    column = numpy_to_fixed_list(full, pa.float16(), mask=~has)
     table = pa.table({"tile_id": t.column("tile_id"), "vit_tokens": column})
     table = table.replace_schema_metadata({b"geojepa:vit": json.dumps({"tokens": 1 + 196, "hidden": tokenizer.hidden, "model": tokenizer.model_id}).encode()})
     pq.write_table(table, path, compression="zstd")
@@ -384,8 +393,8 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
                     writer.write_table(pa.table({
                         "tile_id": part.column("tile_id"), "osm_type": part.column("osm_type"), "osm_id": part.column("osm_id"),
                         "modality": pa.array([ENTITY_MODALITY] * part.num_rows, pa.string()),
-                        "tag_token": _fixed_list(tag_tok.astype(np.float16), pa.float16()),
-                        "geometry_token": _fixed_list(geom_tok.astype(np.float16), pa.float16()),
+                        "tag_token": numpy_to_fixed_list(tag_tok.astype(np.float16), pa.float16()),
+                        "geometry_token": numpy_to_fixed_list(geom_tok.astype(np.float16), pa.float16()),
                         "position": part.column("minbox").cast(pa.list_(pa.float32(), 8)),
                     }, schema=schema))
                     n_pieces += part.num_rows

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..columns import fixed_list_to_numpy
 from ..store import Store
 from .knn import agreement_ratio, cosine_knn, numeric_ratio
 from .labels import TASKS, is_label_tag, subsample_zero_labels, tile_labels
@@ -60,9 +61,8 @@ def load_region(store: Store, region: str) -> RegionTiles:
         offset += t.num_rows
         tags += e.column("tags").to_pylist()
         gtypes += e.column("geom_type").to_pylist()
-        for col, out in (("geometry_token", geom), ("position", pos)):
-            arr = k.column(col).combine_chunks()
-            out.append(np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(arr), -1))
+        geom.append(fixed_list_to_numpy(k.column("geometry_token")))
+        pos.append(fixed_list_to_numpy(k.column("position")))
     return RegionTiles(region, ids, np.concatenate(xy), np.concatenate(piece_tile), tags, gtypes,
                        np.concatenate(geom), np.concatenate(pos))
 
@@ -74,8 +74,10 @@ def spatial_split(region: str, tile_xy: np.ndarray, seed: int = 0) -> np.ndarray
     return np.where(h < 0.70, 0, np.where(h < 0.85, 1, 2))
 
 
-def _masked(tags, drop: Callable[[str, str], bool]) -> pa.Array:
-    return pa.array([[(k, v) for k, v in t if not drop(k, v)] for t in tags], pa.map_(pa.string(), pa.string()))
+def _masked(tags, drop: Callable[[str, str], bool]) -> tuple[list, pa.Array]:
+    """The pieces' tags without those ``drop`` flags: as Python lists and as a map<string, string> column."""
+    kept = [[(k, v) for k, v in t if not drop(k, v)] for t in tags]
+    return kept, pa.array(kept, pa.map_(pa.string(), pa.string()))
 
 
 @torch.no_grad()
@@ -148,17 +150,17 @@ def evaluate(model, vocab, store: Store, regions: list[str], variant: str, model
     per_task_emb: dict = {}
     all_labels = {}
     split = np.concatenate([spatial_split(r.region, r.tile_xy) for r in data])
+    region_labels = [tile_labels(r.tile_ids, [r.tile_ids[i] for i in r.piece_tile], r.tags, r.geom_type) for r in data]
     for task in TASKS:
         drop = lambda kk, vv, task=task: is_label_tag(task, kk, vv)  # noqa: E731
         emb, pool, count, y, defined = [], [], [], [], []
-        for r in data:
-            masked = _masked(r.tags, drop)
+        for r, labels in zip(data, region_labels):
+            kept, masked = _masked(r.tags, drop)
             tokens = vocab.tag_tokens(masked)
             emb.append(tile_embeddings(model, r, tokens, max_tokens))
             pool.append(_per_tile_mean(tokens, r.piece_tile, len(r.tile_ids)))
-            kept = masked.to_pylist()
             count.append(_tag_counts(kept, r.piece_tile, len(r.tile_ids), top_pairs))
-            lab, ok = tile_labels(r.tile_ids, [r.tile_ids[i] for i in r.piece_tile], r.tags, r.geom_type)[task]
+            lab, ok = labels[task]
             y.append(lab)
             defined.append(ok)
         emb, pool, count = np.concatenate(emb), np.concatenate(pool), np.concatenate(count)
@@ -198,7 +200,7 @@ def evaluate(model, vocab, store: Store, regions: list[str], variant: str, model
         knn["bridge"] = {"neighbour_agreement": near, "random_agreement": rand, "ratio": ratio, "k": k, "n": len(y)}
     landuse_emb, landuse_cls = [], []
     for r in data:
-        masked = _masked(r.tags, lambda kk, vv: kk in LANDUSE_KEYS)
+        _, masked = _masked(r.tags, lambda kk, vv: kk in LANDUSE_KEYS)
         landuse_emb.append(tile_embeddings(model, r, vocab.tag_tokens(masked), max_tokens))
         landuse_cls.append(_landuse_class(r))
     lemb, lcls = np.concatenate(landuse_emb), np.concatenate(landuse_cls)

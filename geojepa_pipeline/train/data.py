@@ -22,6 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ..columns import fixed_list_to_numpy
+
 BLOCK_TILES = 4
 
 
@@ -30,17 +32,25 @@ def _block_hash(region: str, bx: int, by: int, seed: int) -> float:
 
 
 def validation_blocks(sources: list["ShardSource"], val_fraction: float, seed: int = 0) -> set[tuple[str, int, int]]:
-    """The (region, block_x, block_y) of the validation split, over all sources (reads tile_x, tile_y only)."""
+    """The (region, block_x, block_y) of the validation split, over all sources (reads tile_x, tile_y only).
+
+    Cached per process: every epoch, the step count and the probe ask again, and shards are immutable.
+    """
+    return _validation_blocks(tuple((s.region, str(s.tiles_file)) for s in sources), val_fraction, seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _validation_blocks(tiles_files: tuple[tuple[str, str], ...], val_fraction: float, seed: int) -> frozenset:
     blocks = set()
-    for src in sources:
-        t = pq.read_table(src.tiles_file, columns=["tile_x", "tile_y"])
+    for region, tiles_file in tiles_files:
+        t = pq.read_table(tiles_file, columns=["tile_x", "tile_y"])
         bx, by = t.column("tile_x").to_numpy() // BLOCK_TILES, t.column("tile_y").to_numpy() // BLOCK_TILES
-        blocks.update((src.region, int(a), int(b)) for a, b in set(zip(bx.tolist(), by.tolist())))
+        blocks.update((region, int(a), int(b)) for a, b in set(zip(bx.tolist(), by.tolist())))
     scored = sorted(blocks, key=lambda k: _block_hash(*k, seed))
     val = {k for k in scored if _block_hash(*k, seed) < val_fraction}
     if not val and len(scored) >= 2 and val_fraction > 0:
         val = {scored[0]}
-    return val
+    return frozenset(val)
 
 
 def bucket_lengths(max_tokens: int) -> list[int]:
@@ -94,9 +104,9 @@ class TileSequences:
             if not keep.any():
                 continue
             toks = pq.read_table(src.tokens_file, columns=["tag_token", "geometry_token", "position"])
-            tag = _fixed(toks.column("tag_token"))
-            geom = _fixed(toks.column("geometry_token"))
-            pos = _fixed(toks.column("position"))
+            tag = fixed_list_to_numpy(toks.column("tag_token"))
+            geom = fixed_list_to_numpy(toks.column("geometry_token"))
+            pos = fixed_list_to_numpy(toks.column("position"))
             ids = tiles.column("tile_id").to_pylist()
             buildings = _building_counts(src.entities_file, ids)
             counts = tiles.column("n_entities").to_numpy().astype(np.int64)
@@ -136,12 +146,6 @@ class TileSequences:
                     j = int(t - group_start[g])
                     img = np.frombuffer(blobs[j].as_py(), np.uint8).reshape(224, 224, 4) if has[j] else None
                     yield ids[t], tag[a:b], geom[a:b], pos[a:b], int(buildings[t]), img
-
-
-def _fixed(col) -> np.ndarray:
-    arr = col.combine_chunks()
-    width = arr.type.list_size
-    return np.asarray(arr.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, width)
 
 
 def _building_counts(entities_file: Path, tile_ids: list[str]) -> np.ndarray:
