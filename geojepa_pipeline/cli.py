@@ -278,6 +278,34 @@ def cmd_knn(args) -> int:
     return 0
 
 
+def cmd_lineage(args) -> int:
+    import json
+
+    from .lineage import format_model_lineage, model_lineage, models_trained_on
+    from .settings import get_settings
+    from .store import default_store
+    from .tables import format_table
+    from .train.tracking import tracking_uri
+
+    if bool(args.model) == bool(args.region):
+        raise GeojepaError("give a model (geojepa lineage geojepa-GT:2) or --region NAME[@DATA_VERSION], not both")
+    uri = tracking_uri(get_settings().mlflow_dir)
+    if args.model:
+        lin = model_lineage(uri, default_store(), args.model)
+        print(json.dumps(lin.to_dict(), indent=1) if args.json else format_model_lineage(lin))
+        return 0
+    rows = models_trained_on(uri, args.region)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif not rows:
+        print(f"no model version was trained on {args.region}")
+    else:
+        print(format_table(["model", "version", "registered", "tile_shards", "osm sha256", "dagster run"],
+                           [(r["model"], r["version"], r["created"], r["tile_shards"], (r["osm_sha256"] or "?")[:16],
+                             r["dagster_run_id"] or "?") for r in rows], max_width=40))
+    return 0
+
+
 def _command_name() -> str:
     """How the user can call this command again: ``geojepa`` if on PATH, else its path."""
     import shutil
@@ -359,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--k", type=int, default=5)
     knn.add_argument("--variant", default="GT", choices=["T", "GT", "TI", "GTI"])
     knn.set_defaults(func=cmd_knn)
+
+    lin = sub.add_parser("lineage", help="what a model version was trained on, or which versions used a region")
+    lin.add_argument("model", nargs="?", help="NAME[:VERSION], e.g. geojepa-GT:2 or GT (latest version)")
+    lin.add_argument("--region", help="NAME[@DATA_VERSION]: model versions trained on that region (version: tile_shards or OSM sha256 prefix)")
+    lin.add_argument("--json", action="store_true", help="machine-readable output")
+    lin.set_defaults(func=cmd_lineage)
 
     sql = sub.add_parser("sql", help="query the current shards with DuckDB (views: tiles, entities)")
     sql.add_argument("query")

@@ -16,8 +16,8 @@ from .geo.osm_read import PbfSummary, read_osm, validate_pbf
 from .geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
 from .geo.tiling import TILE_SIZE_M, TiledRegion, default_workers, tile_osm
 from .regions import Region
-from .sources import fetch_osm_source
-from .store import Dataset, Store
+from .sources import fetch_osm_source, local_source_path, source_fingerprint
+from .store import Dataset, Store, atomic_write_json, sha256_file
 
 OSM_KIND = "osm"
 TILES_KIND = "tiles"
@@ -43,6 +43,7 @@ def fetch_extract(region: Region, store: Store, log: Log | None = None) -> Extra
     fetched = fetch_osm_source(region.osm, store, region.name, log=log, validate=validate)
     # a reused copy was validated when first stored; read its header facts once more
     summary = summaries[0] if summaries else validate_pbf(fetched.path)
+    atomic_write_json(store.osm_source_stamp_path(region.name, fetched.sha256), fetched.stamp)
     store.set_current(OSM_KIND, region.name, fetched.sha256)
     return ExtractResult(region.name, region.osm, fetched.path, fetched.sha256, fetched.bytes, fetched.reused, summary)
 
@@ -55,6 +56,63 @@ def current_extract(store: Store, region: str) -> tuple[Path, str]:
     if sha is None or not store.osm_extract_path(region, sha).exists():
         raise GeojepaError(f"region {region!r} has no osm_extract yet; materialize osm_extract[{region}] first")
     return store.osm_extract_path(region, sha), sha
+
+
+@dataclass(frozen=True)
+class SourceCheck:
+    """Whether a region's OSM source differs from the extract it was last ingested from."""
+
+    region: str
+    changed: bool
+    reason: str  # one line for logs and run tags
+    fingerprint: dict  # what ``source_fingerprint`` saw now (cached by the sensor's cursor)
+    sha256: str | None  # content hash, when this check computed one (local files whose stat changed)
+
+
+def current_source_stamp(store: Store, region: str) -> dict | None:
+    """The stamp recorded when the region's current extract was fetched, or None."""
+    import json
+
+    sha = store.current_version(OSM_KIND, region)
+    path = store.osm_source_stamp_path(region, sha) if sha else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def check_source(region: Region, store: Store, cached: dict | None = None) -> SourceCheck:
+    """Compare the region's OSM source now with the stamp of its current extract.
+
+    Local files: equal size and mtime mean unchanged; otherwise the file is hashed and only a
+    different sha256 counts as a change (a ``touch`` is not one). ``cached`` (a previous
+    check's ``fingerprint`` and ``sha256``) saves hashing the same file again. http(s): a HEAD
+    request; the ETag decides, else Last-Modified; a server that sends neither is reported as
+    unchanged with that reason (the region's schedule still re-fetches it). Raises
+    ``GeojepaError`` when the source cannot be reached.
+    """
+    name, current = region.name, store.current_version(OSM_KIND, region.name)
+    fingerprint = source_fingerprint(region.osm)
+    if current is None:
+        return SourceCheck(name, True, "never ingested", fingerprint, None)
+    stamp = current_source_stamp(store, name) or {}
+    if stamp.get("uri", region.osm) != region.osm:
+        return SourceCheck(name, True, f"source changed in the registry ({stamp.get('uri')} -> {region.osm})", fingerprint, None)
+    path = local_source_path(region.osm)
+    if path is not None:
+        if stamp and (stamp.get("size"), stamp.get("mtime_ns")) == (fingerprint["size"], fingerprint["mtime_ns"]):
+            return SourceCheck(name, False, "unchanged (same size and mtime)", fingerprint, current)
+        if cached and cached.get("fingerprint") == fingerprint and cached.get("sha256"):
+            sha = cached["sha256"]
+        else:
+            sha = sha256_file(path)
+        if sha == current:
+            return SourceCheck(name, False, "unchanged (mtime changed, same sha256)", fingerprint, sha)
+        return SourceCheck(name, True, f"content changed (sha256 {current[:12]} -> {sha[:12]})", fingerprint, sha)
+    for validator, label in (("etag", "ETag"), ("last_modified", "Last-Modified")):
+        if fingerprint.get(validator) and stamp.get(validator):
+            if fingerprint[validator] == stamp[validator]:
+                return SourceCheck(name, False, f"unchanged (same {label})", fingerprint, None)
+            return SourceCheck(name, True, f"{label} changed ({stamp[validator]} -> {fingerprint[validator]})", fingerprint, None)
+    return SourceCheck(name, False, "unknown: the server sends no ETag or Last-Modified; the schedule re-fetches it",
+                       fingerprint, None)
 
 
 @dataclass

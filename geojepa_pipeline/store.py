@@ -3,6 +3,7 @@
 Layout under the store root (``GEOJEPA_HOME/store`` by default)::
 
     osm/<region>/<sha256>.osm.pbf            content-addressed copies of the sources
+    osm/<region>/<sha256>.source.json        the source's URI, size, mtime or ETag/Last-Modified at fetch time
     osm/<region>/CURRENT                     sha256 of the latest materialized extract
     <kind>/<region>/<data_version>/          one immutable directory per data version
         manifest.json                        written last: a directory without it is not a dataset
@@ -98,6 +99,10 @@ class Store:
     def osm_extract_path(self, region: str, sha256: str) -> Path:
         return self.root / "osm" / region / f"{sha256}.osm.pbf"
 
+    def osm_source_stamp_path(self, region: str, sha256: str) -> Path:
+        """How the source looked when the extract ``sha256`` was last fetched (JSON; see ``ingest``)."""
+        return self.root / "osm" / region / f"{sha256}.source.json"
+
     def download_tmp_path(self, region: str) -> Path:
         """A private temporary file next to the final location, so the final rename is atomic."""
         d = self.root / "osm" / region
@@ -166,7 +171,9 @@ class Store:
         """Turn a staging directory into an immutable dataset named by its content.
 
         The data version is the first 16 hex digits of a sha256 over the names and sha256s of
-        every file in ``staging`` plus ``manifest["schema_version"]``. ``manifest.json`` is
+        every file in ``staging``, ``manifest["schema_version"]`` and ``manifest["inputs"]`` (the
+        data versions it was made from): equal bytes made from different inputs are two versions,
+        so a manifest never claims inputs it was not made from. ``manifest.json`` is
         written last, then the directory is renamed in one step. If that version already
         exists (an unchanged re-run), the staging copy is dropped and the existing one kept.
         """
@@ -177,6 +184,8 @@ class Store:
             files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         digest = hashlib.sha256()
         digest.update(f"{kind}:{manifest.get('schema_version')}\n".encode())
+        if manifest.get("inputs") is not None:
+            digest.update(f"inputs:{json.dumps(manifest['inputs'], sort_keys=True)}\n".encode())
         for name, info in files.items():
             digest.update(f"{name}:{info['sha256']}\n".encode())
         data_version = digest.hexdigest()[:16]

@@ -45,8 +45,14 @@ def training_sources(store: Store, regions: list[str], with_images: bool = False
                     for a, b, c in zip(tok.manifest["shards"], tiles.manifest["shards"], chips)]
         inputs[f"tile_tokens/{name}"] = tok.data_version
         inputs[f"tile_shards/{name}"] = tiles.data_version
-        inputs[f"tile_images/{name}"] = tok.manifest["inputs"].get("tile_images")
-        inputs[f"osm_sha256/{name}"] = store.current_version(OSM_KIND, name)
+        # the chips the model saw: the current ones for image variants, else those the tokens were built with
+        inputs[f"tile_images/{name}"] = images.data_version if with_images else tok.manifest["inputs"].get("tile_images")
+        source = tiles.manifest.get("source") or {}  # the extract these tiles were cut from
+        inputs[f"osm_sha256/{name}"] = source.get("sha256") or store.current_version(OSM_KIND, name)
+        inputs[f"osm_uri/{name}"] = source.get("uri")
+        used_images = inputs[f"tile_images/{name}"]
+        if used_images and used_images in store.versions("images", name):
+            inputs[f"naip_scenes/{name}"] = store.dataset("images", name, used_images).manifest["inputs"].get("naip_scenes")
         inputs["tag_embeddings"] = tok.manifest["inputs"]["tag_embeddings"]
         inputs["geometry_encoder"] = tok.manifest["inputs"]["geometry_encoder"]
     return sources, inputs
@@ -77,8 +83,6 @@ def build_checkpoint(
     if not regions:
         raise GeojepaError("no region has tile_tokens; materialize the regions first (geojepa materialize)")
     sources, inputs = training_sources(store, regions, with_images="I" in variant)
-    if "I" in variant:
-        inputs.update({f"tile_images/{r}": store.current_version("images", r) for r in sorted(regions)})
     key = hashlib.sha256(json.dumps({"config": cfg.to_dict(), "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
     work = store.kind_dir(CHECKPOINT_KIND, variant) / f".work-{key}"
     t0 = time.perf_counter()

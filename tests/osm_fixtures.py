@@ -58,3 +58,25 @@ def rules_fixture(path: Path) -> Path:
         (302, [("w", 103, ""), ("w", 102, "")], {"type": "site", "amenity": "school"}),  # collection
     ]
     return write_pbf(path, nodes, ways, relations)
+
+
+def copy_with_extra_nodes(src: Path, dst: Path, nodes) -> Path:
+    """``src`` plus extra tagged nodes (id, lon, lat, tags): a changed version of a real extract."""
+    dst = Path(dst)
+    dst.unlink(missing_ok=True)
+    w = osmium.SimpleWriter(str(dst))
+    try:
+        for obj in osmium.FileProcessor(str(src)):  # PBF order: nodes, ways, relations
+            if obj.type_str() == "n":
+                w.add_node(obj)
+            elif obj.type_str() == "w":
+                if nodes:
+                    for nid, lon, lat, tags in nodes:
+                        w.add_node(osmium.osm.mutable.Node(id=nid, location=(lon, lat), tags=tags, version=1))
+                    nodes = ()
+                w.add_way(obj)
+            else:
+                w.add_relation(obj)
+    finally:
+        w.close()
+    return dst

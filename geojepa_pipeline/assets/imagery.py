@@ -12,6 +12,7 @@ from ..geo.render import png_markdown
 from ..imagery import DEFAULT_BLOCK_TILES, build_naip_scenes, build_tile_images, preview_png
 from ..ingest import TILES_KIND
 from .osm import tile_shards
+from .automation import on_upstream_data_change
 from .partitions import regions_partitions
 from .resources import GeojepaResource
 
@@ -43,6 +44,7 @@ def _thumbnail_markdown(path: str, alt: str, max_px: int = 320) -> str:
 
 
 @dg.asset(
+    automation_condition=on_upstream_data_change(),
     partitions_def=regions_partitions,
     deps=[tile_shards],
     code_version=NAIP_SCENES_CODE_VERSION,
@@ -104,6 +106,7 @@ def _alignment_check(tiles_ds, images_ds) -> dg.AssetCheckResult:
 
 
 @dg.asset(
+    automation_condition=on_upstream_data_change(),
     partitions_def=regions_partitions,
     deps=[tile_shards, naip_scenes],
     code_version=TILE_IMAGES_CODE_VERSION,

@@ -9,6 +9,7 @@ from ..geo.shards import DEFAULT_SHARD_TILES
 from ..geo.tiling import ENTITIES_SCHEMA, TILE_SIZE_M, TILES_SCHEMA
 from ..ingest import build_tile_shards, current_extract, fetch_extract
 from ..tables import count_distinct_entities
+from .automation import on_upstream_data_change
 from .partitions import regions_partitions
 from .resources import GeojepaResource
 
@@ -89,6 +90,7 @@ def _area_check(tiled) -> dg.AssetCheckResult:
 
 
 @dg.asset(
+    automation_condition=on_upstream_data_change(),
     partitions_def=regions_partitions,
     deps=[osm_extract],
     code_version=TILE_SHARDS_CODE_VERSION,

@@ -12,6 +12,7 @@ from ..tokenizers.tags import DEFAULT_TAG_MODEL
 from ..tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
 from .imagery import tile_images
 from .osm import tile_shards
+from .automation import on_upstream_data_change
 from .partitions import regions_partitions
 from .resources import GeojepaResource
 
@@ -107,6 +108,7 @@ class TileTokensConfig(dg.Config):
 
 
 @dg.asset(
+    automation_condition=on_upstream_data_change(),
     partitions_def=regions_partitions,
     deps=[tile_shards, tag_embeddings, geometry_encoder, tile_images],
     code_version=TILE_TOKENS_CODE_VERSION,

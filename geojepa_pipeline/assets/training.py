@@ -58,7 +58,9 @@ def geojepa_checkpoint(context: dg.AssetExecutionContext, config: CheckpointConf
         metadata={
             "data_version": dg.MetadataValue.text(ds.data_version),
             "path": dg.MetadataValue.path(str(ds.path)),
-            "mlflow_run": dg.MetadataValue.text(result.mlflow.run_url),
+            # a link in the UI when MLflow is a server; the run's tags name this Dagster run back
+            "mlflow_run": (dg.MetadataValue.url(result.mlflow.run_url) if result.mlflow.run_url.startswith("http")
+                           else dg.MetadataValue.text(result.mlflow.run_url)),
             "mlflow_run_id": dg.MetadataValue.text(result.mlflow.run_id),
             "model_version": dg.MetadataValue.text(f"{result.mlflow.model_name}:{result.mlflow.version}"),
             "steps": dg.MetadataValue.int(result.steps),

@@ -1,0 +1,220 @@
+"""What was a model version trained on, and which model versions used a region version.
+
+Everything comes from two places that outlive any one run: the MLflow tags written at
+training time (``training.build_checkpoint``: ``dagster.run_id``, ``input.<asset>/<region>``
+data versions, ``input.osm_sha256/<region>``, ...) and the store's immutable datasets, which
+still hold every older version those tags name. No Dagster import: the CLI and notebooks
+use this directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+from .errors import GeojepaError
+from .store import GLOBAL_SCOPE, Store
+
+MODEL_PREFIX = "geojepa-"
+# input asset -> store kind (the tags say ``input.<asset>/<region>`` or ``input.<asset>`` for @all)
+INPUT_KINDS = {
+    "tile_shards": "tiles", "tile_tokens": "tokens", "tile_images": "images", "naip_scenes": "scenes",
+    "tag_embeddings": "tag_embeddings", "geometry_encoder": "geometry_encoder",
+}
+
+
+@dataclass
+class InputVersion:
+    asset: str
+    region: str  # a region name, or "@all" for the assets over all regions
+    data_version: str
+    readable: bool  # the store still holds this exact version
+
+
+@dataclass
+class RegionSource:
+    region: str
+    osm_uri: str | None
+    osm_sha256: str | None
+    fetched_at: str | None
+    imagery_source: str | None
+    scene_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelLineage:
+    model: str
+    version: str
+    created: str
+    run_id: str
+    run_status: str
+    run_link: str
+    dagster_run_id: str | None
+    code_version: str | None
+    git_commit: str | None
+    checkpoint: InputVersion | None
+    inputs: list[InputVersion]
+    regions: list[RegionSource]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_model_spec(spec: str) -> tuple[str, str | None]:
+    """``geojepa-GT:3`` -> ("geojepa-GT", "3"); ``GT`` or ``geojepa-GT`` -> (name, None = latest)."""
+    name, _, version = spec.partition(":")
+    if not name:
+        raise GeojepaError(f"bad model {spec!r}: use NAME[:VERSION], e.g. geojepa-GT:2 or GT")
+    if not name.startswith(MODEL_PREFIX):
+        name = MODEL_PREFIX + name
+    if version and not version.isdigit():
+        raise GeojepaError(f"bad model version in {spec!r}: versions are numbers, e.g. {name}:1")
+    return name, version or None
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _ms_to_iso(ms) -> str:
+    return datetime.fromtimestamp(int(ms) / 1000, timezone.utc).isoformat(timespec="seconds") if ms else "?"
+
+
+def _model_versions(client, name: str | None = None) -> list:
+    """Every registered version of ``name`` (default: of every ``geojepa-*`` model), oldest first."""
+    names = [name] if name else [m.name for m in client.search_registered_models() if m.name.startswith(MODEL_PREFIX)]
+    out = []
+    for n in names:
+        out += client.search_model_versions(f"name = '{n}'")
+    return sorted(out, key=lambda v: (v.name, int(v.version)))
+
+
+def _run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    if uri.startswith("http"):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{uri} (experiment {experiment_id}, run {run_id}; browse with: mlflow ui --backend-store-uri {uri})"
+
+
+def _readable(store: Store, kind: str, region: str, version: str) -> bool:
+    return version in store.versions(kind, region)
+
+
+def model_lineage(uri: str, store: Store, spec: str) -> ModelLineage:
+    """The chain behind one registered model version (latest when ``spec`` has no version)."""
+    from mlflow.exceptions import MlflowException
+
+    name, version = parse_model_spec(spec)
+    client = _client(uri)
+    try:
+        if version is None:
+            versions = _model_versions(client, name)
+            if not versions:
+                raise GeojepaError(f"model {name} has no versions in {uri}; train one with: geojepa materialize --select geojepa_checkpoint")
+            mv = versions[-1]
+        else:
+            mv = client.get_model_version(name, version)
+    except MlflowException:
+        known = ", ".join(sorted({v.name for v in _model_versions(client)})) or "none"
+        raise GeojepaError(f"no model version {name}:{version or 'latest'} in {uri} (registered models: {known})") from None
+    run = client.get_run(mv.run_id)
+    tags = {**run.data.tags, **(mv.tags or {})}
+    inputs, sources = [], {}
+    for key, value in sorted(tags.items()):
+        if not key.startswith("input.") or not value:
+            continue
+        asset, _, region = key[len("input."):].partition("/")
+        region = region or GLOBAL_SCOPE
+        if asset in INPUT_KINDS:
+            inputs.append(InputVersion(asset, region, value, _readable(store, INPUT_KINDS[asset], region, value)))
+        if region != GLOBAL_SCOPE:
+            sources.setdefault(region, {})[asset] = value
+    regions = []
+    for region, found in sorted(sources.items()):
+        sha = found.get("osm_sha256")
+        stamp = _stamp(store, region, sha)
+        scenes_version = found.get("naip_scenes")
+        scene_ids, imagery = [], None
+        if scenes_version and _readable(store, "scenes", region, scenes_version):
+            manifest = store.dataset("scenes", region, scenes_version).manifest
+            scene_ids = [s.get("scene_id") for s in manifest.get("scenes", [])]
+            imagery = manifest.get("source")
+        regions.append(RegionSource(region, found.get("osm_uri") or stamp.get("uri"), sha, stamp.get("fetched_at"), imagery, scene_ids))
+    ckpt = tags.get("geojepa.data_version")
+    variant = name[len(MODEL_PREFIX):]
+    return ModelLineage(
+        model=name, version=str(mv.version), created=_ms_to_iso(mv.creation_timestamp),
+        run_id=run.info.run_id, run_status=run.info.status, run_link=_run_link(uri, run.info.experiment_id, run.info.run_id),
+        dagster_run_id=tags.get("dagster.run_id"), code_version=tags.get("dagster.code_version"),
+        git_commit=tags.get("geojepa.git_commit"),
+        checkpoint=InputVersion("geojepa_checkpoint", variant, ckpt, _readable(store, "checkpoints", variant, ckpt)) if ckpt else None,
+        inputs=inputs, regions=regions,
+    )
+
+
+def _stamp(store: Store, region: str, sha: str | None) -> dict:
+    import json
+
+    path = store.osm_source_stamp_path(region, sha) if sha else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
+def parse_region_spec(spec: str) -> tuple[str, str | None]:
+    """``li@3f2a9c`` -> ("li", "3f2a9c"); ``li`` -> ("li", None)."""
+    from .regions import validate_name
+
+    region, _, version = spec.partition("@")
+    validate_name(region)
+    if version and (len(version) < 6 or any(c not in "0123456789abcdef" for c in version)):
+        raise GeojepaError(f"bad region version in {spec!r}: give at least 6 hex digits of a tile_shards data version or an OSM sha256")
+    return region, version or None
+
+
+def models_trained_on(uri: str, spec: str) -> list[dict]:
+    """Model versions whose inputs include region ``spec`` (``NAME`` or ``NAME@DATA_VERSION``).
+
+    A version prefix matches the region's ``tile_shards`` data version or its OSM sha256.
+    """
+    region, version = parse_region_spec(spec)
+    client = _client(uri)
+    rows = []
+    for mv in _model_versions(client):
+        tags = mv.tags or {}
+        shards, sha = tags.get(f"input.tile_shards/{region}"), tags.get(f"input.osm_sha256/{region}")
+        if shards is None:
+            continue
+        if version and not (shards.startswith(version) or (sha or "").startswith(version)):
+            continue
+        rows.append({"model": mv.name, "version": str(mv.version), "created": _ms_to_iso(mv.creation_timestamp),
+                     "run_id": mv.run_id, "tile_shards": shards, "osm_sha256": sha,
+                     "dagster_run_id": tags.get("dagster.run_id")})
+    return rows
+
+
+def format_model_lineage(lin: ModelLineage) -> str:
+    """The chain as text: model -> MLflow run -> Dagster run -> input data versions -> sources -> scenes."""
+    from .tables import format_table
+
+    def present(ok: bool) -> str:
+        return "readable" if ok else "MISSING from the store"
+
+    lines = [
+        f"model         {lin.model}:{lin.version} (registered {lin.created})",
+        f"mlflow run    {lin.run_id} {lin.run_status}: {lin.run_link}",
+        f"dagster run   {lin.dagster_run_id or 'unknown (not trained through Dagster)'}"
+        f"  (geojepa_checkpoint code version {lin.code_version or '?'})",
+        f"git commit    {lin.git_commit or 'unknown'}",
+    ]
+    if lin.checkpoint:
+        lines.append(f"checkpoint    checkpoints/{lin.checkpoint.region}@{lin.checkpoint.data_version} ({present(lin.checkpoint.readable)})")
+    lines += ["", "input data versions:", format_table(
+        ["asset", "region", "data version", "in store"],
+        [(i.asset, i.region, i.data_version, present(i.readable)) for i in lin.inputs], max_width=70)]
+    for r in lin.regions:
+        scenes = ", ".join(r.scene_ids[:8]) + (f", … (+{len(r.scene_ids) - 8})" if len(r.scene_ids) > 8 else "")
+        lines += ["", f"region {r.region}:",
+                  f"  osm source  {r.osm_uri or '?'}",
+                  f"  sha256      {r.osm_sha256 or '?'} (fetched {r.fetched_at or '?'})",
+                  f"  imagery     {r.imagery_source or '-'}: {len(r.scene_ids)} scene(s){': ' + scenes if scenes else ''}"]
+    return "\n".join(lines)
