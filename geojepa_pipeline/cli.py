@@ -82,6 +82,26 @@ def cmd_regions_list(args) -> int:
     return 0
 
 
+def cmd_regions_check(args) -> int:
+    """What the source sensor would do now: each region's source against its ingested extract."""
+    from .ingest import check_source
+    from .regions import default_registry
+    from .store import default_store
+    from .tables import format_table
+
+    registry, store = default_registry(), default_store()
+    regions = [registry.get(args.name)] if args.name else list(registry.load().values())
+    rows = []
+    for region in regions:
+        try:
+            check = check_source(region, store)
+            rows.append((region.name, "yes" if check.changed else "no", check.reason))
+        except GeojepaError as exc:
+            rows.append((region.name, "error", str(exc)))
+    print(format_table(["region", "changed", "why"], rows, max_width=100))
+    return 0
+
+
 def cmd_regions_remove(args) -> int:
     from .regions import default_registry
 
@@ -221,7 +241,7 @@ def cmd_demo(args) -> int:
         metrics = json.loads((report.path / "metrics.json").read_text())
         print(metrics_table_markdown(metrics))
         print(f"report:   {report.path / 'report.html'}")
-    print(f"shards:   {store.root / 'tiles'}   chips: {store.root / 'images'}   tokens: {store.root / 'tokens'}")
+    print(f"shards:   {store.uri}/tiles   chips: {store.uri}/images   tokens: {store.uri}/tokens")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0
 
@@ -363,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--replace", action="store_true", help="overwrite an existing region of that name")
     add.set_defaults(func=cmd_regions_add)
     regions.add_parser("list", help="list regions").set_defaults(func=cmd_regions_list)
+    chk = regions.add_parser("check", help="has a region's OSM source changed since it was ingested? (what the sensor sees)")
+    chk.add_argument("name", nargs="?", help="one region (default: all)")
+    chk.set_defaults(func=cmd_regions_check)
     rm = regions.add_parser("remove", help="unregister a region (stored data stays)")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_regions_remove)

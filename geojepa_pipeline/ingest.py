@@ -17,7 +17,7 @@ from .geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
 from .geo.tiling import TILE_SIZE_M, TiledRegion, default_workers, tile_osm
 from .regions import Region
 from .sources import fetch_osm_source, local_source_path, source_fingerprint
-from .store import Dataset, Store, atomic_write_json, sha256_file
+from .store import Dataset, Store, sha256_file
 
 OSM_KIND = "osm"
 TILES_KIND = "tiles"
@@ -43,7 +43,9 @@ def fetch_extract(region: Region, store: Store, log: Log | None = None) -> Extra
     fetched = fetch_osm_source(region.osm, store, region.name, log=log, validate=validate)
     # a reused copy was validated when first stored; read its header facts once more
     summary = summaries[0] if summaries else validate_pbf(fetched.path)
-    atomic_write_json(store.osm_source_stamp_path(region.name, fetched.sha256), fetched.stamp)
+    if store.remote is not None and not store.remote.exists(store._rel(fetched.path)):
+        store.publish(fetched.path)  # content-addressed: uploaded once
+    store.put_json(store.osm_source_stamp_path(region.name, fetched.sha256), fetched.stamp)
     store.set_current(OSM_KIND, region.name, fetched.sha256)
     return ExtractResult(region.name, region.osm, fetched.path, fetched.sha256, fetched.bytes, fetched.reused, summary)
 
@@ -53,7 +55,7 @@ def current_extract(store: Store, region: str) -> tuple[Path, str]:
     from .errors import GeojepaError
 
     sha = store.current_version(OSM_KIND, region)
-    if sha is None or not store.osm_extract_path(region, sha).exists():
+    if sha is None or not store.fetch(store.osm_extract_path(region, sha)).exists():
         raise GeojepaError(f"region {region!r} has no osm_extract yet; materialize osm_extract[{region}] first")
     return store.osm_extract_path(region, sha), sha
 
@@ -69,13 +71,17 @@ class SourceCheck:
     sha256: str | None  # content hash, when this check computed one (local files whose stat changed)
 
 
-def current_source_stamp(store: Store, region: str) -> dict | None:
-    """The stamp recorded when the region's current extract was fetched, or None."""
+def source_stamp(store: Store, region: str, sha256: str | None) -> dict | None:
+    """The stamp recorded when the extract ``sha256`` of ``region`` was fetched, or None."""
     import json
 
-    sha = store.current_version(OSM_KIND, region)
-    path = store.osm_source_stamp_path(region, sha) if sha else None
+    path = store.fetch(store.osm_source_stamp_path(region, sha256)) if sha256 else None
     return json.loads(path.read_text()) if path is not None and path.exists() else None
+
+
+def current_source_stamp(store: Store, region: str) -> dict | None:
+    """The stamp recorded when the region's current extract was fetched, or None."""
+    return source_stamp(store, region, store.current_version(OSM_KIND, region))
 
 
 def check_source(region: Region, store: Store, cached: dict | None = None) -> SourceCheck:

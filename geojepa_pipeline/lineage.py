@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from .errors import GeojepaError
+from .ingest import source_stamp
 from .store import GLOBAL_SCOPE, Store
 
 MODEL_PREFIX = "geojepa-"
@@ -133,7 +134,7 @@ def model_lineage(uri: str, store: Store, spec: str) -> ModelLineage:
     regions = []
     for region, found in sorted(sources.items()):
         sha = found.get("osm_sha256")
-        stamp = _stamp(store, region, sha)
+        stamp = source_stamp(store, region, sha) or {}
         scenes_version = found.get("naip_scenes")
         scene_ids, imagery = [], None
         if scenes_version and _readable(store, "scenes", region, scenes_version):
@@ -151,13 +152,6 @@ def model_lineage(uri: str, store: Store, spec: str) -> ModelLineage:
         checkpoint=InputVersion("geojepa_checkpoint", variant, ckpt, _readable(store, "checkpoints", variant, ckpt)) if ckpt else None,
         inputs=inputs, regions=regions,
     )
-
-
-def _stamp(store: Store, region: str, sha: str | None) -> dict:
-    import json
-
-    path = store.osm_source_stamp_path(region, sha) if sha else None
-    return json.loads(path.read_text()) if path is not None and path.exists() else {}
 
 
 def parse_region_spec(spec: str) -> tuple[str, str | None]:

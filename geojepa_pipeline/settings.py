@@ -6,6 +6,7 @@
     dagster/       DAGSTER_HOME (SQLite storage, run logs)
     mlflow/        the embedded MLflow store
     store/         every materialized dataset, immutable per data version
+    cache/store/   the local mirror when GEOJEPA_STORE is an object-store URL (s3://bucket/prefix)
 
 Only this module reads the environment for locations; ``store.py`` builds every path below
 ``store/``.
@@ -43,8 +44,18 @@ class Settings:
         return self.home / "mlflow"
 
     @property
-    def store_root(self) -> Path:
-        return Path(os.environ.get("GEOJEPA_STORE", self.home / "store"))
+    def store_root(self) -> Path | str:
+        """``GEOJEPA_STORE`` (a directory or an fsspec URL such as ``s3://bucket/prefix``), else ``home/store``."""
+        root = os.environ.get("GEOJEPA_STORE")
+        if not root:
+            return self.home / "store"
+        return root if "://" in root else Path(root)
+
+    @property
+    def store_cache(self) -> Path:
+        """The local mirror of an object-store root (unused for a local root)."""
+        root = str(self.store_root)
+        return self.home / "cache" / "store" / root.replace("://", "/").strip("/")
 
 
 def get_settings(home: str | os.PathLike | None = None) -> Settings:

@@ -15,6 +15,15 @@ Writes are atomic: files are written to a temporary name and renamed; datasets a
 written into a hidden staging directory (``.staging-<pid>-<uuid>``) that is renamed to its
 data version in one step. A killed process leaves at most a hidden staging directory, which
 no reader lists and the next write of the same region removes.
+
+Object storage: the root may be an fsspec URL (``GEOJEPA_STORE=s3://bucket/prefix``, opened
+through universal-pathlib; ``AWS_ENDPOINT_URL`` points at an S3-compatible server). The bucket
+is then the source of truth and the local root is a mirror of what this machine wrote or read
+(``GEOJEPA_HOME/cache/store/...``). The same guarantees hold, built from atomic object PUTs: a
+dataset's files are uploaded first and ``manifest.json`` last, so a prefix without a manifest is
+not a dataset, and ``CURRENT`` is replaced only after the manifest is up. Readers fetch a
+dataset into the mirror on first use (committed versions never change, so the mirror never
+goes stale) and check every file against the manifest's sha256.
 """
 
 from __future__ import annotations
@@ -89,11 +98,144 @@ class Dataset:
         return json.loads((self.path / MANIFEST).read_text())
 
 
-class Store:
-    """Paths and atomic commits below one root directory."""
+def is_url(root) -> bool:
+    return "://" in str(root)
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+
+class RemoteRoot:
+    """An object-store prefix through universal-pathlib: put, get, read and list by relative key."""
+
+    def __init__(self, url: str):
+        from upath import UPath
+
+        options = {"use_listings_cache": False}  # other machines write here: never trust a cached listing
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if url.startswith("s3://") and endpoint:
+            options["endpoint_url"] = endpoint
+        try:
+            self.base = UPath(url.rstrip("/"), **options)
+            self.fs = self.base.fs
+        except (ImportError, ValueError) as exc:
+            raise _store_error(f"cannot open store {url}: {exc}; install the filesystem package (s3fs for s3://)") from None
+        self.url = url.rstrip("/")
+
+    def key(self, rel: str) -> str:
+        return f"{self.base.path.rstrip('/')}/{rel}"
+
+    def _call(self, what: str, rel: str, fn, *args):
+        """``fn(*args)``; a failure other than a missing object becomes one line naming the store and the settings."""
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # botocore/aiohttp errors differ by backend: report them alike
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise _store_error(
+                f"object store {self.url} failed to {what} {rel!r} ({type(exc).__name__}: {reason}); "
+                "check GEOJEPA_STORE, AWS_ENDPOINT_URL and the AWS credentials") from None
+
+    def exists(self, rel: str) -> bool:
+        return self._call("check", rel, self.fs.exists, self.key(rel))
+
+    def read_text(self, rel: str) -> str | None:
+        try:
+            return self._call("read", rel, self.fs.cat_file, self.key(rel)).decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def put(self, local: Path, rel: str) -> None:
+        """One PUT: the object appears whole or not at all."""
+        self._call("upload", rel, self.fs.put_file, str(local), self.key(rel))
+
+    def get(self, rel: str, local: Path) -> None:
+        self._call("download", rel, self.fs.get_file, self.key(rel), str(local))
+
+    def glob(self, pattern: str) -> list[str]:
+        """Keys matching ``pattern`` (relative), returned relative to the root."""
+        prefix = self.base.path.rstrip("/") + "/"
+        return sorted(k[len(prefix):] for k in self._call("list", pattern, self.fs.glob, self.key(pattern)))
+
+
+def _store_error(message: str):
+    from .errors import GeojepaError
+
+    return GeojepaError(message)
+
+
+def default_cache_dir(url: str) -> Path:
+    """Where a remote root is mirrored when the caller gives no directory: ``~/.cache/geojepa/<url>``."""
+    safe = url.replace("://", "/").strip("/")
+    return Path.home() / ".cache" / "geojepa" / "store" / safe
+
+
+class Store:
+    """Paths and atomic commits below one root: a directory, or an object-store URL mirrored locally."""
+
+    def __init__(self, root: str | os.PathLike, cache: str | os.PathLike | None = None):
+        if is_url(root):
+            self.remote: RemoteRoot | None = RemoteRoot(str(root))
+            self.uri = self.remote.url
+            self.root = Path(cache) if cache else default_cache_dir(self.uri)
+        else:
+            self.remote = None
+            self.root = Path(root)
+            self.uri = str(self.root)
+
+    # ---- the remote mirror (no-ops for a local root) ----------------------------------------
+    def _rel(self, path: Path) -> str:
+        return Path(path).relative_to(self.root).as_posix()
+
+    def publish(self, path: Path) -> None:
+        """Upload one local file under the root to the same key (a no-op without a remote root)."""
+        if self.remote is not None:
+            self.remote.put(path, self._rel(path))
+
+    def fetch(self, path: Path) -> Path:
+        """``path``, downloaded from the remote root first when only the remote has it."""
+        path = Path(path)
+        if self.remote is None or path.exists():
+            return path
+        rel = self._rel(path)
+        if self.remote.exists(rel):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                self.remote.get(rel, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return path
+
+    def put_json(self, path: Path, obj: Any) -> None:
+        """Write JSON atomically under the root, and publish it."""
+        atomic_write_json(path, obj)
+        self.publish(path)
+
+    def _fetch_dataset(self, kind: str, region: str, data_version: str) -> None:
+        """Download a committed remote dataset into the mirror: files, checked against the manifest, then rename."""
+        rel = f"{kind}/{region}/{data_version}"
+        text = self.remote.read_text(f"{rel}/{MANIFEST}")
+        if text is None:
+            return
+        manifest = json.loads(text)
+        parent = self.kind_dir(kind, region)
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f"{_STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            for name, info in sorted(manifest.get("files", {}).items()):
+                self.remote.get(f"{rel}/{name}", staging / name)
+                if sha256_file(staging / name) != info["sha256"]:
+                    raise _store_error(f"{self.uri}/{rel}/{name} does not match its manifest sha256; the object store copy is damaged")
+            (staging / MANIFEST).write_text(text)
+            final = parent / data_version
+            if (final / MANIFEST).exists():
+                return
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staging, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     # ---- sources -------------------------------------------------------------------------
     def osm_extract_path(self, region: str, sha256: str) -> Path:
@@ -115,12 +257,17 @@ class Store:
 
     def dataset(self, kind: str, region: str, data_version: str) -> Dataset:
         path = self.kind_dir(kind, region) / data_version
+        if not (path / MANIFEST).exists() and self.remote is not None:
+            self._fetch_dataset(kind, region, data_version)
         if not (path / MANIFEST).exists():
-            raise FileNotFoundError(f"no committed {kind} dataset {region}@{data_version} under {path}")
+            raise FileNotFoundError(f"no committed {kind} dataset {region}@{data_version} under {self.uri}")
         return Dataset(kind, region, data_version, path)
 
     def versions(self, kind: str, region: str) -> list[str]:
         """Committed data versions of one region (directories that hold a manifest)."""
+        if self.remote is not None:
+            found = self.remote.glob(f"{kind}/{region}/*/{MANIFEST}")
+            return sorted(k.split("/")[2] for k in found if not k.split("/")[2].startswith("."))
         d = self.kind_dir(kind, region)
         if not d.is_dir():
             return []
@@ -128,6 +275,8 @@ class Store:
 
     def regions(self, kind: str) -> list[str]:
         """Regions that have a CURRENT pointer for ``kind``."""
+        if self.remote is not None:
+            return sorted(k.split("/")[1] for k in self.remote.glob(f"{kind}/*/{CURRENT}"))
         d = self.root / kind
         if not d.is_dir():
             return []
@@ -135,6 +284,9 @@ class Store:
 
     def current_version(self, kind: str, region: str) -> str | None:
         pointer = self.kind_dir(kind, region) / CURRENT
+        if self.remote is not None:  # the bucket is the truth: another machine may have moved it
+            text = self.remote.read_text(self._rel(pointer))
+            return text.strip() if text else None
         return pointer.read_text().strip() if pointer.exists() else None
 
     def current(self, kind: str, region: str) -> Dataset | None:
@@ -142,7 +294,9 @@ class Store:
         return self.dataset(kind, region, version) if version else None
 
     def set_current(self, kind: str, region: str, data_version: str) -> None:
-        atomic_write_text(self.kind_dir(kind, region) / CURRENT, data_version + "\n")
+        pointer = self.kind_dir(kind, region) / CURRENT
+        atomic_write_text(pointer, data_version + "\n")
+        self.publish(pointer)
 
     def new_staging_dir(self, kind: str, region: str) -> Path:
         """A fresh hidden directory to write a dataset into; stale ones of dead processes go."""
@@ -198,6 +352,10 @@ class Store:
             if final.exists():  # a directory without a manifest is garbage from an old crash
                 shutil.rmtree(final)
             os.rename(staging, final)
+        if self.remote is not None and not self.remote.exists(f"{kind}/{region}/{data_version}/{MANIFEST}"):
+            for name in files:  # data first, the manifest last: a prefix without one is not a dataset
+                self.publish(final / name)
+            self.publish(final / MANIFEST)
         return Dataset(kind, region, data_version, final)
 
     def iter_current(self, kind: str) -> Iterator[Dataset]:
@@ -210,7 +368,8 @@ class Store:
 def default_store() -> Store:
     from .settings import get_settings
 
-    return Store(get_settings().store_root)
+    settings = get_settings()
+    return Store(settings.store_root, cache=settings.store_cache)
 
 
 def shard_filename(table: str, shard_index: int) -> str:

@@ -117,3 +117,21 @@ def test_unreachable_http_source_is_a_one_line_error(tmp_path, closed_port):
     region = Region.create("x", f"http://127.0.0.1:{closed_port}/x.osm.pbf")
     with pytest.raises(GeojepaError, match=r"cannot reach http://127\.0\.0\.1:\d+/x\.osm\.pbf for a HEAD request"):
         check_source(region, Store(tmp_path / "store"))
+
+
+def test_regions_check_cli(home, tmp_path, capsys):
+    from geojepa_pipeline.cli import main
+
+    src = rules_fixture(tmp_path / "a.osm.pbf")
+    assert main(["regions", "add", "a", "--osm", str(src)]) == 0
+    assert main(["regions", "add", "gone", "--osm", str(shutil.copy(src, tmp_path / "gone.osm.pbf"))]) == 0
+    (tmp_path / "gone.osm.pbf").unlink()
+    assert main(["materialize", "--region", "a", "--select", "key:osm_extract"]) == 0
+    capsys.readouterr()
+    assert main(["regions", "check"]) == 0
+    rows = {line.split(" | ")[0].strip(): line for line in capsys.readouterr().out.splitlines()[2:-1]}
+    assert "| no " in rows["a"] and "same size and mtime" in rows["a"]
+    assert "| error " in rows["gone"] and "does not exist" in rows["gone"]
+    _other_pbf(src)
+    assert main(["regions", "check", "a"]) == 0
+    assert "| yes " in capsys.readouterr().out

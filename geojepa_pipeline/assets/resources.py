@@ -17,7 +17,8 @@ class GeojepaResource(dg.ConfigurableResource):
         return get_settings(self.home or None)
 
     def store(self) -> Store:
-        return Store(self._settings().store_root)
+        settings = self._settings()
+        return Store(settings.store_root, cache=settings.store_cache)
 
     def registry(self) -> RegionRegistry:
         return RegionRegistry(self._settings().registry_path)
