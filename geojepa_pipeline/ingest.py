@@ -69,6 +69,7 @@ class SourceCheck:
     reason: str  # one line for logs and run tags
     fingerprint: dict  # what ``source_fingerprint`` saw now (cached by the sensor's cursor)
     sha256: str | None  # content hash, when this check computed one (local files whose stat changed)
+    never_ingested: bool = False  # no extract yet: the first ingestion is the user's or the schedule's call
 
 
 def source_stamp(store: Store, region: str, sha256: str | None) -> dict | None:
@@ -97,7 +98,7 @@ def check_source(region: Region, store: Store, cached: dict | None = None) -> So
     name, current = region.name, store.current_version(OSM_KIND, region.name)
     fingerprint = source_fingerprint(region.osm)
     if current is None:
-        return SourceCheck(name, True, "never ingested", fingerprint, None)
+        return SourceCheck(name, True, "never ingested", fingerprint, None, never_ingested=True)
     stamp = current_source_stamp(store, name) or {}
     if stamp.get("uri", region.osm) != region.osm:
         return SourceCheck(name, True, f"source changed in the registry ({stamp.get('uri')} -> {region.osm})", fingerprint, None)

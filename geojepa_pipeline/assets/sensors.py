@@ -63,7 +63,7 @@ def region_source_sensor(context: dg.SensorEvaluationContext, geojepa: GeojepaRe
             continue
         new_cursor[name] = {"fingerprint": check.fingerprint, "sha256": check.sha256}
         seen.append(f"{name}: {check.reason}")
-        if check.changed:
+        if check.changed and not check.never_ingested:  # a source that changed since it was ingested
             context.log.info(f"region {name}: {check.reason}; requesting osm_extract[{name}]")
             requests.append(dg.RunRequest(
                 run_key=_run_key(name, store.current_version("osm", name), check.fingerprint),

@@ -44,6 +44,9 @@ def test_changed_source_reingests_exactly_its_region_and_unchanged_costs_nothing
     everything = dg.AssetSelection.groups("ingest", "imagery", "tokens")
     with dg.instance_for_test() as instance:
         sync_region_partitions(instance, ["a", "b"])
+        # a region never ingested is left to the user or its schedule: the sensor only reacts to changes
+        fresh = _sense(instance, home, None)
+        assert fresh.run_requests == [] and "a: never ingested" in fresh.skip_reason.skip_message
         for region in ("a", "b"):
             _materialize(instance, home, region, everything)
         baseline = dg.evaluate_automation_conditions(defs=defs, instance=instance)
