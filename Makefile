@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test ui bench clean
+.PHONY: install system-deps demo test ui bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,14 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# PostgreSQL and Chromium for the e2e tests (deployment topology, UI in a browser); best effort
+system-deps:
+	bash .ci/system-deps
+
 demo: install
 	$(VENV)/bin/geojepa demo
 
-test: install
+test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ui: install

@@ -16,13 +16,52 @@ from .errors import GeojepaError
 
 # ---- helpers ------------------------------------------------------------------------------
 def _instance():
-    """The Dagster instance in ``GEOJEPA_HOME/dagster`` (created on first use)."""
+    """The Dagster instance in ``GEOJEPA_HOME/dagster`` (created on first use).
+
+    A ``dagster.yaml`` there may point at PostgreSQL (see docker/dagster.yaml); a missing
+    setting or an unreachable database is one line that names the setting.
+    """
     from .settings import ensure_dagster_home
 
-    ensure_dagster_home()
+    dagster_home = ensure_dagster_home()
     import dagster as dg
 
-    return dg.DagsterInstance.get()
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # dagster-postgres logs every connection retry, traceback included
+    try:
+        return dg.DagsterInstance.get()
+    except Exception as exc:  # config and driver errors differ by storage: explain them alike
+        raise GeojepaError(_instance_error(exc, dagster_home / "dagster.yaml")) from None
+    finally:
+        root.setLevel(level)
+
+
+def _instance_error(exc: BaseException, config_path: Path) -> str:
+    """One line for a Dagster instance that would not open: which setting, and what to do."""
+    import re
+
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    text = "\n".join(chain)
+    unset = re.findall(r'environment variable "(\w+)" which is not set', text)
+    if unset:
+        return f"{config_path} reads ${unset[0]}, which is not set; export it (see .env.example) or fix that file"
+    if "DB connection" in text or "OperationalError" in text:
+        import yaml
+
+        db = ((yaml.safe_load(config_path.read_text()) or {}).get("storage") or {}).get("postgres", {}).get("postgres_db", {})
+        value = lambda v: os.environ.get(v["env"], "?") if isinstance(v, dict) and "env" in v else v  # noqa: E731
+        names = [v["env"] for v in db.values() if isinstance(v, dict) and "env" in v]
+        where = f"{value(db.get('hostname'))}:{value(db.get('port', 5432))}" if db else "the configured server"
+        reason = re.findall(r"(Connection refused|password authentication failed[^\n]*|does not exist|timeout expired|could not translate host name[^\n]*)", text)
+        return (f"cannot connect to the Dagster database (PostgreSQL at {where}, {reason[0] if reason else 'connection failed'}) "
+                f"configured in {config_path}; check {', '.join(names) or 'its storage settings'} and that the server is up")
+    return f"cannot open the Dagster instance configured in {config_path}: {chain[-1].splitlines()[0][:200]}"
 
 
 def _sync_partitions(registry) -> None:
@@ -57,6 +96,7 @@ def cmd_regions_add(args) -> int:
     validate_name(args.name)
     registry = default_registry()
     region = Region.create(args.name, args.osm, imagery=args.imagery, schedule=args.schedule)
+    _instance().dispose()  # the instance opens (e.g. its database answers) before the registry changes
     registry.add(region, replace=args.replace)
     _sync_partitions(registry)
     print(f"added region {region.name}: osm={region.osm} imagery={region.imagery} schedule={region.schedule!r}")
@@ -354,18 +394,42 @@ def cmd_sql(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    """``dagster dev`` on this GEOJEPA_HOME; prints ``ready: URL`` once the webserver answers its health check."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from .regions import default_registry
     from .settings import ensure_dagster_home
 
     dagster_home = ensure_dagster_home()
-    from .regions import default_registry
-
-    _sync_partitions(default_registry())
+    _sync_partitions(default_registry())  # also opens the instance: a bad database is one line here
     exe = Path(sys.executable).parent / "dagster"
     cmd = [str(exe if exe.exists() else "dagster"), "dev", "-m", "geojepa_pipeline.definitions",
            "--host", args.host, "--port", str(args.port)]
     print(f"DAGSTER_HOME={dagster_home}\nstarting: {' '.join(cmd)}", flush=True)
-    os.execvpe(cmd[0], cmd, os.environ)
-    return 0  # not reached
+    proc = subprocess.Popen(cmd, env=os.environ)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())  # stopping us stops dagster dev
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    health = f"http://{host}:{args.port}/server_info"
+    deadline = time.time() + 300
+    try:
+        while proc.poll() is None:
+            try:
+                urllib.request.urlopen(health, timeout=2).read()
+                print(f"ready: http://{host}:{args.port} (health check: {health})", flush=True)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    print(f"warning: {health} has not answered for 300 s; see the output above", flush=True)
+                    deadline = float("inf")
+                time.sleep(1)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        return 130
 
 
 # ---- argument parsing ---------------------------------------------------------------------

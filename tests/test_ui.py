@@ -46,6 +46,11 @@ def test_ui_shows_cli_materializations(home, capsys):
                 time.sleep(1)
         else:
             raise AssertionError("dagster dev did not come up:\n" + (home / "ui.log").read_text()[-2000:])
+        # `geojepa ui` reports readiness once the health check answers
+        deadline = time.time() + 30
+        while f"ready: http://127.0.0.1:{port}" not in (home / "ui.log").read_text() and time.time() < deadline:
+            time.sleep(0.5)
+        assert f"ready: http://127.0.0.1:{port} (health check: http://127.0.0.1:{port}/server_info)" in (home / "ui.log").read_text()
         q = '{ assetOrError(assetKey: {path: ["tile_shards"]}) { ... on Asset { assetMaterializations(limit: 5) { partition } } } }'
         mats = _graphql(port, q)["data"]["assetOrError"]["assetMaterializations"]
         assert [m["partition"] for m in mats] == ["t"]
