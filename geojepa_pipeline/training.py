@@ -70,11 +70,49 @@ class CheckpointResult:
     seconds: float
 
 
+def train_with_torchrun(cfg: TrainConfig, sources: list[ShardSource], work, processes: int,
+                        log: Callable[[str], None] = print):
+    """Train under ``torchrun --standalone --nproc_per_node processes`` (DDP: nccl on GPUs, gloo on CPUs).
+
+    The ranks write their resumable checkpoints into ``work``; afterwards this process loads the
+    last one (``train`` resumes at the final step and does no more work) to return the result.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"config": cfg.to_dict(), "work_dir": str(work),
+            "sources": [{"region": s.region, "tokens_file": str(s.tokens_file), "tiles_file": str(s.tiles_file),
+                         "entities_file": str(s.entities_file), "images_file": str(s.images_file) if s.images_file else None}
+                        for s in sources]}
+    spec_path = work / "spec.json"
+    spec_path.write_text(json.dumps(spec, sort_keys=True) + "\n")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--standalone", f"--nproc_per_node={processes}",
+           "-m", "geojepa_pipeline.train.run", str(spec_path)]
+    log(f"launching: {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in proc.stdout:  # the ranks' progress, as it comes
+        line = line.rstrip()
+        tail = (tail + [line])[-20:]
+        if line.startswith("[rank 0]"):
+            log(line)
+    if proc.wait() != 0:
+        raise GeojepaError(f"torchrun with {processes} processes failed (exit {proc.returncode}): {tail[-1] if tail else ''}")
+    return train(cfg, sources, work, log=log)
+
+
 def build_checkpoint(
     variant: str, store: Store, settings: Settings, cfg: TrainConfig, regions: list[str] | None = None,
-    tags: dict | None = None, log: Callable[[str], None] = print,
+    tags: dict | None = None, log: Callable[[str], None] = print, processes: int = 1,
 ) -> CheckpointResult:
-    """Train (or resume) GeoJEPA-``variant`` on the regions' tokens; commit the checkpoint; log it to MLflow."""
+    """Train (or resume) GeoJEPA-``variant`` on the regions' tokens; commit the checkpoint; log it to MLflow.
+
+    ``processes`` > 1 trains with DDP under torchrun (one process per GPU, or CPU ranks with gloo).
+    """
     from .train.tracking import git_commit, log_training, tracking_uri
 
     cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
@@ -86,7 +124,10 @@ def build_checkpoint(
     key = hashlib.sha256(json.dumps({"config": cfg.to_dict(), "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
     work = store.kind_dir(CHECKPOINT_KIND, variant) / f".work-{key}"
     t0 = time.perf_counter()
-    result = train(cfg, sources, work, log=log)
+    if processes > 1:
+        result = train_with_torchrun(cfg, sources, work, processes, log=log)
+    else:
+        result = train(cfg, sources, work, log=log)
     staging = store.new_staging_dir(CHECKPOINT_KIND, variant)
     try:
         shutil.copyfile(result.best / "model.safetensors", staging / "model.safetensors")

@@ -25,6 +25,7 @@ class CheckpointConfig(dg.Config):
     ckpt_every: int = 50  # steps between resumable checkpoints
     regions: list[str] = []  # empty: every region with tile_tokens
     seed: int = 0
+    processes: int = 1  # > 1: DDP under `torchrun --nproc_per_node` (one per GPU; the run's host needs that many)
 
 
 @dg.asset(
@@ -46,6 +47,7 @@ def geojepa_checkpoint(context: dg.AssetExecutionContext, config: CheckpointConf
                       max_tokens=config.max_tokens, ckpt_every=config.ckpt_every, seed=config.seed)
     result = build_checkpoint(
         variant, geojepa.store(), settings, cfg, regions=list(config.regions) or None, log=context.log.info,
+        processes=config.processes,
         tags={"dagster.run_id": context.run.run_id, "dagster.code_version": GEOJEPA_CHECKPOINT_CODE_VERSION,
               "dagster.asset": "geojepa_checkpoint", "dagster.partition": variant},
     )

@@ -16,6 +16,7 @@ rank's number of batches per epoch), and rank 0 writes checkpoints.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -65,8 +66,13 @@ class TrainResult:
 
 
 def _device(name: str) -> torch.device:
+    """``auto``: this rank's GPU (``cuda:$LOCAL_RANK`` under torchrun, else ``cuda:0``) when there is one, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 

@@ -1,7 +1,7 @@
 """``python -m geojepa_pipeline.train.run SPEC.json``: train from a JSON spec (used by torchrun and by tests).
 
 SPEC: {"config": {TrainConfig fields}, "sources": [{"region", "tokens_file", "tiles_file",
-"entities_file"}], "work_dir": "..."}. Under torchrun, the process group is initialised (gloo
+"entities_file", "images_file" (optional)}], "work_dir": "..."}. Under torchrun, the process group is initialised (gloo
 on CPU, nccl on GPU) and each rank writes ``work_dir/params-rank<R>.txt`` with a parameter
 checksum at the end.
 """
@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     torch.set_num_threads(1 if distributed else max(1, min(2, torch.get_num_threads())))
-    sources = [ShardSource(s["region"], Path(s["tokens_file"]), Path(s["tiles_file"]), Path(s["entities_file"])) for s in spec["sources"]]
+    sources = [ShardSource(s["region"], Path(s["tokens_file"]), Path(s["tiles_file"]), Path(s["entities_file"]),
+                           Path(s["images_file"]) if s.get("images_file") else None) for s in spec["sources"]]
     work = Path(spec["work_dir"])
     rank = torch.distributed.get_rank() if distributed else 0
     result = train(TrainConfig(**spec["config"]), sources, work, log=lambda m: print(f"[rank {rank}] {m}", flush=True))

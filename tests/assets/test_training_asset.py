@@ -111,3 +111,22 @@ def test_evaluation_report_metrics_schema_and_cli(tokens_home, capsys):
     assert main(["knn", tile, "--k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 3 + 1 and tile not in "".join(lines[2:5])
+
+
+def test_checkpoint_trained_by_two_torchrun_processes(tokens_home):
+    """processes=2: build_checkpoint launches torchrun (gloo on CPU); both ranks end equal; MLflow gets the version."""
+    from geojepa_pipeline.settings import get_settings
+    from geojepa_pipeline.store import default_store
+    from geojepa_pipeline.train.loop import TrainConfig
+    from geojepa_pipeline.training import build_checkpoint
+
+    logs = []
+    result = build_checkpoint("T", default_store(), get_settings(), TrainConfig(preset="tiny", epochs=2, batch_size=16),
+                              processes=2, log=logs.append)
+    assert any(line.startswith("launching: ") and "--nproc_per_node=2" in line for line in logs)
+    assert any(line.startswith("[rank 0]") and "on 2 process(es)" in line for line in logs)
+    work = next((tokens_home / "store" / "checkpoints" / "T").glob(".work-*"))
+    ranks = [(work / f"params-rank{r}.txt").read_text() for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert result.steps > 0 and result.resumed_from == result.steps  # the in-process pass only collects the result
+    assert result.mlflow.version == "1" and (result.dataset.path / "model.safetensors").exists()
