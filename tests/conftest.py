@@ -48,16 +48,21 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+def serve_directory(root: Path, handler=_QuietHandler):
+    """Start a real HTTP server on 127.0.0.1 serving ``root``; returns (base_url, server) (call ``server.shutdown()``)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}", server
+
+
 @pytest.fixture
 def http_server(tmp_path):
     """A real HTTP server on 127.0.0.1 serving ``tmp_path/www``; yields (base_url, root_dir)."""
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    base, server = serve_directory(root)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
+        yield base, root
     finally:
         server.shutdown()
         server.server_close()

@@ -1,10 +1,7 @@
 """Source change detection (``ingest.check_source``): local files by stat then sha256, http(s) by HEAD validators."""
 
-import http.server
 import os
 import shutil
-import threading
-from functools import partial
 
 import pytest
 
@@ -13,6 +10,7 @@ from geojepa_pipeline.ingest import check_source, current_source_stamp, fetch_ex
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import Store
 
+from .conftest import _QuietHandler, serve_directory
 from .osm_fixtures import rules_fixture, write_pbf
 
 
@@ -64,8 +62,8 @@ def test_missing_local_source_is_a_one_line_error(tmp_path):
         check_source(region, Store(tmp_path / "store"))
 
 
-class _ETagHandler(http.server.SimpleHTTPRequestHandler):
-    """SimpleHTTPRequestHandler plus an ETag from the file's size and mtime (like nginx)."""
+class _ETagHandler(_QuietHandler):
+    """The quiet file handler plus an ETag from the file's size and mtime (like nginx)."""
 
     def end_headers(self):
         path = self.translate_path(self.path)
@@ -74,18 +72,14 @@ class _ETagHandler(http.server.SimpleHTTPRequestHandler):
             self.send_header("ETag", f'"{st.st_mtime_ns:x}-{st.st_size:x}"')
         super().end_headers()
 
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture
 def etag_server(tmp_path):
     root = tmp_path / "etag-www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_ETagHandler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base, server = serve_directory(root, _ETagHandler)
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
+        yield base, root
     finally:
         server.shutdown()
         server.server_close()
