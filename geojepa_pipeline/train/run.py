@@ -30,13 +30,17 @@ def main(argv: list[str] | None = None) -> int:
                            Path(s["images_file"]) if s.get("images_file") else None) for s in spec["sources"]]
     work = Path(spec["work_dir"])
     rank = torch.distributed.get_rank() if distributed else 0
-    result = train(TrainConfig(**spec["config"]), sources, work, log=lambda m: print(f"[rank {rank}] {m}", flush=True))
+    def log(message: str) -> None:  # one write per line: print() writes text and newline apart, and ranks share a pipe
+        sys.stdout.write(f"[rank {rank}] {message}\n")
+        sys.stdout.flush()
+
+    result = train(TrainConfig(**spec["config"]), sources, work, log=log)
     work.mkdir(parents=True, exist_ok=True)  # only rank 0 writes checkpoints: the directory may not exist here yet
     (work / f"params-rank{rank}.txt").write_text(result.param_checksum + "\n")
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    print(f"[rank {rank}] done: {result.steps} steps, resumed from {result.resumed_from}", flush=True)
+    log(f"done: {result.steps} steps, resumed from {result.resumed_from}")
     return 0
 
 

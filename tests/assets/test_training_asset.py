@@ -124,7 +124,7 @@ def test_checkpoint_trained_by_two_torchrun_processes(tokens_home):
     result = build_checkpoint("T", default_store(), get_settings(), TrainConfig(preset="tiny", epochs=2, batch_size=16),
                               processes=2, log=logs.append)
     assert any(line.startswith("launching: ") and "--nproc_per_node=2" in line for line in logs)
-    assert any(line.startswith("[rank 0]") and "on 2 process(es)" in line for line in logs)
+    assert any(line.startswith("[rank 0] training GeoJEPA-T") and line.endswith("on 2 process(es)") for line in logs)
     work = next((tokens_home / "store" / "checkpoints" / "T").glob(".work-*"))
     ranks = [(work / f"params-rank{r}.txt").read_text() for r in (0, 1)]
     assert ranks[0] == ranks[1]
