@@ -29,6 +29,7 @@ def require_chromium():
 
 def test_materialize_tile_shards_partition_from_the_asset_graph(home, tmp_path):
     require_chromium()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
     assert main(["regions", "add", "t", "--osm", "pyrosm:test", "--imagery", "none"]) == 0
@@ -46,14 +47,19 @@ def test_materialize_tile_shards_partition_from_the_asset_graph(home, tmp_path):
             # "Join the Dagster community" covers a new instance's pages: dismiss it whenever it shows
             page.add_locator_handler(page.get_by_role("button", name="Skip"), lambda skip: skip.click())
             try:
+                expect.set_options(timeout=30_000)  # a loaded 2-core machine renders slowly
                 page.goto(f"{base}/asset-groups")  # the asset graph
+                try:  # the dialog comes a moment after the page; take it out of the way first
+                    page.get_by_role("button", name="Skip").click(timeout=10_000)
+                except PlaywrightTimeout:
+                    pass
                 page.locator("div.CodeMirror").first.click()  # its asset filter
                 page.keyboard.type("key:tile_shards")
                 page.keyboard.press("Enter")
                 expect(page.get_by_text("1 partition")).to_be_visible(timeout=60_000)
                 page.get_by_role("button", name=re.compile("Materialize")).first.click()
-                dialog = page.get_by_role("dialog")
-                expect(dialog.get_by_text("Launch runs to materialize tile_shards")).to_be_visible()
+                dialog = page.get_by_role("dialog").filter(has_text="Launch runs to materialize tile_shards")
+                expect(dialog).to_be_visible()
                 dialog.get_by_text("Select a partition or create one").click()
                 page.get_by_placeholder("Filter partitions").fill("t")
                 page.get_by_text("t", exact=True).filter(visible=True).first.click()  # the demo region's partition
