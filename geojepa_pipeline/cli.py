@@ -315,7 +315,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_knn(args) -> int:
-    import numpy as np
     import pyarrow.parquet as pq
 
     from .columns import fixed_list_to_numpy
@@ -327,14 +326,15 @@ def cmd_knn(args) -> int:
         raise GeojepaError(f"unknown tile {args.tile_id!r}; ids look like {ids[0]!r} (see: geojepa sql \"select tile_id from tiles limit 5\")")
     emb = fixed_list_to_numpy(t.column("embedding"))
     q = ids.index(args.tile_id)
-    e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    sims = e @ e[q]
-    sims[q] = -np.inf
-    order = np.argsort(-sims)[: args.k]
+    from .evaluate.index import CosineIndex
+
+    index = CosineIndex(emb)  # exact below 100k tiles, PQ fast-scan + exact re-rank above
+    scores, found = index.search(emb[q], args.k + 1)
+    hits = [(int(j), float(s)) for j, s in zip(found[0], scores[0]) if j != q and j >= 0][: args.k]
     regions = t.column("region").to_pylist()
     from .tables import format_table
 
-    print(format_table(["rank", "tile_id", "region", "cosine"], [(i + 1, ids[j], regions[j], round(float(sims[j]), 4)) for i, j in enumerate(order)]))
+    print(format_table(["rank", "tile_id", "region", "cosine"], [(i + 1, ids[j], regions[j], round(s, 4)) for i, (j, s) in enumerate(hits)]))
     return 0
 
 
