@@ -44,7 +44,9 @@ def train_probe(kind: str, task: str, x_train: np.ndarray, y_train: np.ndarray, 
                 patience: int = 35, batch: int = 1024) -> ProbeResult:
     """Train a probe on standardised features; return its test metric (see the module docstring)."""
     torch.manual_seed(seed)
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    mu, sd = x_train.mean(0), x_train.std(0)
+    # a feature constant in train (e.g. a tag pair no train tile has) is centred, not blown up by 1/eps
+    sd = np.where(sd > 1e-6, sd, 1.0)
     tens = lambda a: torch.as_tensor((a - mu) / sd, dtype=torch.float32)  # noqa: E731
     xtr, xva, xte = tens(x_train), tens(x_val), tens(x_test)
     binary = task in BINARY_TASKS

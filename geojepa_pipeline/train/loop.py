@@ -90,7 +90,8 @@ def _ridge_fit_eval(xtr, ytr, xva, yva, alpha: float = 1.0) -> float:
     """R² on (xva, yva) of a ridge regression fitted on (xtr, ytr); 0 is the train mean."""
     if len(ytr) < 3 or len(yva) < 2:
         return float("nan")
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    mu, sd = xtr.mean(0), xtr.std(0)
+    sd = np.where(sd > 1e-6, sd, 1.0)  # constant in train: centre only
     a = np.column_stack([(xtr - mu) / sd, np.ones(len(xtr))])
     w = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ ytr)
     pred = np.column_stack([(xva - mu) / sd, np.ones(len(xva))]) @ w

@@ -28,6 +28,18 @@ def test_probes_recover_a_planted_signal():
     assert clf.mae < 0.25 and dummy_metric("bridge", yb[tr], yb[te]) > 0.4  # error rate: half of chance or better
 
 
+def test_a_feature_absent_from_train_does_not_blow_up_the_probe():
+    """tagcount's pair columns can be all zero in train and non-zero in test (a tag only test tiles have)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 8))
+    y = np.maximum(0, 5 + 2 * x[:, 0] + rng.normal(0, 0.2, 600))
+    tr, va, te = split(600)
+    x = np.column_stack([x, np.zeros(600)])
+    x[te, -1] = rng.integers(1, 4, len(te))  # the pair shows up only in test tiles
+    mlp = train_probe("mlp", "building_count", x[tr], y[tr], x[va], y[va], x[te], y[te], max_epochs=100)
+    assert mlp.mae < dummy_metric("building_count", y[tr], y[te])  # before the fix: MAE in the thousands
+
+
 def test_knn_ratio_is_one_for_random_embeddings_and_below_for_informative_ones():
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 50, 4000).astype(float)
