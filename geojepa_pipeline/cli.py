@@ -64,11 +64,15 @@ def _instance_error(exc: BaseException, config_path: Path) -> str:
     return f"cannot open the Dagster instance configured in {config_path}: {chain[-1].splitlines()[0][:200]}"
 
 
-def _sync_partitions(registry) -> None:
+def _sync_partitions(registry, instance=None) -> None:
+    """Make the instance's ``regions`` partitions equal to the registry (opens the instance unless given one)."""
     from .assets.partitions import sync_region_partitions
 
-    with _instance() as instance:
+    if instance is not None:
         sync_region_partitions(instance, registry.load().keys())
+        return
+    with _instance() as opened:
+        sync_region_partitions(opened, registry.load().keys())
 
 
 def _failure_message(result) -> str:
@@ -96,9 +100,9 @@ def cmd_regions_add(args) -> int:
     validate_name(args.name)
     registry = default_registry()
     region = Region.create(args.name, args.osm, imagery=args.imagery, schedule=args.schedule)
-    _instance().dispose()  # the instance opens (e.g. its database answers) before the registry changes
-    registry.add(region, replace=args.replace)
-    _sync_partitions(registry)
+    with _instance() as instance:  # it opens (e.g. its database answers) before the registry changes
+        registry.add(region, replace=args.replace)
+        _sync_partitions(registry, instance)
     print(f"added region {region.name}: osm={region.osm} imagery={region.imagery} schedule={region.schedule!r}")
     return 0
 

@@ -43,8 +43,7 @@ def fetch_extract(region: Region, store: Store, log: Log | None = None) -> Extra
     fetched = fetch_osm_source(region.osm, store, region.name, log=log, validate=validate)
     # a reused copy was validated when first stored; read its header facts once more
     summary = summaries[0] if summaries else validate_pbf(fetched.path)
-    if store.remote is not None and not store.remote.exists(store._rel(fetched.path)):
-        store.publish(fetched.path)  # content-addressed: uploaded once
+    store.publish(fetched.path, once=True)  # content-addressed: uploaded once
     store.put_json(store.osm_source_stamp_path(region.name, fetched.sha256), fetched.stamp)
     store.set_current(OSM_KIND, region.name, fetched.sha256)
     return ExtractResult(region.name, region.osm, fetched.path, fetched.sha256, fetched.bytes, fetched.reused, summary)

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import GeojepaError
+
 MANIFEST = "manifest.json"
 GLOBAL_SCOPE = "@all"  # the "region" of datasets over all regions (e.g. the tag cache); not a valid region name
 CURRENT = "CURRENT"
@@ -116,7 +118,7 @@ class RemoteRoot:
             self.base = UPath(url.rstrip("/"), **options)
             self.fs = self.base.fs
         except (ImportError, ValueError) as exc:
-            raise _store_error(f"cannot open store {url}: {exc}; install the filesystem package (s3fs for s3://)") from None
+            raise GeojepaError(f"cannot open store {url}: {exc}; install the filesystem package (s3fs for s3://)") from None
         self.url = url.rstrip("/")
 
     def key(self, rel: str) -> str:
@@ -130,7 +132,7 @@ class RemoteRoot:
             raise
         except Exception as exc:  # botocore/aiohttp errors differ by backend: report them alike
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-            raise _store_error(
+            raise GeojepaError(
                 f"object store {self.url} failed to {what} {rel!r} ({type(exc).__name__}: {reason}); "
                 "check GEOJEPA_STORE, AWS_ENDPOINT_URL and the AWS credentials") from None
 
@@ -156,12 +158,6 @@ class RemoteRoot:
         return sorted(k[len(prefix):] for k in self._call("list", pattern, self.fs.glob, self.key(pattern)))
 
 
-def _store_error(message: str):
-    from .errors import GeojepaError
-
-    return GeojepaError(message)
-
-
 def default_cache_dir(url: str) -> Path:
     """Where a remote root is mirrored when the caller gives no directory: ``~/.cache/geojepa/<url>``."""
     safe = url.replace("://", "/").strip("/")
@@ -185,9 +181,12 @@ class Store:
     def _rel(self, path: Path) -> str:
         return Path(path).relative_to(self.root).as_posix()
 
-    def publish(self, path: Path) -> None:
-        """Upload one local file under the root to the same key (a no-op without a remote root)."""
-        if self.remote is not None:
+    def publish(self, path: Path, once: bool = False) -> None:
+        """Upload one local file under the root to the same key (a no-op without a remote root).
+
+        ``once``: skip the upload when the key exists (content-addressed files never change).
+        """
+        if self.remote is not None and not (once and self.remote.exists(self._rel(path))):
             self.remote.put(path, self._rel(path))
 
     def fetch(self, path: Path) -> Path:
@@ -226,7 +225,7 @@ class Store:
             for name, info in sorted(manifest.get("files", {}).items()):
                 self.remote.get(f"{rel}/{name}", staging / name)
                 if sha256_file(staging / name) != info["sha256"]:
-                    raise _store_error(f"{self.uri}/{rel}/{name} does not match its manifest sha256; the object store copy is damaged")
+                    raise GeojepaError(f"{self.uri}/{rel}/{name} does not match its manifest sha256; the object store copy is damaged")
             (staging / MANIFEST).write_text(text)
             final = parent / data_version
             if (final / MANIFEST).exists():

@@ -97,33 +97,20 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture
-def s3_server(monkeypatch):
+def s3_server(monkeypatch, tmp_path):
     """A real S3-compatible server (moto in server mode) on 127.0.0.1 with an empty bucket ``geojepa``.
 
     Yields the endpoint URL; the AWS_* variables point boto3/s3fs at it for the test.
     """
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from .services import Service, free_port
+
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    moto = Service("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], tmp_path, dict(os.environ))
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).read()
-                break
-            except OSError:
-                assert proc.poll() is None, "moto server exited"
-                assert time.time() < deadline, "moto server did not start in 60 s"
-                time.sleep(0.2)
+        moto.wait_http(f"{endpoint}/moto-api/", timeout_s=60)
         for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                            "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(key, value)
@@ -133,5 +120,4 @@ def s3_server(monkeypatch):
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="geojepa")
         yield endpoint
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        moto.stop()

@@ -78,6 +78,11 @@ class Service:
         self.log.flush()
         return self.log_path.read_text(errors="replace")[-n:]
 
+    def check_alive(self) -> None:
+        """Raise, with the log's tail, if the process has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+
     def wait_http(self, url: str, timeout_s: float = 180) -> None:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
@@ -85,8 +90,7 @@ class Service:
                 urllib.request.urlopen(url, timeout=3).read()
                 return
             except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+                self.check_alive()
                 time.sleep(0.5)
         raise RuntimeError(f"{self.name} did not answer {url} in {timeout_s:.0f} s:\n{self.tail()}")
 
@@ -95,8 +99,7 @@ class Service:
         while time.time() < deadline:
             if check():
                 return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+            self.check_alive()
             time.sleep(0.5)
         raise RuntimeError(f"{self.name}: {what} not reached in {timeout_s:.0f} s:\n{self.tail()}")
 

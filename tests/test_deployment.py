@@ -59,7 +59,7 @@ def _wait_run(client, run_id: str, service: Service, timeout_s: float = 420) -> 
         status = client.get_run_status(run_id)
         if status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED):
             return status.value
-        service.wait_until(lambda: True, "alive")  # raises if the daemon died
+        service.check_alive()  # a dead daemon never finishes the run
         time.sleep(1)
     raise AssertionError(f"run {run_id} did not finish in {timeout_s:.0f} s:\n{service.tail()}")
 

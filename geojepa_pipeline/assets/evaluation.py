@@ -4,6 +4,7 @@
 import dagster as dg
 
 from ..evaluation import build_report
+from .results import dataset_result
 from .resources import GeojepaResource
 from .training import geojepa_checkpoint, variants_partitions
 
@@ -27,10 +28,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
     variant = context.partition_key
     result = build_report(variant, geojepa.store(), geojepa._settings(), seeds=tuple(config.seeds), log=context.log.info)
     ds = result.dataset
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(ds.data_version),
-        metadata={
-            "data_version": dg.MetadataValue.text(ds.data_version),
+    return dataset_result(
+        ds, {
             "report": dg.MetadataValue.path(str(ds.path / "report.html")),
             "metrics_json": dg.MetadataValue.path(str(ds.path / "metrics.json")),
             "model_version": dg.MetadataValue.text(result.metrics["model_version"]),

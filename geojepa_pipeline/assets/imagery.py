@@ -14,6 +14,7 @@ from ..ingest import TILES_KIND
 from .osm import tile_shards
 from .automation import on_upstream_data_change
 from .partitions import regions_partitions
+from .results import dataset_result
 from .resources import GeojepaResource
 
 NAIP_SCENES_CODE_VERSION = "1"
@@ -63,8 +64,6 @@ def naip_scenes(context: dg.AssetExecutionContext, config: NaipScenesConfig, geo
         context.log.warning(w)
     ds, scenes = result.dataset, result.scenes
     metadata = {
-        "data_version": dg.MetadataValue.text(ds.data_version),
-        "path": dg.MetadataValue.path(str(ds.path)),
         "source": dg.MetadataValue.text(result.source),
         "n_scenes": dg.MetadataValue.int(len(scenes)),
         "scenes": dg.MetadataValue.json([
@@ -77,7 +76,7 @@ def naip_scenes(context: dg.AssetExecutionContext, config: NaipScenesConfig, geo
     }
     if scenes:
         metadata["first_scene"] = dg.MetadataValue.md(_thumbnail_markdown(scenes[0].path, f"scene {scenes[0].scene_id}"))
-    return dg.MaterializeResult(data_version=dg.DataVersion(ds.data_version), metadata=metadata)
+    return dataset_result(ds, metadata)
 
 
 class TileImagesConfig(dg.Config):
@@ -126,8 +125,6 @@ def tile_images(context: dg.AssetExecutionContext, config: TileImagesConfig, geo
     tiles_ds = store.current(TILES_KIND, region)
     chip_s = result.timings_s["chip_s"]
     metadata = {
-        "data_version": dg.MetadataValue.text(ds.data_version),
-        "path": dg.MetadataValue.path(str(ds.path)),
         "n_tiles": dg.MetadataValue.int(result.n_tiles),
         "n_with_image": dg.MetadataValue.int(result.n_with_image),
         "coverage_mean": dg.MetadataValue.float(round(result.coverage_mean, 4)),
@@ -141,8 +138,8 @@ def tile_images(context: dg.AssetExecutionContext, config: TileImagesConfig, geo
     }
     if result.n_with_image:
         metadata["preview"] = dg.MetadataValue.md(png_markdown(preview_png(tiles_ds, ds), f"chips and OSM entities, {region}"))
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(ds.data_version), metadata=metadata,
+    return dataset_result(
+        ds, metadata,
         check_results=[_alignment_check(tiles_ds, ds)],
     )
 

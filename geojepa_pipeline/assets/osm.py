@@ -11,6 +11,7 @@ from ..ingest import build_tile_shards, current_extract, fetch_extract
 from ..tables import count_distinct_entities
 from .automation import on_upstream_data_change
 from .partitions import regions_partitions
+from .results import dataset_result
 from .resources import GeojepaResource
 
 OSM_EXTRACT_CODE_VERSION = "1"
@@ -122,11 +123,8 @@ def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geo
     )
     total_bytes = sum(f["bytes"] for f in manifest["files"].values())
     acc = tiled.accounting()
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(ds.data_version),
-        metadata={
-            "data_version": dg.MetadataValue.text(ds.data_version),
-            "path": dg.MetadataValue.path(str(ds.path)),
+    return dataset_result(
+        ds, {
             "epsg": dg.MetadataValue.int(tiled.epsg),
             "n_tiles": dg.MetadataValue.int(manifest["n_tiles"]),
             "n_pieces": dg.MetadataValue.int(manifest["n_pieces"]),

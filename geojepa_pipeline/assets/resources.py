@@ -3,6 +3,7 @@
 
 import dagster as dg
 
+from ..ingest import TILES_KIND
 from ..regions import RegionRegistry
 from ..settings import get_settings
 from ..store import Store
@@ -22,3 +23,10 @@ class GeojepaResource(dg.ConfigurableResource):
 
     def registry(self) -> RegionRegistry:
         return RegionRegistry(self._settings().registry_path)
+
+    def regions_with_tiles(self) -> tuple[list[str], list[str]]:
+        """(registered regions that have tile_shards, registered regions that do not), sorted."""
+        store = self.store()
+        registered = sorted(self.registry().load())
+        with_tiles = [r for r in registered if store.current_version(TILES_KIND, r)]
+        return with_tiles, [r for r in registered if r not in with_tiles]

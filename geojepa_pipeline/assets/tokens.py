@@ -14,6 +14,7 @@ from .imagery import tile_images
 from .osm import tile_shards
 from .automation import on_upstream_data_change
 from .partitions import regions_partitions
+from .results import dataset_result
 from .resources import GeojepaResource
 
 TAG_EMBEDDINGS_CODE_VERSION = "1"
@@ -36,18 +37,13 @@ class TagEmbeddingsConfig(dg.Config):
 )
 def tag_embeddings(context: dg.AssetExecutionContext, config: TagEmbeddingsConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
     store = geojepa.store()
-    registered = sorted(geojepa.registry().load())
-    regions = [r for r in registered if store.current_version(TILES_KIND, r)]
-    skipped = sorted(set(registered) - set(regions))
+    regions, skipped = geojepa.regions_with_tiles()
     if skipped:
         context.log.warning(f"regions without tile_shards are left out of the vocabulary: {', '.join(skipped)}")
     result = build_tag_embeddings(store, regions, model=config.model, batch_size=config.batch_size, log=context.log.info)
     ds = result.dataset
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(ds.data_version),
-        metadata={
-            "data_version": dg.MetadataValue.text(ds.data_version),
-            "path": dg.MetadataValue.path(str(ds.path)),
+    return dataset_result(
+        ds, {
             "model_id": dg.MetadataValue.text(result.model_id),
             "dim": dg.MetadataValue.int(result.dim),
             "n_pairs": dg.MetadataValue.int(result.n_pairs),
@@ -80,16 +76,13 @@ class GeometryEncoderConfigDg(dg.Config):
 )
 def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderConfigDg, geojepa: GeojepaResource) -> dg.MaterializeResult:
     store = geojepa.store()
-    regions = [r for r in sorted(geojepa.registry().load()) if store.current_version(TILES_KIND, r)]
+    regions, _ = geojepa.regions_with_tiles()
     result = build_geometry_encoder(store, regions, steps=config.steps, seed=config.seed, max_pieces=config.max_pieces,
                                     dim=config.dim, log=context.log.info)
     ds = result.dataset
     chance = math.log(min(256, result.n_train))
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(ds.data_version),
-        metadata={
-            "data_version": dg.MetadataValue.text(ds.data_version),
-            "path": dg.MetadataValue.path(str(ds.path)),
+    return dataset_result(
+        ds, {
             "n_train_pieces": dg.MetadataValue.int(result.n_train),
             "n_probe_pieces": dg.MetadataValue.int(result.n_probe),
             "final_loss": dg.MetadataValue.float(round(float(np.mean(result.losses[-20:])), 4)),
@@ -134,11 +127,8 @@ def tile_tokens(context: dg.AssetExecutionContext, config: TileTokensConfig, geo
             problems.append(f"{k_shard['tokens_file']} differs from {t_shard['entities_file']}")
     if len(tiles.manifest["shards"]) != len(ds.manifest["shards"]):
         problems.append("shard counts differ")
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(ds.data_version),
-        metadata={
-            "data_version": dg.MetadataValue.text(ds.data_version),
-            "path": dg.MetadataValue.path(str(ds.path)),
+    return dataset_result(
+        ds, {
             "n_pieces": dg.MetadataValue.int(result.n_pieces),
             "n_without_tag_token": dg.MetadataValue.int(result.n_without_tag_token),
             "image_tokenizer": dg.MetadataValue.text(config.image_tokenizer),

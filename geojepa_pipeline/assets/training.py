@@ -9,6 +9,7 @@ from ..model.config import VARIANTS
 from ..train.loop import TrainConfig
 from ..training import build_checkpoint
 from .imagery import tile_images
+from .results import dataset_result
 from .resources import GeojepaResource
 from .tokens import geometry_encoder, tag_embeddings, tile_tokens
 
@@ -55,11 +56,8 @@ def geojepa_checkpoint(context: dg.AssetExecutionContext, config: CheckpointConf
     last = hist["epoch"][-1] if hist["epoch"] else {}
     loss = hist["loss"]
     smooth = [float(np.mean(loss[max(0, i - 9):i + 1])) for i in range(len(loss))]  # 10-step running mean
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(ds.data_version),
-        metadata={
-            "data_version": dg.MetadataValue.text(ds.data_version),
-            "path": dg.MetadataValue.path(str(ds.path)),
+    return dataset_result(
+        ds, {
             # a link in the UI when MLflow is a server; the run's tags name this Dagster run back
             "mlflow_run": (dg.MetadataValue.url(result.mlflow.run_url) if result.mlflow.run_url.startswith("http")
                            else dg.MetadataValue.text(result.mlflow.run_url)),

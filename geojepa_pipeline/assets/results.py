@@ -1,0 +1,13 @@
+"""What every dataset asset returns: the store's data version (Dagster's too), its path, then the asset's own metadata."""
+
+
+import dagster as dg
+
+
+def dataset_result(ds, metadata: dict, check_results: list | None = None) -> dg.MaterializeResult:
+    """A ``MaterializeResult`` for the committed store dataset ``ds`` (``store.Dataset``)."""
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(ds.data_version),
+        metadata={"data_version": dg.MetadataValue.text(ds.data_version), "path": dg.MetadataValue.path(str(ds.path)), **metadata},
+        check_results=check_results,
+    )
