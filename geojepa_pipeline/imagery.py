@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import shapely
 
 from .errors import GeojepaError
-from .geo.tiling import default_workers, fork_worker_init
+from .geo.parallel import default_workers, fork_worker_init
 from .geo.raster import BANDS, CHIP_PX, SceneChipper, SceneInfo, inspect_scene
 from .ingest import TILES_KIND
 from .progress import Progress

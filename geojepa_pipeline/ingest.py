@@ -14,7 +14,8 @@ from typing import Callable
 
 from .geo.osm_read import PbfSummary, read_osm, validate_pbf
 from .geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
-from .geo.tiling import TILE_SIZE_M, TiledRegion, default_workers, tile_osm
+from .geo.parallel import default_workers
+from .geo.tiling import TILE_SIZE_M, TiledRegion, tile_osm
 from .regions import Region
 from .sources import fetch_osm_source, local_source_path, source_fingerprint
 from .store import Dataset, Store, sha256_file

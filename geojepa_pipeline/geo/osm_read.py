@@ -30,6 +30,7 @@ import osmium
 import pyarrow as pa
 
 from ..errors import GeojepaError
+from .parallel import gc_paused, in_threads
 from .osm_rules import AREA_NO, AREA_YES, IMPLIES_AREA, area_vote, keep_key
 
 NODE, WAY, RELATION = 0, 1, 2
@@ -192,6 +193,14 @@ def _map_array(keys: pa.Array, values: pa.Array, owner: np.ndarray, order: np.nd
 
 def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     """Read all features of ``path`` (see the module docstring for the rules)."""
+    with gc_paused():
+        return _read_osm(path, log)
+
+
+def _read_osm(path: str | os.PathLike, log=None) -> OsmData:
+    # Decoding runs in this one process: on the 8x8 Liechtenstein, runs of blocks on 2 forked
+    # workers took 1.39 s against 1.21 s here, as sending 230 MB of columns back cost more
+    # than the halved decode (0.80 s with nothing sent back).
     from pyrosm.pbfreader import iter_decoded_blocks
 
     check_pbf_header(path)
@@ -271,7 +280,7 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
         """Node positions of ``ids`` and whether each was found."""
         if len(sorted_ids) == 0:
             return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-        i = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+        i = np.minimum(in_threads(lambda q: np.searchsorted(sorted_ids, q), ids), len(sorted_ids) - 1)
         found = sorted_ids[i] == ids
         return (i if sort_pos is None else sort_pos[i]), found
 

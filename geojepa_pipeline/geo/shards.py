@@ -42,8 +42,25 @@ def geoparquet_metadata(geometry_types: list[str]) -> bytes:
     return json.dumps(meta).encode()
 
 
+def dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Parquet column paths worth dictionary-encoding: the string columns and string maps' keys and values.
+
+    Dictionary encoding everything (pyarrow's default) also tries it on the WKB and number
+    columns, where it never pays: on the 8x8 Liechtenstein pieces, strings only wrote 26 %
+    faster and 10 % smaller (``bench/ingest.py``).
+    """
+    paths = []
+    for f in schema:
+        if pa.types.is_string(f.type) or pa.types.is_large_string(f.type):
+            paths.append(f.name)
+        elif pa.types.is_map(f.type):
+            paths += [f"{f.name}.key_value.key", f"{f.name}.key_value.value"]
+    return paths
+
+
 def _write(table: pa.Table, path: Path) -> None:
-    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=True)
+    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=True,
+                   use_dictionary=dictionary_columns(table.schema))
 
 
 def _write_shard(shard_index: int, tiles_part: pa.Table, ent_part: pa.Table, out_dir: Path) -> dict:

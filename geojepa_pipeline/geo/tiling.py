@@ -28,7 +28,6 @@ Every kept feature appears in at least one tile, or is counted under ``dropped``
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pyproj import Transformer
 
 from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, ranges, tile_ids, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
+from .parallel import default_workers, fork_worker_init, gc_paused, in_threads
 
 SCHEMA_VERSION = 1
 BLOCK_TILES = 16  # tiles per side of a sort block
@@ -155,20 +155,24 @@ class _Region:
         return self.data.n_nodes + self.data.n_ways
 
 
-def _project(lonlat: np.ndarray, transformer: Transformer) -> np.ndarray:
-    """(P, 2) lon/lat degrees -> (P, 2) metres."""
+def _project(lonlat: np.ndarray, epsg: int) -> np.ndarray:
+    """(P, 2) lon/lat degrees -> (P, 2) metres in ``epsg``; halves on two threads (one transformer each)."""
     if len(lonlat) == 0:
         return np.zeros((0, 2))
-    x, y = transformer.transform(lonlat[:, 0], lonlat[:, 1])
+
+    def transform(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x, y = Transformer.from_crs(4326, epsg, always_xy=True).transform(lon, lat)
+        return np.asarray(x), np.asarray(y)
+
+    x, y = in_threads(transform, lonlat[:, 0], lonlat[:, 1])
     return np.column_stack([x, y])
 
 
 def _prepare(data: OsmData, region: str, s: float) -> _Region:
     minx, miny, maxx, maxy = data.lonlat_bounds()
     epsg = utm_epsg((minx + maxx) / 2.0, (miny + maxy) / 2.0)
-    to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
-    node_xy = _project(data.node_lonlat, to_utm)
-    way_xy = _project(data.way_coords, to_utm)
+    node_xy = _project(data.node_lonlat, epsg)
+    way_xy = _project(data.way_coords, epsg)
     node_cell = np.floor(node_xy / s).astype(np.int64)
     n_nodes, n_ways, n_rel = data.n_nodes, data.n_ways, len(data.rel_id)
     if n_ways:
@@ -495,18 +499,6 @@ def _bands(R: _Region, band_entities: int) -> list[tuple[int, int]]:
     return [(lo * BLOCK_TILES, hi * BLOCK_TILES) for lo, hi in bands]
 
 
-def fork_worker_init() -> None:
-    """In a forked worker: default signal handlers (the parent's, e.g. Dagster's, must not run there)."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def default_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
-
-
 def tile_osm(
     data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=None,
     workers: int | None = None, band_entities: int = BAND_ENTITIES, spill_dir: Path | None = None,
@@ -516,6 +508,12 @@ def tile_osm(
     ``spill_dir``: write each band's pieces there (Arrow IPC) instead of returning them in
     memory; ``TiledRegion.entity_chunks()`` reads them back one band at a time.
     """
+    with gc_paused():  # forked band workers inherit the paused collector
+        return _tile_osm(data, region, float(tile_size_m), log, workers, band_entities, spill_dir)
+
+
+def _tile_osm(data: OsmData, region: str, tile_size_m: float, log, workers: int | None, band_entities: int,
+              spill_dir: Path | None) -> TiledRegion:
     global _SHARED
     t0 = time.perf_counter()
     if len(data) == 0:
