@@ -30,7 +30,7 @@ import osmium
 import pyarrow as pa
 
 from ..errors import GeojepaError
-from .parallel import gc_paused, in_threads
+from .parallel import gc_paused
 from .osm_rules import AREA_NO, AREA_YES, IMPLIES_AREA, area_vote, keep_key
 
 NODE, WAY, RELATION = 0, 1, 2
@@ -280,7 +280,7 @@ def _read_osm(path: str | os.PathLike, log=None) -> OsmData:
         """Node positions of ``ids`` and whether each was found."""
         if len(sorted_ids) == 0:
             return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-        i = np.minimum(in_threads(lambda q: np.searchsorted(sorted_ids, q), ids), len(sorted_ids) - 1)
+        i = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
         found = sorted_ids[i] == ids
         return (i if sort_pos is None else sort_pos[i]), found
 

@@ -40,7 +40,7 @@ from pyproj import Transformer
 
 from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, ranges, tile_ids, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
-from .parallel import default_workers, fork_worker_init, gc_paused, in_threads
+from .parallel import default_workers, fork_worker_init, gc_paused
 
 SCHEMA_VERSION = 1
 BLOCK_TILES = 16  # tiles per side of a sort block
@@ -156,15 +156,11 @@ class _Region:
 
 
 def _project(lonlat: np.ndarray, epsg: int) -> np.ndarray:
-    """(P, 2) lon/lat degrees -> (P, 2) metres in ``epsg``; halves on two threads (one transformer each)."""
+    """(P, 2) lon/lat degrees -> (P, 2) metres in ``epsg``."""
     if len(lonlat) == 0:
         return np.zeros((0, 2))
 
-    def transform(lon: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x, y = Transformer.from_crs(4326, epsg, always_xy=True).transform(lon, lat)
-        return np.asarray(x), np.asarray(y)
-
-    x, y = in_threads(transform, lonlat[:, 0], lonlat[:, 1])
+    x, y = Transformer.from_crs(4326, epsg, always_xy=True).transform(lonlat[:, 0], lonlat[:, 1])
     return np.column_stack([x, y])
 
 
