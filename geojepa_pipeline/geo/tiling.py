@@ -155,20 +155,20 @@ class _Region:
         return self.data.n_nodes + self.data.n_ways
 
 
-def _project(lonlat: np.ndarray, epsg: int) -> np.ndarray:
-    """(P, 2) lon/lat degrees -> (P, 2) metres in ``epsg``."""
+def _project(lonlat: np.ndarray, transformer: Transformer) -> np.ndarray:
+    """(P, 2) lon/lat degrees -> (P, 2) metres."""
     if len(lonlat) == 0:
         return np.zeros((0, 2))
-
-    x, y = Transformer.from_crs(4326, epsg, always_xy=True).transform(lonlat[:, 0], lonlat[:, 1])
+    x, y = transformer.transform(lonlat[:, 0], lonlat[:, 1])
     return np.column_stack([x, y])
 
 
 def _prepare(data: OsmData, region: str, s: float) -> _Region:
     minx, miny, maxx, maxy = data.lonlat_bounds()
     epsg = utm_epsg((minx + maxx) / 2.0, (miny + maxy) / 2.0)
-    node_xy = _project(data.node_lonlat, epsg)
-    way_xy = _project(data.way_coords, epsg)
+    to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
+    node_xy = _project(data.node_lonlat, to_utm)
+    way_xy = _project(data.way_coords, to_utm)
     node_cell = np.floor(node_xy / s).astype(np.int64)
     n_nodes, n_ways, n_rel = data.n_nodes, data.n_ways, len(data.rel_id)
     if n_ways:
@@ -495,6 +495,7 @@ def _bands(R: _Region, band_entities: int) -> list[tuple[int, int]]:
     return [(lo * BLOCK_TILES, hi * BLOCK_TILES) for lo, hi in bands]
 
 
+@gc_paused()  # forked band workers inherit the paused collector
 def tile_osm(
     data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=None,
     workers: int | None = None, band_entities: int = BAND_ENTITIES, spill_dir: Path | None = None,
@@ -504,12 +505,6 @@ def tile_osm(
     ``spill_dir``: write each band's pieces there (Arrow IPC) instead of returning them in
     memory; ``TiledRegion.entity_chunks()`` reads them back one band at a time.
     """
-    with gc_paused():  # forked band workers inherit the paused collector
-        return _tile_osm(data, region, float(tile_size_m), log, workers, band_entities, spill_dir)
-
-
-def _tile_osm(data: OsmData, region: str, tile_size_m: float, log, workers: int | None, band_entities: int,
-              spill_dir: Path | None) -> TiledRegion:
     global _SHARED
     t0 = time.perf_counter()
     if len(data) == 0:
