@@ -30,6 +30,7 @@ import osmium
 import pyarrow as pa
 
 from ..errors import GeojepaError
+from .grid import isin_sorted, unique_ints
 from .osm_rules import AREA_NO, AREA_YES, IMPLIES_AREA, area_vote, keep_key
 from .parallel import gc_paused
 
@@ -170,7 +171,9 @@ class _StringTable:
         self.strings = strings
         self.arrow = pa.array(strings, pa.string())
         self.keep = np.zeros(len(strings), bool)
-        for k in np.unique(used_keys).tolist():
+        used = np.zeros(len(strings), bool)  # a mask, not np.unique: hashing the ids took 0.46 s on the 8x8 file
+        used[used_keys] = True
+        for k in np.flatnonzero(used).tolist():
             self.keep[k] = keep_key(strings[k])
 
 
@@ -281,16 +284,16 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
         return (i if sort_pos is None else sort_pos[i]), found
 
     # ---- members ------------------------------------------------------------------------------
-    member_nodes = np.unique(mem_ref[mem_type == NODE])
-    member_ways = np.unique(mem_ref[mem_type == WAY])
-    member_rels = np.unique(mem_ref[mem_type == RELATION])
+    member_nodes = unique_ints(mem_ref[mem_type == NODE])
+    member_ways = unique_ints(mem_ref[mem_type == WAY])
+    member_rels = unique_ints(mem_ref[mem_type == RELATION])
 
     # ---- nodes: tagged ones, then untagged relation members ------------------------------------
     tagged = np.flatnonzero(n_raw > 0)
-    is_member = np.isin(node_id[tagged], member_nodes)
+    is_member = isin_sorted(node_id[tagged], member_nodes)
     keep_tagged = tagged[(n_kept_tags[tagged] > 0) | is_member]
     dropped["only_filtered_tags_not_member"] += int(len(tagged) - len(keep_tagged))
-    member_only = np.setdiff1d(member_nodes, node_id[keep_tagged])
+    member_only = member_nodes[~isin_sorted(member_nodes, unique_ints(node_id[keep_tagged]))]
     pos, found = lookup(member_only)
     if (~found).any():
         dropped["missing_node_locations"] += int((~found).sum())
@@ -298,7 +301,7 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     kept_nodes = np.concatenate([keep_tagged, extra])
 
     # ---- ways: keep/drop, coordinates ------------------------------------------------------------
-    way_member = np.isin(way_id, member_ways)
+    way_member = isin_sorted(way_id, member_ways)
     untagged = (w_raw == 0) & ~way_member
     filtered_out = (w_raw > 0) & (w_kept_tags == 0) & ~way_member
     dropped["untagged_not_member"] += int(untagged.sum())

@@ -38,8 +38,9 @@ import pyarrow as pa
 import shapely
 from pyproj import Transformer
 
-from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, ranges, tile_ids, utm_epsg
+from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, ranges, tile_ids, unique_ints, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
+from .minbox import warm_up as load_minbox_kernel
 from .parallel import default_workers, fork_worker_init, gc_paused
 
 SCHEMA_VERSION = 1
@@ -482,7 +483,7 @@ def _bands(R: _Region, band_entities: int) -> list[tuple[int, int]]:
     target = np.cumsum(n) / n.sum() * n_bands
     band_of_col = np.minimum(np.floor(target - 1e-9).astype(np.int64), n_bands - 1)
     bands = []
-    for b in np.unique(band_of_col):
+    for b in unique_ints(band_of_col):
         c = cols[band_of_col == b]
         bands.append([int(c.min()), int(c.max()) + 1])
     # extend to cover every column (entities reach past their anchor column)
@@ -511,6 +512,10 @@ def tile_osm(
         raise ValueError("the extract holds no tagged features to tile")
     R = _prepare(data, region, float(tile_size_m))
     bands = _bands(R, band_entities)
+    # loaded once here (numba's first call in a process: ~0.25 s, mostly its type registries;
+    # a loader thread during _prepare hid that but raised peak RSS by ~110 MiB), so the
+    # forked workers inherit the compiled kernel
+    load_minbox_kernel()
     if spill_dir is not None:
         spill_dir = Path(spill_dir)
         spill_dir.mkdir(parents=True, exist_ok=True)
@@ -557,11 +562,11 @@ def tile_osm(
         band_files = [(r.spill_path, r.tiles.num_rows, pieces_per_entity[r.owner] > 1) for r in results]
     has_piece = pieces_per_entity > 0
     dropped, repaired = Counter(data.dropped), Counter(data.repaired)
-    empty = np.unique(np.concatenate([r.empty for r in results])) if results else np.zeros(0, np.int64)
+    empty = unique_ints(np.concatenate([r.empty for r in results])) if results else np.zeros(0, np.int64)
     dropped["empty_after_repair"] += len(empty)
     dropped["no_tile_piece"] += int(n_ent - has_piece.sum()) - len(empty)
     for reason in ("make_valid", "multipolygon_unclosed_as_lines"):
-        n = len(np.unique(np.concatenate([r.repaired[reason] for r in results]))) if results else 0
+        n = len(unique_ints(np.concatenate([r.repaired[reason] for r in results]))) if results else 0
         if n:
             repaired[reason] += n
 

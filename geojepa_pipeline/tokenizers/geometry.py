@@ -154,7 +154,7 @@ def geometry_graphs(geoms: np.ndarray, max_vertices: int = MAX_VERTICES_PER_PART
     first = np.r_[0, np.flatnonzero(np.diff(chain)) + 1] if nv else np.zeros(0, np.int64)
     chain_start = np.zeros(len(chains), np.int64)
     chain_len = np.bincount(chain, minlength=len(chains))
-    chain_start[np.unique(chain)] = first
+    chain_start[chain[first]] = first  # chain ids of the runs' first vertices
     pos = np.arange(nv) - chain_start[chain]
     ln = chain_len[chain]
     closed_v = chain_closed[chain]

@@ -78,3 +78,16 @@ def test_minbox_corners():
     c = minbox_corners(np.array([rotated]), np.zeros(1), np.zeros(1))[0].reshape(4, 2) * 300
     assert shapely.Polygon(c).area == pytest.approx(rotated.area, rel=1e-5)
     assert c[0, 1] == pytest.approx(c[:, 1].min())
+
+
+def test_unique_ints_and_isin_sorted_match_numpy():
+    from geojepa_pipeline.geo.grid import isin_sorted, unique_ints
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(-10**10, 10**10, 5000)
+    a[:100] = a[100:200]  # duplicates
+    u = unique_ints(a)
+    np.testing.assert_array_equal(u, np.unique(a))
+    q = np.concatenate([a[:50], rng.integers(-10**10, 10**10, 50)])
+    np.testing.assert_array_equal(isin_sorted(q, u), np.isin(q, a))
+    assert unique_ints(np.zeros(0, np.int64)).size == 0 and not isin_sorted(q, u[:0]).any()
