@@ -194,6 +194,19 @@ def _map_array(keys: pa.Array, values: pa.Array, owner: np.ndarray, order: np.nd
     return pa.MapArray.from_arrays(pa.array(offsets), keys.take(idx), values.take(idx))
 
 
+def _locate(ids: np.ndarray, sorted_ids: np.ndarray, sort_pos: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``ids`` among the nodes and whether each was found.
+
+    ``sorted_ids``: the node ids in increasing order; ``sort_pos``: their positions in the
+    node arrays (None when the nodes are already sorted, as in most extracts).
+    """
+    if len(sorted_ids) == 0:
+        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+    i = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    found = sorted_ids[i] == ids
+    return (i if sort_pos is None else sort_pos[i]), found
+
+
 @gc_paused()
 def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     """Read all features of ``path`` (see the module docstring for the rules)."""
@@ -275,14 +288,6 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
         sort_pos = np.argsort(node_id, kind="stable")
         sorted_ids = node_id[sort_pos]
 
-    def lookup(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Node positions of ``ids`` and whether each was found."""
-        if len(sorted_ids) == 0:
-            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-        i = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-        found = sorted_ids[i] == ids
-        return (i if sort_pos is None else sort_pos[i]), found
-
     # ---- members ------------------------------------------------------------------------------
     member_nodes = unique_ints(mem_ref[mem_type == NODE])
     member_ways = unique_ints(mem_ref[mem_type == WAY])
@@ -294,7 +299,7 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     keep_tagged = tagged[(n_kept_tags[tagged] > 0) | is_member]
     dropped["only_filtered_tags_not_member"] += int(len(tagged) - len(keep_tagged))
     member_only = member_nodes[~isin_sorted(member_nodes, unique_ints(node_id[keep_tagged]))]
-    pos, found = lookup(member_only)
+    pos, found = _locate(member_only, sorted_ids, sort_pos)
     if (~found).any():
         dropped["missing_node_locations"] += int((~found).sum())
     extra = pos[found]
@@ -308,7 +313,7 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     dropped["only_filtered_tags_not_member"] += int(filtered_out.sum())
     way_keep = ~untagged & ~filtered_out
     ref_way = np.repeat(np.arange(n_ways), way_counts)
-    pos, found = lookup(way_refs)
+    pos, found = _locate(way_refs, sorted_ids, sort_pos)
     n_found = np.bincount(ref_way, weights=found, minlength=n_ways).astype(np.int64)
     no_coords = way_keep & (n_found == 0)
     dropped["missing_node_locations"] += int(no_coords.sum())
@@ -321,6 +326,11 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     # vertices: located refs of kept ways, consecutive repeats of a location dropped
     vkeep = found & way_keep[ref_way]
     vx, vy, vway = node_lon[pos[vkeep]], node_lat[pos[vkeep]], ref_way[vkeep]
+    # the kept nodes' columns; then every all-node and all-ref array goes (~200 MB on the 8x8
+    # file, which used to stay alive through the relations and the tag maps, the read's peak)
+    kept_node_id = node_id[kept_nodes]
+    kept_node_lonlat = np.column_stack([node_lon[kept_nodes], node_lat[kept_nodes]])
+    del node_id, node_lon, node_lat, sorted_ids, sort_pos, n_raw, n_kept_tags, ref_way, way_refs
     if len(vway):
         same = np.concatenate([[False], (vx[1:] == vx[:-1]) & (vy[1:] == vy[:-1]) & (vway[1:] == vway[:-1])])
         vx, vy, vway = vx[~same], vy[~same], vway[~same]
@@ -355,7 +365,7 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
 
     # ---- relations: resolve members to kept entities, keep or drop --------------------------
     n_nodes, n_kept_ways = len(kept_nodes), len(kept_ways)
-    node_index = dict(zip(node_id[kept_nodes].tolist(), range(n_nodes)))
+    node_index = dict(zip(kept_node_id.tolist(), range(n_nodes)))
     way_index = dict(zip(way_id[kept_ways].tolist(), range(n_nodes, n_nodes + n_kept_ways)))
     rel_ids = rel_id.tolist()
     rel_pos = {rid: i for i, rid in enumerate(rel_ids)}
@@ -420,7 +430,7 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     ])
     n_input = len(tagged) + len(member_only) + n_ways + n_rels
     data = OsmData(
-        node_id=node_id[kept_nodes], node_lonlat=np.column_stack([node_lon[kept_nodes], node_lat[kept_nodes]]),
+        node_id=kept_node_id, node_lonlat=kept_node_lonlat,
         way_id=way_id[kept_ways], way_coords=coords, way_offsets=offsets,
         way_polygon=way_polygon, way_complete=way_complete,
         rel_id=rel_id[keep_rel_arr], rel_multipolygon=np.asarray([rel_type_value[i] == "multipolygon" for i in keep_rel], bool),

@@ -38,9 +38,12 @@ import pyarrow as pa
 import shapely
 from pyproj import Transformer
 
-from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, minbox_corners, ranges, tile_ids, unique_ints, utm_epsg
+from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, ranges, tile_ids, unique_ints, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
+from .minbox import minbox_kernel
 from .minbox import warm_up as load_minbox_kernel
+from .wkb import warm_up as load_wkb_kernel
+from .wkb import wkb_array
 from .parallel import default_workers, fork_worker_init, gc_paused
 
 SCHEMA_VERSION = 1
@@ -397,14 +400,16 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
 
     # ---- describe --------------------------------------------------------------------------
     t = time.perf_counter()
+    xy = shapely.get_coordinates(local)  # (V, 2) tile-local metres, shared by both kernels
+    xy_counts = shapely.get_num_coordinates(local).astype(np.int64)
     zeros = np.zeros(len(local))
-    minbox = minbox_corners(local, zeros, zeros, s)
+    corners = minbox_kernel(xy, xy_counts, zeros, zeros, s)
     type_ids = shapely.get_type_id(local)
     area = shapely.area(local)
     need_len = np.isnan(length)
     length[need_len] = shapely.length(local[need_len])
-    wkb = shapely.to_wkb(local, output_dimension=2)
-    del local
+    wkb = wkb_array(local, type_ids, xy, xy_counts)
+    del local, xy
     timings["describe"] = time.perf_counter() - t
 
     # ---- tables -----------------------------------------------------------------------------
@@ -420,8 +425,8 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
             "osm_id": pa.array(R.osm_id[owner], pa.int64()),
             "tags": data.tags.take(pa.array(owner)),
             "geom_type": pa.array(GEOMETRY_TYPE_NAMES, pa.string()).take(pa.array(type_ids.astype(np.int64))),
-            "geometry": pa.array(wkb, pa.binary()),
-            "minbox": pa.FixedSizeListArray.from_arrays(pa.array(minbox.reshape(-1), pa.float32()), 8),
+            "geometry": wkb,
+            "minbox": pa.FixedSizeListArray.from_arrays(pa.array(corners.reshape(-1), pa.float32()), 8),
             "area_m2": pa.array(area, pa.float64()),
             "length_m": pa.array(length, pa.float64()),
             "is_clipped": pa.array(np.zeros(n_pieces, bool), pa.bool_()),
@@ -514,8 +519,9 @@ def tile_osm(
     bands = _bands(R, band_entities)
     # loaded once here (numba's first call in a process: ~0.25 s, mostly its type registries;
     # a loader thread during _prepare hid that but raised peak RSS by ~110 MiB), so the
-    # forked workers inherit the compiled kernel
+    # forked workers inherit the compiled kernels
     load_minbox_kernel()
+    load_wkb_kernel()
     if spill_dir is not None:
         spill_dir = Path(spill_dir)
         spill_dir.mkdir(parents=True, exist_ok=True)

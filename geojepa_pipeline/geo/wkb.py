@@ -1,0 +1,116 @@
+"""WKB for many pieces at once, straight into an Arrow binary array, compiled with numba.
+
+Points, linestrings and polygons without holes (nearly every tile piece) are written from
+their coordinates by one compiled pass; every other piece (holes, multi-part, collections)
+goes through GEOS (``shapely.to_wkb``) and its bytes are copied in. The output is
+byte-identical to ``shapely.to_wkb(pieces, output_dimension=2)`` (little-endian, ISO 2D types):
+``tests/geo/test_wkb.py`` checks it against GEOS.
+
+Measured on one band of the 8x8 Liechtenstein benchmark (141 k pieces): GEOS ``to_wkb`` plus
+``pa.array`` of the bytes objects took ~0.14 s; this takes ~0.03 s, given the coordinates
+that the min boxes already need.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numba
+import numpy as np
+import pyarrow as pa
+import shapely
+
+_POINT, _LINESTRING, _POLYGON = 0, 1, 3  # shapely type ids
+_FALLBACK = -1
+_HEADER = 5  # byte order + uint32 type
+_INT32_MAX = 2**31 - 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _put_u32(data: np.ndarray, pos: int, value: int) -> int:
+    for b in range(4):
+        data[pos + b] = (value >> (8 * b)) & 0xFF
+    return pos + 4
+
+
+@numba.njit(cache=True, nogil=True)
+def _wkb_kernel(xy_bytes: np.ndarray, counts: np.ndarray, kind: np.ndarray,
+                other: np.ndarray, other_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets (M + 1,) int64 and bytes of M pieces' WKB.
+
+    Args:
+        xy_bytes: the pieces' float64 (x, y) coordinates, piece after piece, as raw bytes.
+        counts: (M,) coordinates per piece.
+        kind: (M,) shapely type id for points, lines and one-ring polygons, -1 for the rest.
+        other, other_offsets: the GEOS WKB of the ``kind == -1`` pieces, in order, and its offsets.
+    """
+    m = counts.shape[0]
+    offsets = np.empty(m + 1, np.int64)
+    offsets[0] = 0
+    k = 0
+    for i in range(m):
+        n = counts[i]
+        if kind[i] == _POINT:
+            size = _HEADER + 16
+        elif kind[i] == _LINESTRING:
+            size = _HEADER + 4 + 16 * n
+        elif kind[i] == _POLYGON:
+            size = _HEADER + 8 + 16 * n
+        else:
+            size = other_offsets[k + 1] - other_offsets[k]
+            k += 1
+        offsets[i + 1] = offsets[i] + size
+    data = np.empty(offsets[m], np.uint8)
+    src = 0  # byte position in xy_bytes
+    k = 0
+    for i in range(m):
+        n = counts[i]
+        pos = offsets[i]
+        t = kind[i]
+        if t == _FALLBACK:
+            a, b = other_offsets[k], other_offsets[k + 1]
+            data[pos:pos + (b - a)] = other[a:b]
+            k += 1
+        else:
+            data[pos] = 1  # little-endian
+            pos = _put_u32(data, pos + 1, 3 if t == _POLYGON else t + 1)  # WKB type: 1 point, 2 linestring, 3 polygon
+            if t == _LINESTRING:
+                pos = _put_u32(data, pos, n)
+            elif t == _POLYGON:
+                pos = _put_u32(data, _put_u32(data, pos, 1), n)
+            data[pos:pos + 16 * n] = xy_bytes[src:src + 16 * n]
+        src += 16 * n
+    return offsets, data
+
+
+def wkb_array(pieces: np.ndarray, type_ids: np.ndarray, xy: np.ndarray, counts: np.ndarray) -> pa.Array:
+    """``pa.binary()`` array of the pieces' 2D WKB.
+
+    Args:
+        pieces: (M,) shapely geometries (2D).
+        type_ids: (M,) ``shapely.get_type_id(pieces)``.
+        xy: (N, 2) float64 ``shapely.get_coordinates(pieces)``.
+        counts: (M,) int64 ``shapely.get_num_coordinates(pieces)``.
+    """
+    kind = np.where(np.isin(type_ids, (_POINT, _LINESTRING, _POLYGON)), type_ids, _FALLBACK).astype(np.int64)
+    poly = np.flatnonzero(kind == _POLYGON)
+    kind[poly[shapely.get_num_interior_rings(pieces[poly]) > 0]] = _FALLBACK
+    kind[counts == 0] = _FALLBACK  # empty geometries: GEOS's encoding
+    if sys.byteorder != "little":
+        kind[:] = _FALLBACK
+    rest = np.flatnonzero(kind == _FALLBACK)
+    other_wkb = shapely.to_wkb(pieces[rest], output_dimension=2)
+    other_lengths = np.fromiter((len(b) for b in other_wkb), np.int64, len(rest))
+    other_offsets = np.zeros(len(rest) + 1, np.int64)
+    np.cumsum(other_lengths, out=other_offsets[1:])
+    other = np.frombuffer(b"".join(other_wkb), np.uint8)
+    xy_bytes = np.ascontiguousarray(xy, np.float64).reshape(-1).view(np.uint8)
+    offsets, data = _wkb_kernel(xy_bytes, np.asarray(counts, np.int64), kind, other, other_offsets)
+    if offsets[-1] > _INT32_MAX:  # pa.binary() offsets are int32: > 2 GiB in one array goes the slow way
+        return pa.array(shapely.to_wkb(pieces, output_dimension=2), pa.binary())
+    return pa.Array.from_buffers(pa.binary(), len(counts), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) the kernel in this process."""
+    wkb_array(np.array([shapely.Point(0, 0)]), np.array([_POINT]), np.zeros((1, 2)), np.array([1], np.int64))

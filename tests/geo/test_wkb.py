@@ -1,0 +1,42 @@
+import numpy as np
+import pyarrow as pa
+import shapely
+
+from geojepa_pipeline.geo.wkb import wkb_array
+
+
+def _mixed_pieces() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    out = []
+    for k in range(600):
+        pts = rng.normal(size=(int(rng.integers(5, 30)), 2)) * 20 + 150
+        kind = k % 6
+        if kind == 0:
+            out.append(shapely.Point(pts[0]))
+        elif kind == 1:
+            out.append(shapely.LineString(pts))
+        elif kind == 2:
+            out.append(shapely.convex_hull(shapely.MultiPoint(pts)))
+        elif kind == 3:  # a polygon with a hole
+            out.append(shapely.Point(pts[0]).buffer(10).difference(shapely.Point(pts[0]).buffer(3)))
+        elif kind == 4:
+            out.append(shapely.MultiLineString([pts[:3], pts[3:]]))
+        else:
+            out.append(shapely.GeometryCollection([shapely.Point(pts[0]), shapely.LineString(pts[1:4])]))
+    out += [shapely.Polygon(), shapely.LineString(), shapely.MultiPolygon([shapely.box(0, 0, 1, 1), shapely.box(2, 2, 3, 3)])]
+    return np.array(out, dtype=object)
+
+
+def test_bytes_match_geos():
+    pieces = _mixed_pieces()
+    arr = wkb_array(pieces, shapely.get_type_id(pieces), shapely.get_coordinates(pieces),
+                    shapely.get_num_coordinates(pieces).astype(np.int64))
+    assert arr.type == pa.binary() and len(arr) == len(pieces)
+    assert arr.to_pylist() == list(shapely.to_wkb(pieces, output_dimension=2))
+    back = shapely.from_wkb(arr.to_numpy(zero_copy_only=False))
+    assert shapely.equals_exact(back[:600], pieces[:600], tolerance=0).all()
+
+
+def test_empty_input():
+    arr = wkb_array(np.empty(0, dtype=object), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0, np.int64))
+    assert len(arr) == 0 and arr.type == pa.binary()
