@@ -20,10 +20,10 @@ def _mixed_pieces() -> np.ndarray:
         elif kind == 3:  # a polygon with a hole
             out.append(shapely.Point(pts[0]).buffer(10).difference(shapely.Point(pts[0]).buffer(3)))
         elif kind == 4:
-            out.append(shapely.MultiLineString([pts[:3], pts[3:]]))
+            out.append(shapely.MultiLineString([pts[:3], pts[3:]] if k % 12 else [pts]))  # 1 or 2 parts
         else:
             out.append(shapely.GeometryCollection([shapely.Point(pts[0]), shapely.LineString(pts[1:4])]))
-    out += [shapely.Polygon(), shapely.LineString(), shapely.MultiPolygon([shapely.box(0, 0, 1, 1), shapely.box(2, 2, 3, 3)])]
+    out += [shapely.Polygon(), shapely.LineString(), shapely.MultiLineString(), shapely.MultiPolygon([shapely.box(0, 0, 1, 1), shapely.box(2, 2, 3, 3)])]
     return np.array(out, dtype=object)
 
 
