@@ -316,7 +316,7 @@ def minbox_corners(pieces: np.ndarray, x0: np.ndarray, y0: np.ndarray, tile_size
     return minbox_kernel(xy, counts, np.asarray(x0, np.float64), np.asarray(y0, np.float64), float(tile_size_m))
 
 
-def cut_lines(coords: np.ndarray, offsets: np.ndarray, tile_size_m: float = TILE_SIZE_M):
+def cut_lines(coords: np.ndarray, offsets: np.ndarray, tile_size_m: float = TILE_SIZE_M, tile_local: bool = True):
     """Cut polylines at every grid line, in numpy: O(vertices + crossings), no GEOS overlay.
 
     Args:
@@ -327,7 +327,8 @@ def cut_lines(coords: np.ndarray, offsets: np.ndarray, tile_size_m: float = TILE
     Returns:
         line: (M,) int64 index of the line each piece belongs to.
         tx, ty: (M,) int64 tile indices.
-        pieces: (M,) LineString / MultiLineString in tile-local metres (tile corner at 0, 0).
+        pieces: (M,) LineString / MultiLineString in tile-local metres (tile corner at 0, 0), or in
+            the input's metres with ``tile_local=False``.
         length: (M,) float64 piece length in metres.
 
     Each segment is split where it crosses a vertical or horizontal grid line; every
@@ -398,7 +399,8 @@ def cut_lines(coords: np.ndarray, offsets: np.ndarray, tile_size_m: float = TILE
     point_run = np.repeat(run_id, emit)
     run_line = sub_line[new_run]
     run_cx, run_cy = cx[new_run], cy[new_run]
-    local = np.column_stack([px[event] - run_cx[point_run] * s, py[event] - run_cy[point_run] * s])
+    shift = s if tile_local else 0.0
+    local = np.column_stack([px[event] - run_cx[point_run] * shift, py[event] - run_cy[point_run] * shift])
     runs = shapely.linestrings(local, indices=point_run) if n_runs else np.empty(0, dtype=object)
     run_len = np.bincount(run_id, weights=sub_len, minlength=n_runs)
 
@@ -411,7 +413,7 @@ def cut_lines(coords: np.ndarray, offsets: np.ndarray, tile_size_m: float = TILE
         fy = np.floor(coords[offsets[flat], 1] / s).astype(np.int64)
         pts_idx = ranges(offsets, flat)
         owner_pt = np.repeat(np.arange(len(flat)), counts[flat])
-        flat_local = coords[pts_idx] - np.column_stack([fx, fy])[owner_pt] * s
+        flat_local = coords[pts_idx] - np.column_stack([fx, fy])[owner_pt] * shift
         runs = np.concatenate([runs, shapely.linestrings(flat_local, indices=owner_pt)])
         run_line = np.concatenate([run_line, flat])
         run_cx, run_cy = np.concatenate([run_cx, fx]), np.concatenate([run_cy, fy])

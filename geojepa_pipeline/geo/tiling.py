@@ -186,20 +186,25 @@ def _prepare(data: OsmData, region: str, s: float) -> _Region:
     ent_cx = np.concatenate([np.repeat(node_cell[:, :1], 2, axis=1), way_cx, np.zeros((n_rel, 2), np.int64)])
     ent_cx[first_rel:, 0], ent_cx[first_rel:, 1] = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     rel_depth = np.zeros(n_rel, np.int64)
-    for _ in range(16):  # longest member-relation chain followed; cycles stop here
-        changed = False
-        for k, members in enumerate(data.rel_members):
-            lo, hi, depth = ent_cx[first_rel + k, 0], ent_cx[first_rel + k, 1], 0
-            for m, _ in members:
-                lo, hi = min(lo, ent_cx[m, 0]), max(hi, ent_cx[m, 1])
-                if m >= first_rel and m != first_rel + k:
-                    depth = max(depth, rel_depth[m - first_rel] + 1)
-            if lo != ent_cx[first_rel + k, 0] or hi != ent_cx[first_rel + k, 1] or depth != rel_depth[k]:
-                ent_cx[first_rel + k] = (lo, hi)
-                rel_depth[k] = depth
-                changed = True
-        if not changed:
+    n_members = np.fromiter((len(members) for members in data.rel_members), np.int64, n_rel)
+    member = np.fromiter((m for members in data.rel_members for m, _ in members), np.int64, int(n_members.sum()))
+    owner = np.repeat(np.arange(n_rel), n_members)
+    sub = (member >= first_rel) & (member != first_rel + owner)  # member relations (not the relation itself)
+    sub_owner, sub_rel = owner[sub], member[sub] - first_rel
+    has = np.flatnonzero(n_members > 0)
+    starts = (np.cumsum(n_members) - n_members)[has]
+    for _ in range(16):  # all relations at once per pass: the longest member-relation chain followed; cycles stop here
+        cx = ent_cx[member]
+        lo, hi = ent_cx[first_rel:, 0].copy(), ent_cx[first_rel:, 1].copy()
+        if len(has):
+            lo[has] = np.minimum(lo[has], np.minimum.reduceat(cx[:, 0], starts))
+            hi[has] = np.maximum(hi[has], np.maximum.reduceat(cx[:, 1], starts))
+        depth = np.zeros(n_rel, np.int64)
+        np.maximum.at(depth, sub_owner, rel_depth[sub_rel] + 1)
+        changed = (lo != ent_cx[first_rel:, 0]) | (hi != ent_cx[first_rel:, 1]) | (depth != rel_depth)
+        if not changed.any():
             break
+        ent_cx[first_rel:, 0], ent_cx[first_rel:, 1], rel_depth = lo, hi, depth
     complete = np.concatenate([np.ones(n_nodes, bool), data.way_complete, data.rel_complete])
     return _Region(data, region, epsg, s, node_xy, node_cell, way_xy, way_cx, ent_cx[first_rel:], rel_depth,
                    data.osm_type, data.osm_id, complete)
@@ -208,7 +213,7 @@ def _prepare(data: OsmData, region: str, s: float) -> _Region:
 # ---- one band ---------------------------------------------------------------------------------
 @dataclass
 class _Pieces:
-    """Accumulates pieces: owner entity, tile indices, tile-local geometry, length (NaN: ask GEOS)."""
+    """Accumulates pieces: owner entity, tile indices, geometry (UTM metres), length (NaN: ask GEOS)."""
 
     owner: list = field(default_factory=list)
     tx: list = field(default_factory=list)
@@ -310,7 +315,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     t = time.perf_counter()
     nodes = np.flatnonzero(in_band(R.node_cell[:, 0], R.node_cell[:, 0]))
     cell = R.node_cell[nodes]
-    pieces.add(nodes, cell[:, 0], cell[:, 1], shapely.points(R.node_xy[nodes] - cell * s), np.zeros(len(nodes)))
+    pieces.add(nodes, cell[:, 0], cell[:, 1], shapely.points(R.node_xy[nodes]), np.zeros(len(nodes)))
 
     # ---- lines: numpy cutter, whole lines, pieces kept inside the band ----------------------
     counts = np.diff(data.way_offsets)
@@ -319,7 +324,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     if len(line_ways):
         idx = ranges(data.way_offsets, line_ways)
         line_offsets = np.concatenate([[0], np.cumsum(counts[line_ways])])
-        line, tx, ty, geom, length = cut_lines(R.way_xy[idx], line_offsets, s)
+        line, tx, ty, geom, length = cut_lines(R.way_xy[idx], line_offsets, s, tile_local=False)
         keep = (tx >= x0) & (tx < x1)
         pieces.add(n_nodes + line_ways[line[keep]], tx[keep], ty[keep], geom[keep], length[keep])
     timings["cut_lines"] = time.perf_counter() - t
@@ -358,10 +363,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     poly_owner, poly_geoms = poly_owner[~empty], poly_geoms[~empty]
     if len(poly_geoms):
         idx, tx, ty, geom, _ = clip_to_grid(poly_geoms, s, x_range=(x0, x1))
-        coords, coord_owner = shapely.get_coordinates(geom, return_index=True)
-        origin = np.stack([tx, ty], axis=1).astype(np.float64) * s
-        local = shapely.set_coordinates(geom.copy(), coords - origin[coord_owner])
-        pieces.add(poly_owner[idx], tx, ty, local)  # length: the perimeter, from GEOS
+        pieces.add(poly_owner[idx], tx, ty, geom)  # length: the perimeter, from GEOS
     timings["clip_polygons"] = time.perf_counter() - t
 
     # ---- other relations: their members' pieces, grouped per tile, members first -----------
@@ -390,26 +392,29 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
 
     # ---- order: block column, block row, row-major in the block; then type, id --------------
     t = time.perf_counter()
-    owner, tx, ty, local, length = pieces.arrays()
+    owner, tx, ty, geom, length = pieces.arrays()
     tile_key = dense_key(tx // BLOCK_TILES, ty // BLOCK_TILES, ty % BLOCK_TILES, tx % BLOCK_TILES)
     order = np.lexsort((R.osm_id[owner], R.osm_type[owner], tile_key))
-    owner, tx, ty, local, length, tile_key = owner[order], tx[order], ty[order], local[order], length[order], tile_key[order]
+    owner, tx, ty, geom, length, tile_key = owner[order], tx[order], ty[order], geom[order], length[order], tile_key[order]
     tile_start = np.flatnonzero(np.concatenate([[True], tile_key[1:] != tile_key[:-1]])) if len(tile_key) else np.zeros(0, np.int64)
     piece_tile = np.cumsum(np.concatenate([[False], tile_key[1:] != tile_key[:-1]])) if len(tile_key) else np.zeros(0, np.int64)
     timings["order"] = time.perf_counter() - t
 
     # ---- describe --------------------------------------------------------------------------
     t = time.perf_counter()
-    xy = shapely.get_coordinates(local)  # (V, 2) tile-local metres, shared by both kernels
-    xy_counts = shapely.get_num_coordinates(local).astype(np.int64)
-    zeros = np.zeros(len(local))
+    # pieces are in UTM metres up to here; only their coordinates move to the tile frame
+    # (x - tx * s is exact for x in the tile, so this equals translating the geometries)
+    xy = shapely.get_coordinates(geom)  # (V, 2)
+    xy_counts = shapely.get_num_coordinates(geom).astype(np.int64)
+    xy -= np.repeat(np.stack([tx, ty], axis=1).astype(np.float64) * s, xy_counts, axis=0)  # tile-local
+    zeros = np.zeros(len(geom))
     corners = minbox_kernel(xy, xy_counts, zeros, zeros, s)
-    type_ids = shapely.get_type_id(local)
-    area = shapely.area(local)
+    type_ids = shapely.get_type_id(geom)
+    area = shapely.area(geom)
     need_len = np.isnan(length)
-    length[need_len] = shapely.length(local[need_len])
-    wkb = wkb_array(local, type_ids, xy, xy_counts)
-    del local, xy
+    length[need_len] = shapely.length(geom[need_len])
+    wkb = wkb_array(geom, type_ids, xy, xy_counts)
+    del geom, xy
     timings["describe"] = time.perf_counter() - t
 
     # ---- tables -----------------------------------------------------------------------------

@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
+from .grid import ranges
+
 _POINT, _LINESTRING, _POLYGON, _MULTILINESTRING = 0, 1, 3, 5  # shapely type ids (the WKB type is +1 below 3)
 _FALLBACK = -1
 _HEADER = 5  # byte order + uint32 type
@@ -107,12 +109,13 @@ def _wkb_kernel(xy_bytes: np.ndarray, counts: np.ndarray, kind: np.ndarray, n_pa
 
 
 def wkb_array(pieces: np.ndarray, type_ids: np.ndarray, xy: np.ndarray, counts: np.ndarray) -> pa.Array:
-    """``pa.binary()`` array of the pieces' 2D WKB.
+    """``pa.binary()`` array of the pieces' 2D WKB, written with the coordinates ``xy``.
 
     Args:
         pieces: (M,) shapely geometries (2D).
         type_ids: (M,) ``shapely.get_type_id(pieces)``.
-        xy: (N, 2) float64 ``shapely.get_coordinates(pieces)``.
+        xy: (N, 2) float64: ``shapely.get_coordinates(pieces)``, or those moved (e.g. into
+            tile-local metres); the WKB carries these.
         counts: (M,) int64 ``shapely.get_num_coordinates(pieces)``.
     """
     kind = np.where(np.isin(type_ids, (_POINT, _LINESTRING, _POLYGON, _MULTILINESTRING)), type_ids, _FALLBACK).astype(np.int64)
@@ -126,7 +129,9 @@ def wkb_array(pieces: np.ndarray, type_ids: np.ndarray, xy: np.ndarray, counts: 
     n_parts = shapely.get_num_geometries(pieces[mls]).astype(np.int64)
     part_counts = shapely.get_num_coordinates(parts).astype(np.int64)
     rest = np.flatnonzero(kind == _FALLBACK)
-    other_wkb = shapely.to_wkb(pieces[rest], output_dimension=2)
+    coord_offsets = np.concatenate([[0], np.cumsum(counts)])
+    moved = shapely.set_coordinates(pieces[rest].copy(), xy[ranges(coord_offsets, rest)])  # GEOS encodes these with xy
+    other_wkb = shapely.to_wkb(moved, output_dimension=2)
     other_lengths = np.fromiter((len(b) for b in other_wkb), np.int64, len(rest))
     other_offsets = np.zeros(len(rest) + 1, np.int64)
     np.cumsum(other_lengths, out=other_offsets[1:])
@@ -134,7 +139,7 @@ def wkb_array(pieces: np.ndarray, type_ids: np.ndarray, xy: np.ndarray, counts: 
     xy_bytes = np.ascontiguousarray(xy, np.float64).reshape(-1).view(np.uint8)
     offsets, data = _wkb_kernel(xy_bytes, np.asarray(counts, np.int64), kind, n_parts, part_counts, other, other_offsets)
     if offsets[-1] > _INT32_MAX:  # pa.binary() offsets are int32: > 2 GiB in one array goes the slow way
-        return pa.array(shapely.to_wkb(pieces, output_dimension=2), pa.binary())
+        return pa.array(shapely.to_wkb(shapely.set_coordinates(pieces.copy(), xy), output_dimension=2), pa.binary())
     return pa.Array.from_buffers(pa.binary(), len(counts), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
 
 

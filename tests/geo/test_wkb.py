@@ -40,3 +40,11 @@ def test_bytes_match_geos():
 def test_empty_input():
     arr = wkb_array(np.empty(0, dtype=object), np.zeros(0, np.int64), np.zeros((0, 2)), np.zeros(0, np.int64))
     assert len(arr) == 0 and arr.type == pa.binary()
+
+
+def test_moved_coordinates_are_what_gets_written():
+    pieces = _mixed_pieces()
+    xy = shapely.get_coordinates(pieces) - np.array([100.0, 50.0])  # e.g. into a tile's frame
+    arr = wkb_array(pieces, shapely.get_type_id(pieces), xy, shapely.get_num_coordinates(pieces).astype(np.int64))
+    expected = shapely.to_wkb(shapely.transform(pieces, lambda c: c - np.array([100.0, 50.0])), output_dimension=2)
+    assert arr.to_pylist() == list(expected)
