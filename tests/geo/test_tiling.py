@@ -139,3 +139,13 @@ def test_shards_stream_across_band_boundaries(tmp_path, wide_pbf):
         e = pq.read_table(out / s["entities_file"])
         assert set(e.column("tile_id").to_pylist()) == set(t.column("tile_id").to_pylist())
         assert e.num_rows == sum(t.column("n_entities").to_pylist())
+
+
+def test_shard_statistics_only_on_flat_columns(tmp_path):
+    tiled = tile_osm(read_osm(rules_fixture(tmp_path / "r.osm.pbf")), "r")
+    (tmp_path / "out").mkdir()
+    manifest = write_tile_shards(tiled, tmp_path / "out")
+    meta = pq.ParquetFile(tmp_path / "out" / manifest["shards"][0]["entities_file"]).metadata.row_group(0)
+    stats = {meta.column(i).path_in_schema: meta.column(i).is_stats_set for i in range(meta.num_columns)}
+    assert stats["tile_id"] and stats["osm_id"]  # min/max prune reads by tile and entity
+    assert not stats["geometry"] and not stats["tags.key_value.key"] and not stats["minbox.list.element"]
