@@ -153,6 +153,8 @@ class _Region:
     osm_type: np.ndarray  # (N,) int8
     osm_id: np.ndarray  # (N,) int64
     complete: np.ndarray  # (N,) bool
+    rel_member_offsets: np.ndarray  # (Nr + 1,) relation k's members are rel_member[offsets[k]:offsets[k + 1]]
+    rel_member: np.ndarray  # (M,) entity index of every relation member, in member order
 
     @property
     def first_rel(self) -> int:
@@ -206,8 +208,10 @@ def _prepare(data: OsmData, region: str, s: float) -> _Region:
             break
         ent_cx[first_rel:, 0], ent_cx[first_rel:, 1], rel_depth = lo, hi, depth
     complete = np.concatenate([np.ones(n_nodes, bool), data.way_complete, data.rel_complete])
+    member_offsets = np.zeros(n_rel + 1, np.int64)
+    np.cumsum(n_members, out=member_offsets[1:])
     return _Region(data, region, epsg, s, node_xy, node_cell, way_xy, way_cx, ent_cx[first_rel:], rel_depth,
-                   data.osm_type, data.osm_id, complete)
+                   data.osm_type, data.osm_id, complete, member_offsets, member)
 
 
 # ---- one band ---------------------------------------------------------------------------------
@@ -368,10 +372,12 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
 
     # ---- other relations: their members' pieces, grouped per tile, members first -----------
     t = time.perf_counter()
-    for level in sorted({int(R.rel_depth[k]) for k in collect_rels}):
-        rels = [k for k in collect_rels if R.rel_depth[k] == level]
-        pairs = np.asarray([(first_rel + k, m) for k in rels for m, _ in data.rel_members[k] if m != first_rel + k],
-                           np.int64).reshape(-1, 2)
+    collect_rels = np.asarray(collect_rels, np.int64)
+    for level in unique_ints(R.rel_depth[collect_rels]).tolist():
+        rels = collect_rels[R.rel_depth[collect_rels] == level]
+        n_members = R.rel_member_offsets[rels + 1] - R.rel_member_offsets[rels]
+        pairs = np.stack([first_rel + np.repeat(rels, n_members), R.rel_member[ranges(R.rel_member_offsets, rels)]], axis=1)
+        pairs = pairs[pairs[:, 1] != pairs[:, 0]]  # a relation listing itself
         pairs = pairs[np.unique(pairs[:, 0] * (R.osm_id.size + 1) + pairs[:, 1], return_index=True)[1]]
         owner, ptx, pty, pgeom, _ = pieces.arrays()
         order = np.argsort(owner, kind="stable")
