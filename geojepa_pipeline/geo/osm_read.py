@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import osmium
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import GeojepaError
 from .grid import isin_sorted, unique_ints
@@ -349,11 +350,12 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     # area rule on closed, complete ways
     votes = np.zeros(len(w_owner), np.int8)
     cand = closed[w_owner]
-    if cand.any():
-        pair_keys = np.asarray(wk.take(pa.array(np.flatnonzero(cand))).to_pylist(), dtype=object)
-        pair_vals = np.asarray(wv.take(pa.array(np.flatnonzero(cand))).to_pylist(), dtype=object)
-        cache: dict = {}
-        votes[cand] = [cache.setdefault((k, v), area_vote(k, v)) for k, v in zip(pair_keys, pair_vals)]
+    if cand.any():  # one area_vote per distinct (key, value) pair, not per tag
+        rows = pa.array(np.flatnonzero(cand))
+        pairs = pc.binary_join_element_wise(wk.take(rows), wv.take(rows), "\x00").dictionary_encode()
+        split = [p.split("\x00", 1) for p in pairs.dictionary.to_pylist()]
+        distinct_votes = np.fromiter((area_vote(k, v) for k, v in split), np.int8, len(split))
+        votes[cand] = distinct_votes[pairs.indices.to_numpy(zero_copy_only=False)]
     yes = np.bincount(w_owner, weights=votes == AREA_YES, minlength=n_ways) > 0
     no = np.bincount(w_owner, weights=votes == AREA_NO, minlength=n_ways) > 0
     implied = np.bincount(w_owner, weights=votes == IMPLIES_AREA, minlength=n_ways) > 0

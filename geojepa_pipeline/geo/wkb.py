@@ -125,9 +125,13 @@ def wkb_array(pieces: np.ndarray, type_ids: np.ndarray, xy: np.ndarray, counts: 
     if sys.byteorder != "little":
         kind[:] = _FALLBACK
     mls = np.flatnonzero(kind == _MULTILINESTRING)
-    parts = shapely.get_parts(pieces[mls])
     n_parts = shapely.get_num_geometries(pieces[mls]).astype(np.int64)
-    part_counts = shapely.get_num_coordinates(parts).astype(np.int64)
+    part_offsets = np.concatenate([[0], np.cumsum(n_parts)])
+    part_counts = np.empty(part_offsets[-1], np.int64)
+    one = n_parts == 1  # most route pieces: the part is the whole piece, no need to split it
+    part_counts[part_offsets[:-1][one]] = counts[mls[one]]
+    several = np.flatnonzero(~one)
+    part_counts[ranges(part_offsets, several)] = shapely.get_num_coordinates(shapely.get_parts(pieces[mls[several]]))
     rest = np.flatnonzero(kind == _FALLBACK)
     coord_offsets = np.concatenate([[0], np.cumsum(counts)])
     moved = shapely.set_coordinates(pieces[rest].copy(), xy[ranges(coord_offsets, rest)])  # GEOS encodes these with xy
