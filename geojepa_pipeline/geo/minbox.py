@@ -9,20 +9,21 @@ Measured on one band of the 8x8 Liechtenstein benchmark (141 k pieces): 0.40 s f
 previous numpy pairwise search plus GEOS ``oriented_envelope``, against ~0.04 s here,
 most of it ``shapely.get_coordinates``.
 
-The kernels are compiled on first use and cached on disk (``cache=True``: next to this file,
-or under ``NUMBA_CACHE_DIR``); ``warm_up()`` loads them in the parent before band workers are
+The kernels are compiled on first use and cached on disk (``geo/jit.py``: next to this file,
+or in a user or temporary cache); ``warm_up()`` loads them in the parent before band workers are
 forked, so the workers inherit the compiled code instead of each compiling it.
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from .jit import kernel
 
 _INSERTION_SORT_MAX = 32  # pieces with more vertices sort with numpy's merge sort
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _lex_order(xy: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Indices 0..n-1 of ``xy`` (n, 2) sorted by x, then y (into ``idx[:n]`` when small)."""
     n = xy.shape[0]
@@ -42,14 +43,14 @@ def _lex_order(xy: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return idx[:n]
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _cross(hull: np.ndarray, h: int, xy: np.ndarray, p: int) -> float:
     """z of (hull[h-1] - hull[h-2]) x (xy[p] - hull[h-2]): > 0 when p turns left."""
     return ((hull[h - 1, 0] - hull[h - 2, 0]) * (xy[p, 1] - hull[h - 2, 1])
             - (hull[h - 1, 1] - hull[h - 2, 1]) * (xy[p, 0] - hull[h - 2, 0]))
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _hull(xy: np.ndarray, idx: np.ndarray, hull: np.ndarray) -> int:
     """Convex hull of ``xy`` (n >= 1, 2) counter-clockwise into ``hull[:h]``; returns h.
 
@@ -79,7 +80,7 @@ def _hull(xy: np.ndarray, idx: np.ndarray, hull: np.ndarray) -> int:
     return h
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _rect_of_hull(hull: np.ndarray, h: int, out: np.ndarray) -> None:
     """Minimum-area rectangle of the convex polygon ``hull[:h]`` (CCW) into ``out`` (4, 2).
 
@@ -149,7 +150,7 @@ def _rect_of_hull(hull: np.ndarray, h: int, out: np.ndarray) -> None:
             break  # a segment's second "edge" is the first one reversed
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def minbox_kernel(xy: np.ndarray, counts: np.ndarray, x0: np.ndarray, y0: np.ndarray, tile_size_m: float) -> np.ndarray:
     """Min-box corners of M point sets in tile units.
 

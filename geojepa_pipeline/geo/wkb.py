@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import sys
 
-import numba
 import numpy as np
 import pyarrow as pa
 import shapely
 
 from .grid import ranges
+from .jit import kernel
 
 _POINT, _LINESTRING, _POLYGON, _MULTILINESTRING = 0, 1, 3, 5  # shapely type ids (the WKB type is +1 below 3)
 _FALLBACK = -1
@@ -28,14 +28,14 @@ _HEADER = 5  # byte order + uint32 type
 _INT32_MAX = 2**31 - 1
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _put_u32(data: np.ndarray, pos: int, value: int) -> int:
     for b in range(4):
         data[pos + b] = (value >> (8 * b)) & 0xFF
     return pos + 4
 
 
-@numba.njit(cache=True, nogil=True)
+@kernel
 def _wkb_kernel(xy_bytes: np.ndarray, counts: np.ndarray, kind: np.ndarray, n_parts: np.ndarray, part_counts: np.ndarray,
                 other: np.ndarray, other_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Offsets (M + 1,) int64 and bytes of M pieces' WKB.
