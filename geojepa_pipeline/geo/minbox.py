@@ -17,6 +17,7 @@ forked, so the workers inherit the compiled code instead of each compiling it.
 from __future__ import annotations
 
 import numpy as np
+import shapely
 
 from .jit import kernel
 
@@ -207,7 +208,41 @@ def minbox_kernel(xy: np.ndarray, counts: np.ndarray, x0: np.ndarray, y0: np.nda
     return out
 
 
+@kernel
+def _rect_kernel(xy: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(M, 4, 2) minimum-area rectangle corners of M point sets, in the input's units.
+
+    Corners are consecutive (counter-clockwise); a segment gives (a, b, b, a), a point four
+    equal corners, a set without points zeros.
+    """
+    m = counts.shape[0]
+    out = np.zeros((m, 4, 2), np.float64)
+    widest = 1
+    for i in range(m):
+        widest = max(widest, counts[i])
+    idx = np.empty(widest, np.int64)
+    hull = np.empty((widest + 1, 2), np.float64)
+    start = 0
+    for i in range(m):
+        n = counts[i]
+        if n > 0:
+            _rect_of_hull(hull, _hull(xy[start:start + n], idx, hull), out[i])
+        start += n
+    return out
+
+
+def min_rect_corners_m(geoms: np.ndarray) -> np.ndarray:
+    """(P, 4, 2) corners of each geometry's minimum-area rotated rectangle, in its units (metres).
+
+    Consecutive corners, counter-clockwise; degenerate shapes repeat points; empty ones give
+    zeros. Unlike GEOS ``oriented_envelope``, multipart shapes are always covered: GEOS missed
+    parts of 3 of Liechtenstein's 27,707 tile pieces (``tests/geo/test_minbox.py``).
+    """
+    return _rect_kernel(shapely.get_coordinates(geoms), shapely.get_num_coordinates(geoms).astype(np.int64))
+
+
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) the kernels in this process."""
     xy = np.array([[0.0, 0.0], [2.0, 0.0], [2.0, 1.0], [0.0, 1.0]])
     minbox_kernel(xy, np.array([4], np.int64), np.zeros(1), np.zeros(1), 1.0)
+    _rect_kernel(xy, np.array([4], np.int64))

@@ -2,8 +2,8 @@
 
 Input graph of one piece (``geometry_graphs``)
 ----------------------------------------------
-- **Frame.** The piece's minimum rotated rectangle (GEOS; not the ``minbox`` column, whose
-  corners are clamped to the tile): x along its longer side, pointing east (north if the
+- **Frame.** The piece's minimum rotated rectangle (``geo.minbox.min_rect_corners_m``; not the
+  ``minbox`` column, whose corners are clamped to the tile): x along its longer side, pointing east (north if the
   side is vertical), y that axis turned +90°, origin at the rectangle's corner with the
   smallest coordinates; divided by the longer side, so the shape keeps its aspect ratio and
   lies in [0, 1] x [0, 1]. Rotating a piece (by less than its side's turn past north) or
@@ -36,6 +36,8 @@ import numpy as np
 import shapely
 import torch
 from torch import nn
+
+from ..geo.minbox import min_rect_corners_m
 
 NODE_FEATURES = 9
 EDGE_FEATURES = 3
@@ -73,21 +75,6 @@ def _subsample(coords: np.ndarray, part: np.ndarray, max_n: int) -> tuple[np.nda
     return coords[keep], part[keep]
 
 
-def min_box_corners_m(geoms: np.ndarray) -> np.ndarray:
-    """(P, 4, 2) corners of each geometry's minimum rotated rectangle, metres; degenerate ones repeat a point."""
-    n = len(geoms)
-    rects = shapely.minimum_rotated_rectangle(geoms)
-    coords, idx = shapely.get_coordinates(rects, return_index=True)
-    out = np.zeros((n, 4, 2))
-    counts = np.bincount(idx, minlength=n)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    for k in range(4):  # polygons give 5 coordinates (closed), lines 2, points 1: clamp to the last
-        take = starts + np.minimum(k, np.maximum(counts - 1, 0))
-        has = counts > 0
-        out[has, k] = coords[take[has]]
-    return out
-
-
 def geometry_graphs(geoms: np.ndarray, max_vertices: int = MAX_VERTICES_PER_PART) -> GeometryGraphs:
     """Vertex graphs of pieces.
 
@@ -95,7 +82,7 @@ def geometry_graphs(geoms: np.ndarray, max_vertices: int = MAX_VERTICES_PER_PART
         geoms: (P,) shapely geometries in metres (tile-local or any planar CRS).
     """
     n = len(geoms)
-    corners = min_box_corners_m(geoms)
+    corners = min_rect_corners_m(geoms)
     side_u, side_v = corners[:, 1] - corners[:, 0], corners[:, 3] - corners[:, 0]
     len_u, len_v = np.linalg.norm(side_u, axis=1), np.linalg.norm(side_v, axis=1)
     long_side = np.maximum(len_u, len_v)
@@ -285,7 +272,7 @@ class PretrainConfig:
 
 def _view(geoms: np.ndarray, rng: np.random.Generator, simplify: bool) -> GeometryGraphs:
     if simplify:
-        corners = min_box_corners_m(geoms)
+        corners = min_rect_corners_m(geoms)
         long_side = np.maximum(np.linalg.norm(corners[:, 1] - corners[:, 0], axis=1),
                                np.linalg.norm(corners[:, 3] - corners[:, 0], axis=1))
         tol = rng.uniform(0.0, 0.05, len(geoms)) * long_side
@@ -330,7 +317,7 @@ def pretrain(geoms: np.ndarray, config: GeometryEncoderConfig = GeometryEncoderC
 
 def shape_targets(geoms: np.ndarray) -> dict[str, np.ndarray]:
     """Per piece: log area (m²), log elongation (min-box long / short side), log vertex count."""
-    corners = min_box_corners_m(geoms)
+    corners = min_rect_corners_m(geoms)
     a = np.linalg.norm(corners[:, 1] - corners[:, 0], axis=1)
     b = np.linalg.norm(corners[:, 3] - corners[:, 0], axis=1)
     return {

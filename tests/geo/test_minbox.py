@@ -3,7 +3,13 @@ import pytest
 import shapely
 
 from geojepa_pipeline.geo.grid import minbox_corners
-from geojepa_pipeline.geo.minbox import minbox_kernel
+from geojepa_pipeline.geo.minbox import min_rect_corners_m, minbox_kernel
+
+# A route relation's piece from Liechtenstein (2013): its 4 member ways, listed 4 times. GEOS
+# oriented_envelope / minimum_rotated_rectangle return a 1.6 m^2 rectangle that misses most of it.
+ROUTE_PIECE_WKT = "MULTILINESTRING (" + ", ".join(4 * [
+    "(242.3 111.3, 251.4 40.7, 252.6 31.4, 254.4 16.1, 257.5 0)", "(214.5 269.3, 219.6 237.3, 234.2 159.7)",
+    "(234.2 159.7, 237.2 143.1, 242.3 111.3)", "(209.9 300, 210.8 292.7, 212.7 281.4, 214.5 269.3)"]) + ")"
 
 
 def _quad_area(c: np.ndarray) -> np.ndarray:
@@ -111,3 +117,11 @@ def test_multipart_pieces_match_an_exhaustive_search():
     brute, perimeter = np.array([_exhaustive_min_area(shapely.get_coordinates(s)) for s in shapes]).T
     tolerance = 2 * perimeter * 3000.0 * 2.0**-24 + 1e-9  # float32 corners, as in the GEOS comparison above
     assert np.all(np.abs(ours - brute) <= tolerance)
+
+
+def test_covers_a_piece_that_geos_gets_wrong():
+    piece = shapely.from_wkt(ROUTE_PIECE_WKT)
+    assert not shapely.contains(shapely.buffer(shapely.oriented_envelope(piece), 1e-6), piece)  # the GEOS bug
+    rect = shapely.Polygon(min_rect_corners_m(np.array([piece]))[0])
+    assert shapely.contains(shapely.buffer(rect, 1e-6), piece)
+    assert rect.area == pytest.approx(_exhaustive_min_area(shapely.get_coordinates(piece))[0], rel=1e-9)

@@ -10,6 +10,8 @@ from geojepa_pipeline.tokenizers.geometry import (
     GeometryEncoderConfig, PolygonGNN, PretrainConfig, geometry_graphs, pretrain, ridge_r2, shape_targets,
 )
 
+from ..geo.test_minbox import ROUTE_PIECE_WKT
+
 
 def test_square_graph_in_its_min_box_frame():
     g = geometry_graphs(np.array([shapely.box(100, 100, 110, 110)], dtype=object))
@@ -57,6 +59,12 @@ def test_points_small_pieces_lines_and_multipart():
     edges = np.bincount(owner, minlength=5)
     assert edges[0] == edges[1] == 0 and edges[2] == 4
     assert edges[3] == 8 + 8 + 2 and edges[4] == 8 + 8 + 2  # two 4-cycles + the link between parts (rings)
+
+
+def test_a_piece_that_geos_boxes_wrongly_lies_in_its_frame():
+    g = geometry_graphs(np.array([shapely.from_wkt(ROUTE_PIECE_WKT)], dtype=object))
+    assert g.n_graphs == 1 and len(g.x) > 1
+    assert g.x[:, :2].min() >= -1e-5 and g.x[:, :2].max() <= 1 + 1e-5  # GEOS's rectangle put vertices far outside
 
 
 def test_tokens_are_sum_pooled_per_piece():
