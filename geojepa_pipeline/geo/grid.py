@@ -1,4 +1,4 @@
-"""The 300 m UTM grid: zone choice, projection, tile ids, clipping, minimum rotated boxes.
+"""The 300 m UTM grid: zone choice, projection, tile ids, clipping (minimum boxes: ``geo/minbox.py``).
 
 Cells are half-open squares ``[tx*s, (tx+1)*s) x [ty*s, (ty+1)*s)`` in the region's UTM CRS
 (``s`` = tile size in metres, 300 by default), so a point lies in exactly one tile. Tile ids
@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import shapely
 from shapely import lib
-
-from .minbox import minbox_kernel
 
 TILE_SIZE_M = 300.0
 
@@ -71,12 +69,17 @@ def unique_ints(values: np.ndarray) -> np.ndarray:
     return ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])] if len(ordered) else ordered
 
 
+def locate_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in ``sorted_unique`` of each value, whether it is there), by binary search."""
+    if len(sorted_unique) == 0:
+        return np.zeros(len(values), np.int64), np.zeros(len(values), bool)
+    i = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
+    return i, sorted_unique[i] == values
+
+
 def isin_sorted(values: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
     """``np.isin(values, sorted_unique)`` for a sorted, duplicate-free second array (binary search)."""
-    if len(sorted_unique) == 0:
-        return np.zeros(len(values), bool)
-    i = np.minimum(np.searchsorted(sorted_unique, values), len(sorted_unique) - 1)
-    return sorted_unique[i] == values
+    return locate_sorted(values, sorted_unique)[1]
 
 
 def ranges(offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -293,27 +296,6 @@ def _regroup_collections(owner, tx, ty, piece, clipped, is_collection):
         np.concatenate([ty[keep], arr[:, 2]]), np.concatenate([piece[keep], merged]),
         np.concatenate([clipped[keep], np.ones(len(keys), bool)]),
     )
-
-
-def minbox_corners(pieces: np.ndarray, x0: np.ndarray, y0: np.ndarray, tile_size_m: float = TILE_SIZE_M) -> np.ndarray:
-    """Minimum rotated rectangle of each piece as 4 corners in tile coordinates.
-
-    Args:
-        pieces: (M,) geometries in metres (the same CRS as the grid).
-        x0, y0: (M,) lower-left corner of each piece's tile, metres.
-
-    Returns:
-        (M, 8) float32: ``x1, y1, ..., x4, y4`` with the tile mapped to [0, 1]^2. Corners go
-        counter-clockwise from the lowest (then leftmost) one; they are clipped to [0, 1]
-        (a rotated rectangle around a shape near a tile edge can overhang the tile). Lines
-        give a degenerate rectangle (a, b, b, a) and points four equal corners.
-
-    The rectangle of minimum area, from the convex hull by rotating calipers in compiled code
-    (``geo/minbox.py``); ties between equal-area rectangles may resolve either way.
-    """
-    xy = shapely.get_coordinates(pieces)
-    counts = shapely.get_num_coordinates(pieces).astype(np.int64)
-    return minbox_kernel(xy, counts, np.asarray(x0, np.float64), np.asarray(y0, np.float64), float(tile_size_m))
 
 
 def cut_lines(coords: np.ndarray, offsets: np.ndarray, tile_size_m: float = TILE_SIZE_M, tile_local: bool = True):

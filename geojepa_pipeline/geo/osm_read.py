@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import GeojepaError
-from .grid import isin_sorted, unique_ints
+from .grid import isin_sorted, locate_sorted, unique_ints
 from .osm_rules import AREA_NO, AREA_YES, IMPLIES_AREA, area_vote, keep_key
 from .parallel import gc_paused
 
@@ -201,10 +201,7 @@ def _locate(ids: np.ndarray, sorted_ids: np.ndarray, sort_pos: np.ndarray | None
     ``sorted_ids``: the node ids in increasing order; ``sort_pos``: their positions in the
     node arrays (None when the nodes are already sorted, as in most extracts).
     """
-    if len(sorted_ids) == 0:
-        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-    i = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    found = sorted_ids[i] == ids
+    i, found = locate_sorted(ids, sorted_ids)
     return (i if sort_pos is None else sort_pos[i]), found
 
 

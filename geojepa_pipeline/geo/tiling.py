@@ -40,7 +40,7 @@ from pyproj import Transformer
 
 from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, ranges, tile_ids, unique_ints, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
-from .minbox import minbox_kernel
+from .minbox import minbox_from_coords
 from .minbox import warm_up as load_minbox_kernel
 from .wkb import warm_up as load_wkb_kernel
 from .wkb import wkb_array
@@ -414,7 +414,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     xy_counts = shapely.get_num_coordinates(geom).astype(np.int64)
     xy -= np.repeat(np.stack([tx, ty], axis=1).astype(np.float64) * s, xy_counts, axis=0)  # tile-local
     zeros = np.zeros(len(geom))
-    corners = minbox_kernel(xy, xy_counts, zeros, zeros, s)
+    corners = minbox_from_coords(xy, xy_counts, zeros, zeros, s)
     type_ids = shapely.get_type_id(geom)
     area = shapely.area(geom)
     need_len = np.isnan(length)

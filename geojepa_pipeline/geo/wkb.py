@@ -19,10 +19,9 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from .grid import ranges
+from .grid import _LINESTRING, _MULTILINESTRING, _POINT, _POLYGON, ranges
 from .jit import kernel
 
-_POINT, _LINESTRING, _POLYGON, _MULTILINESTRING = 0, 1, 3, 5  # shapely type ids (the WKB type is +1 below 3)
 _FALLBACK = -1
 _HEADER = 5  # byte order + uint32 type
 _INT32_MAX = 2**31 - 1

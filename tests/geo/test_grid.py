@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import shapely
 
-from geojepa_pipeline.geo.grid import choose_epsg, clip_to_grid, minbox_corners, parse_tile_id, tile_ids, utm_epsg
+from geojepa_pipeline.geo.grid import choose_epsg, clip_to_grid, parse_tile_id, tile_ids, utm_epsg
+from geojepa_pipeline.geo.minbox import minbox_corners
 
 
 def test_utm_zone_choice():

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import shapely
 
-from geojepa_pipeline.geo.grid import minbox_corners
-from geojepa_pipeline.geo.minbox import min_rect_corners_m, minbox_kernel
+from geojepa_pipeline.geo.minbox import min_rect_corners_m, minbox_corners, minbox_from_coords
 
 # A route relation's piece from Liechtenstein (2013): its 4 member ways, listed 4 times. GEOS
 # oriented_envelope / minimum_rotated_rectangle return a 1.6 m^2 rectangle that misses most of it.
@@ -71,7 +70,7 @@ def test_corner_order_starts_lowest_then_leftmost():
 )
 def test_degenerate_and_exact_cases(points, expected):
     xy = np.asarray(points, np.float64)
-    c = minbox_kernel(xy, np.array([len(xy)], np.int64), np.zeros(1), np.zeros(1), 300.0)
+    c = minbox_from_coords(xy, np.array([len(xy)], np.int64), np.zeros(1), np.zeros(1), 300.0)
     np.testing.assert_allclose(c[0], expected, atol=1e-6)
 
 
