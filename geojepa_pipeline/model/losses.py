@@ -1,4 +1,9 @@
-"""The JEPA loss: SmoothL1 between predictions and targets, plus VICReg variance and covariance terms."""
+"""The JEPA loss: SmoothL1 between predictions and targets, plus VICReg variance and covariance terms.
+
+Every term takes its rows through a 0/1 weight instead of boolean indexing, so shapes never
+depend on the masks: the whole step can be compiled once per length bucket and replayed as a
+CUDA graph. Statistics are computed in float32 (bf16 autocast gives bf16 predictions).
+"""
 
 from __future__ import annotations
 
@@ -6,22 +11,33 @@ import torch
 import torch.nn.functional as F
 
 
-def variance_term(x: torch.Tensor) -> torch.Tensor:
-    """25 · mean(ReLU(1 − sqrt(var + 1e-4))) over the feature dimensions of x (N, D)."""
-    if x.shape[0] < 2:
-        return x.new_zeros(())
-    return 25.0 * F.relu(1.0 - torch.sqrt(x.var(dim=0) + 1e-4)).mean()
+def _centred(x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n rows counted (), weighted centred rows (N, D)) of x (N, D) with row weights (N,) in {0, 1} (None: all)."""
+    x = x.float()
+    if weight is None:
+        return x.new_tensor(float(x.shape[0])), x - x.mean(0)
+    w = weight.to(x.dtype)[:, None]
+    n = w.sum()
+    mean = (x * w).sum(0) / n.clamp_min(1)
+    return n, (x - mean) * w
 
 
-def covariance_term(x: torch.Tensor) -> torch.Tensor:
-    """Σ off-diagonal covariance² / D of x (N, D)."""
-    n, d = x.shape
-    if n < 2:
-        return x.new_zeros(())
-    xc = x - x.mean(0)
-    cov = (xc.T @ xc) / (n - 1)
+def variance_term(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """25 · mean(ReLU(1 − sqrt(var + 1e-4))) over the feature dimensions of the rows of x (N, D) with weight 1; 0 under 2 rows."""
+    n, xc = _centred(x, weight)
+    var = (xc ** 2).sum(0) / (n - 1).clamp_min(1)
+    term = 25.0 * F.relu(1.0 - torch.sqrt(var + 1e-4)).mean()
+    return torch.where(n >= 2, term, torch.zeros_like(term))
+
+
+def covariance_term(x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ off-diagonal covariance² / D of the rows of x (N, D) with weight 1; 0 under 2 rows."""
+    n, xc = _centred(x, weight)
+    d = xc.shape[1]
+    cov = (xc.T @ xc) / (n - 1).clamp_min(1)
     off = cov - torch.diag(torch.diag(cov))
-    return (off ** 2).sum() / d
+    term = (off ** 2).sum() / d
+    return torch.where(n >= 2, term, torch.zeros_like(term))
 
 
 def jepa_loss(pred: torch.Tensor, target: torch.Tensor, target_mask: torch.Tensor, context_out: torch.Tensor,
@@ -30,20 +46,19 @@ def jepa_loss(pred: torch.Tensor, target: torch.Tensor, target_mask: torch.Tenso
 
     Args:
         pred, target: (B, K, L, D) predictions and (layer-normed) target-encoder outputs.
-        target_mask: (B, K, L) bool, the tokens of each target.
+        target_mask: (B, K, L) bool, the tokens of each target (an empty target adds nothing).
         context_out: (B, L, D) context-encoder outputs; context_mask: (B, L) bool.
-    Returns a dict with ``loss`` (to minimise), ``smooth_l1`` (summed over targets), ``variance``, ``covariance``.
+    Returns a dict with ``loss`` (to minimise), ``smooth_l1`` (the mean per target, summed over targets),
+    ``variance``, ``covariance``.
     """
-    k = target_mask.shape[1]
-    smooth = pred.new_zeros(())
-    for i in range(k):
-        m = target_mask[:, i]
-        if m.any():
-            smooth = smooth + F.smooth_l1_loss(pred[:, i][m], target[:, i][m], beta=1.0)
-    p = pred[target_mask]
-    c = context_out[context_mask]
-    var = variance_term(p) + variance_term(c)
-    cov = covariance_term(p) + covariance_term(c)
+    per_token = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=1.0).mean(-1)  # (B, K, L)
+    m = target_mask.to(per_token.dtype)
+    smooth = ((per_token * m).sum((0, 2)) / m.sum((0, 2)).clamp_min(1)).sum()
+    d = pred.shape[-1]
+    p, pw = pred.reshape(-1, d), target_mask.reshape(-1)
+    c, cw = context_out.reshape(-1, d), context_mask.reshape(-1)
+    var = variance_term(p, pw) + variance_term(c, cw)
+    cov = covariance_term(p, pw) + covariance_term(c, cw)
     return {"loss": smooth + vicreg_beta * (var + cov), "smooth_l1": smooth.detach(), "variance": var.detach(), "covariance": cov.detach()}
 
 

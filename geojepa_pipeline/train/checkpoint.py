@@ -3,7 +3,7 @@
 A checkpoint is a directory ``step-NNNNNNNN`` written as ``.tmp-…`` and renamed in one step:
     model.safetensors      model state (context encoder, EMA target, predictor, embeddings)
     optimizer.safetensors  AdamW moments and step counts, keyed ``<param index>/<name>``
-    rng.safetensors        torch's global RNG state and the mask generator's state
+    rng.safetensors        torch's global RNG state (and CUDA's, on a GPU); masks are seeded per batch
     state.json             step, epoch, batches done in the epoch, optimizer hyperparameters,
                            history (losses, monitoring), the train config
 Loading uses ``safetensors`` and ``json`` only.
@@ -34,8 +34,14 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, scalars
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, mask_gen: torch.Generator,
-                    state: dict, keep: int = 2) -> Path:
+def _rng_states() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()  # dropout on the GPU draws from here
+    return out
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict, keep: int = 2) -> Path:
     """Write ``root/step-NNNNNNNN`` atomically; keep the newest ``keep`` step checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -44,7 +50,7 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.op
         save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         opt_tensors, opt_scalars = _optimizer_tensors(opt)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"torch": torch.get_rng_state(), "mask": mask_gen.get_state()}, str(tmp / "rng.safetensors"))
+        save_file(_rng_states(), str(tmp / "rng.safetensors"))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
         body = {**state, "step": step, "optimizer_groups": groups, "optimizer_scalars": opt_scalars}
         (tmp / "state.json").write_text(json.dumps(body, default=float) + "\n")
@@ -65,7 +71,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None, mask_gen: torch.Generator | None) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> dict:
     """Restore model (and optimizer, RNG) from ``path``; returns the JSON state."""
     state = json.loads((path / "state.json").read_text())
     model.load_state_dict(load_file(str(path / "model.safetensors")))
@@ -80,6 +86,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         opt.load_state_dict({"state": new_state, "param_groups": groups})
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
-    if mask_gen is not None:
-        mask_gen.set_state(rng["mask"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return state

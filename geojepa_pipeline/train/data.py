@@ -79,7 +79,7 @@ class TileSequences:
     """Iterates (tile_id, tag (n, Dt) f32, geometry (n, Dg) f32, position (n, 8) f32, buildings int, image) of one split.
 
     ``image`` is the (224, 224, 4) uint8 chip, or None (no image, or ``with_images`` off).
-    Reads one shard at a time; ``rank``/``world`` take every world-th tile for DDP;
+    Reads one shard at a time (decoded shards stay cached across epochs up to ``TOKEN_CACHE_BYTES``); ``rank``/``world`` take every world-th tile for DDP;
     ``shuffle`` (a seed) permutes the shards and the tiles within each shard. With images,
     tiles are shuffled within chunks of 256 (one Parquet row group of chips, read once) and
     the chunks are shuffled, so memory stays at one row group.
@@ -96,21 +96,14 @@ class TileSequences:
     def __iter__(self) -> Iterator[tuple]:
         sources = [self.sources[i] for i in self.rng.permutation(len(self.sources))] if self.rng is not None else self.sources
         for src in sources:
-            tiles = pq.read_table(src.tiles_file, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
-            bx = tiles.column("tile_x").to_numpy() // BLOCK_TILES
-            by = tiles.column("tile_y").to_numpy() // BLOCK_TILES
-            val = np.array([(src.region, int(a), int(b)) in self.val_blocks for a, b in zip(bx, by)], bool)
+            shard = read_shard(src)
+            val_keys = np.array([_block_key(bx, by) for region, bx, by in self.val_blocks if region == src.region], np.int64)
+            val = np.isin(_block_key(shard.tile_x // BLOCK_TILES, shard.tile_y // BLOCK_TILES), val_keys)
             keep = val if self.split == "val" else ~val
             if not keep.any():
                 continue
-            toks = pq.read_table(src.tokens_file, columns=["tag_token", "geometry_token", "position"])
-            tag = fixed_list_to_numpy(toks.column("tag_token"))
-            geom = fixed_list_to_numpy(toks.column("geometry_token"))
-            pos = fixed_list_to_numpy(toks.column("position"))
-            ids = tiles.column("tile_id").to_pylist()
-            buildings = _building_counts(src.entities_file, ids)
-            counts = tiles.column("n_entities").to_numpy().astype(np.int64)
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            ids, tag, geom, pos, buildings = shard.tile_ids, shard.tag, shard.geometry, shard.position, shard.buildings
+            counts, starts = shard.counts, shard.starts
             if not self.with_images:
                 rows = np.flatnonzero(keep)
                 rows = self.rng.permutation(rows) if self.rng is not None else rows
@@ -146,6 +139,82 @@ class TileSequences:
                     j = int(t - group_start[g])
                     img = np.frombuffer(blobs[j].as_py(), np.uint8).reshape(224, 224, 4) if has[j] else None
                     yield ids[t], tag[a:b], geom[a:b], pos[a:b], int(buildings[t]), img
+
+
+def _block_key(bx, by):
+    """One int64 per (block_x, block_y): blocks are compared as numbers, not tuples."""
+    return np.asarray(bx, np.int64) * (1 << 32) + np.asarray(by, np.int64)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A token shard decoded for training: per tile (T,) ids, grid x/y, token counts and first rows, building
+    counts; per token row (N, ·) float32 tag, geometry and position tokens (a tile's rows are contiguous)."""
+
+    tile_ids: list
+    tile_x: np.ndarray
+    tile_y: np.ndarray
+    counts: np.ndarray
+    starts: np.ndarray
+    buildings: np.ndarray
+    tag: np.ndarray
+    geometry: np.ndarray
+    position: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.tag.nbytes + self.geometry.nbytes + self.position.nbytes + 64 * len(self.tile_ids)
+
+
+TOKEN_CACHE_BYTES = 1 << 30  # decoded shards kept across epochs; beyond this, shards are read again each epoch
+
+
+class _ShardCache:
+    """The most recently read decoded shards, up to ``TOKEN_CACHE_BYTES`` (thread-safe; shards are immutable, keyed
+    by path, size and mtime). Decoding the tag tokens costs ~3.6 µs per row; a cached epoch only collates."""
+
+    def __init__(self):
+        import collections
+        import threading
+
+        self.items: collections.OrderedDict = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key, load):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = load()
+        with self.lock:
+            if value.nbytes <= TOKEN_CACHE_BYTES:
+                self.items[key] = value
+                while sum(v.nbytes for v in self.items.values()) > TOKEN_CACHE_BYTES:
+                    self.items.popitem(last=False)
+        return value
+
+
+_SHARDS = _ShardCache()
+
+
+def read_shard(src: ShardSource) -> Shard:
+    """``src``'s tiles and tokens, decoded (from the cache when this process read them recently)."""
+    stat = Path(src.tokens_file).stat()
+
+    def load() -> Shard:
+        tiles = pq.read_table(src.tiles_file, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
+        toks = pq.read_table(src.tokens_file, columns=["tag_token", "geometry_token", "position"], use_threads=False)
+        ids = tiles.column("tile_id").to_pylist()
+        counts = tiles.column("n_entities").to_numpy().astype(np.int64)
+        arrays = [tiles.column("tile_x").to_numpy(), tiles.column("tile_y").to_numpy(), counts,
+                  np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), _building_counts(src.entities_file, ids),
+                  fixed_list_to_numpy(toks.column("tag_token")), fixed_list_to_numpy(toks.column("geometry_token")),
+                  fixed_list_to_numpy(toks.column("position"))]
+        for a in arrays:  # shared by every later epoch: nobody may write into them
+            a.setflags(write=False)
+        return Shard(ids, *arrays)
+
+    return _SHARDS.get((str(src.tokens_file), stat.st_size, stat.st_mtime_ns, str(src.tiles_file)), load)
 
 
 def _building_counts(entities_file: Path, tile_ids: list[str]) -> np.ndarray:
@@ -186,7 +255,7 @@ def collate(items: list[tuple], length: int) -> dict:
     out = {
         "tag": torch.from_numpy(tag), "geometry": torch.from_numpy(geom), "position": torch.from_numpy(pos),
         "valid": torch.from_numpy(valid), "buildings": torch.tensor([it[4] for it in items], dtype=torch.float32),
-        "tile_id": [it[0] for it in items],
+        "tile_id": [it[0] for it in items], "n_tiles": b,
     }
     if any(len(it) > 5 and it[5] is not None for it in items):
         images = np.zeros((b, 224, 224, 4), np.uint8)
@@ -199,8 +268,13 @@ def collate(items: list[tuple], length: int) -> dict:
 
 
 
-def bucketed_batches(sequences, batch_size: int, max_tokens: int) -> Iterator[dict]:
-    """Batches of ``batch_size`` tiles of similar length, padded to their bucket; leftovers at the end."""
+def bucketed_batches(sequences, batch_size: int, max_tokens: int, pad: bool = False) -> Iterator[dict]:
+    """Batches of ``batch_size`` tiles of similar length, padded to their bucket.
+
+    At the end, each bucket's leftovers join the next longer bucket's, so at most one batch is partial.
+    ``pad``: that batch gets empty tiles (no valid token) up to ``batch_size``, so every batch of a bucket
+    has one shape. ``n_tiles`` in every batch counts its real tiles (they come first).
+    """
     lengths = bucket_lengths(max_tokens)
     buckets: dict[int, list] = {n: [] for n in lengths}
     for item in sequences:
@@ -209,9 +283,18 @@ def bucketed_batches(sequences, batch_size: int, max_tokens: int) -> Iterator[di
         if len(buckets[n]) == batch_size:
             yield collate(buckets[n], n)
             buckets[n] = []
-    for n, items in buckets.items():
-        if items:
-            yield collate(items, n)
+    carry: list = []  # leftovers move up to the next bucket (padded to its length), so few batches are partial
+    for n in lengths:
+        items = carry + buckets[n]
+        while len(items) >= batch_size:
+            yield collate(items[:batch_size], n)
+            items = items[batch_size:]
+        carry = items
+    if carry:
+        n = next(L for L in lengths if max(len(it[1]) for it in carry) <= L)
+        empty = (carry[0][0], carry[0][1][:0], carry[0][2][:0], carry[0][3][:0], 0, None)
+        batch = collate(carry + [empty] * (batch_size - len(carry)) if pad else carry, n)
+        yield {**batch, "n_tiles": len(carry), "buildings": batch["buildings"][:len(carry)], "tile_id": batch["tile_id"][:len(carry)]}
 
 
 def prefetch(batches: Iterator[dict], depth: int = 4) -> Iterator[dict]:
@@ -227,20 +310,24 @@ def prefetch(batches: Iterator[dict], depth: int = 4) -> Iterator[dict]:
     done = object()
     stop = threading.Event()
 
+    def put(item) -> bool:
+        """Hand ``item`` over; False when the consumer stopped (never block on a full queue nobody reads)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def worker():
         try:
             for b in batches:
-                while not stop.is_set():
-                    try:
-                        q.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(b):
                     return
-            q.put(done)
+            put(done)
         except BaseException as exc:  # hand the error to the consumer
-            q.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()

@@ -11,6 +11,12 @@ the best-by-probe checkpoint is kept in ``work_dir/best`` and the last in ``work
 Under ``torchrun`` (``torch.distributed`` initialised, gloo or nccl) the model is wrapped in
 DistributedDataParallel, each rank reads every world-th tile (all ranks take the smallest
 rank's number of batches per epoch), and rank 0 writes checkpoints.
+
+The step has fixed shapes per length bucket: masks are drawn in the loader's thread (one
+generator per batch, seeded by seed, rank, epoch and batch index, so a resume draws the same
+masks), a bucket's last partial batch is padded with empty tiles, and the losses weight rows
+instead of indexing them. ``compile="reduce-overhead"`` therefore compiles one graph per
+bucket and replays it as a CUDA graph; ``"default"`` compiles without graphs; ``"none"`` is eager.
 """
 
 from __future__ import annotations
@@ -21,17 +27,20 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..model.config import model_config
-from ..model.geojepa import GeoJEPA
+from ..model.geojepa import MODEL_INPUTS, GeoJEPA, draw_masks
 from ..model.losses import covariance_term, effective_rank
 from ..model.schedules import ema_momentum, learning_rate, weight_decay
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import ShardSource, TileSequences, bucketed_batches, prefetch
+
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+STEP_STATS = ("loss", "smooth_l1", "variance", "covariance")  # the scalars a step returns in ``stats``
 
 
 @dataclass
@@ -48,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 0  # 0: all epochs; else stop after this many steps (tests, smoke runs)
     device: str = "auto"  # auto: cuda when available (bf16 autocast), else cpu
+    compile: str = "none"  # none (eager) | default (torch.compile) | reduce-overhead (compiled + CUDA graphs per bucket)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +88,72 @@ def _device(name: str) -> torch.device:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def mask_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+    """The seed of one batch's mask generator: the same batch gets the same masks after a resume."""
+    return (((seed * 1_000_003 + rank) * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
+
+
+def epoch_batches(sources: list[ShardSource], cfg: TrainConfig, model_cfg, epoch: int, rank: int = 0, world: int = 1,
+                  skip: int = 0, pin: bool = False) -> Iterator[dict]:
+    """One epoch's training batches, in the same order on every run, collated, masked (``draw_masks``) and,
+    with ``pin``, in page-locked memory: all of it in a background thread (``prefetch``), ahead of the step.
+
+    Each bucket's last partial batch is padded to ``batch_size`` with empty tiles (``n_tiles`` counts the
+    real ones), so every batch of a bucket has one shape. The first ``skip`` batches come unmasked (a resume skips them).
+    """
+    seqs = TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed,
+                         shuffle=cfg.seed * 100_003 + epoch, with_images=model_cfg.uses[2])
+
+    def masked():
+        for i, batch in enumerate(bucketed_batches(seqs, cfg.batch_size, cfg.max_tokens, pad=True)):
+            if i >= skip:
+                batch = draw_masks(batch, model_cfg, mask_seed(cfg.seed, rank, epoch, i))
+                if pin:
+                    batch = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
+            yield batch
+
+    return prefetch(masked())
+
+
+class TrainStep:
+    """One optimisation step: forward (bf16 autocast on CUDA), backward, gradient clipping, AdamW, EMA update.
+
+    ``compile``: ``none`` runs eagerly; ``default`` compiles the model's forward and backward
+    (``torch.compile``, one graph per batch shape); ``reduce-overhead`` also replays them as CUDA
+    graphs (on CUDA; elsewhere it is ``default``). Returns the forward's outputs plus ``stats``,
+    a (4,) float tensor of ``STEP_STATS`` that stays valid after the next step (graph outputs do not).
+    """
+
+    def __init__(self, model: GeoJEPA, net: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+                 compile: str = "none", grad_clip: float = 10.0):
+        from ..errors import GeojepaError
+
+        if compile not in COMPILE_MODES:
+            raise GeojepaError(f"unknown compile mode {compile!r}: use one of {', '.join(COMPILE_MODES)}")
+        self.model, self.opt, self.device, self.grad_clip = model, opt, device, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.graphs = compile == "reduce-overhead" and device.type == "cuda"
+        if compile == "none":
+            self.forward = net
+        else:
+            self.forward = torch.compile(net, mode="reduce-overhead" if self.graphs else None, dynamic=False)
+
+    def __call__(self, batch: dict, lr: float, weight_decay: float, momentum: float) -> dict:
+        for g in self.opt.param_groups:
+            g["lr"], g["weight_decay"] = lr, weight_decay
+        inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = self.forward(inputs)
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        self.model.update_target(momentum)
+        return {**out, "stats": torch.stack([out[k].detach().float() for k in STEP_STATS])}
 
 
 def _dist():
@@ -126,16 +202,17 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     mcfg = model_config(cfg.preset, cfg.variant)
     model = GeoJEPA(mcfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.04)
-    mask_gen = torch.Generator().manual_seed(cfg.seed)
     device = _device(cfg.device)
     model.to(device)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.04, fused=device.type == "cuda")
 
-    def train_seqs(epoch: int = 0) -> TileSequences:  # the same order for an epoch on every run: resumes line up
-        return TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed,
-                             shuffle=cfg.seed * 100_003 + epoch, with_images=mcfg.uses[2])
+    def batches_of(epoch: int, skip: int = 0) -> Iterator[dict]:  # the same order for an epoch on every run: resumes line up
+        return epoch_batches(sources, cfg, mcfg, epoch, rank, world, skip, pin=device.type == "cuda")
 
-    steps_per_epoch = sum(1 for _ in bucketed_batches(train_seqs(), cfg.batch_size, cfg.max_tokens))
+    steps_per_epoch = sum(1 for _ in bucketed_batches(
+        TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed, shuffle=cfg.seed * 100_003,
+                      with_images=mcfg.uses[2]),
+        cfg.batch_size, cfg.max_tokens, pad=True))
     if world > 1:  # every rank must take the same number of steps
         n = torch.tensor([steps_per_epoch])
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
@@ -151,7 +228,7 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     ckpt_root = work_dir / "steps"
     found = latest_checkpoint(ckpt_root)
     if found is not None:
-        state = load_checkpoint(found, model, opt, mask_gen)
+        state = load_checkpoint(found, model, opt)
         step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
         history, best_probe = state["history"], state.get("best_probe", -math.inf)
         log(f"resumed from step {step} (epoch {epoch}, {skip} batches into it) at {found}")
@@ -160,13 +237,23 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
                                                         device_ids=[device.index] if device.type == "cuda" else None)
+    train_step = TrainStep(model, net, opt, device, cfg.compile, cfg.grad_clip)
+    pending: list[torch.Tensor] = []  # per-step stats still on the device: read in one go, not one sync per step
+
+    def flush() -> None:
+        if pending:
+            for loss, smooth in torch.stack(pending)[:, :2].cpu().tolist():
+                history["loss"].append(round(loss, 5))
+                history["smooth_l1"].append(round(smooth, 5))
+            pending.clear()
 
     def checkpoint(batches_in_epoch: int, target_dir: Path | None = None) -> Path | None:
+        flush()
         if rank != 0:
             return None
         state = {"epoch": epoch, "batches_in_epoch": batches_in_epoch, "history": history, "best_probe": best_probe,
                  "train_config": cfg.to_dict(), "model_config": mcfg.to_dict(), "total_steps": total}
-        path = save_checkpoint(ckpt_root, step, model, opt, mask_gen, state)
+        path = save_checkpoint(ckpt_root, step, model, opt, state)
         if target_dir is not None:
             tmp = target_dir.with_name(f".{target_dir.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -176,30 +263,23 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
         return path
 
     log(f"training GeoJEPA-{cfg.variant} ({cfg.preset}): {steps_per_epoch} steps/epoch x {cfg.epochs} epochs"
-        + (f", stopping at step {total}" if cfg.max_steps else "") + f" on {world} process(es)")
+        + (f", stopping at step {total}" if cfg.max_steps else "") + f" on {world} process(es)"
+        + (f", compiled ({cfg.compile})" if cfg.compile != "none" else ""))
     model.train()
     while epoch < cfg.epochs and step < total:
         targets_seen = []
-        batches = prefetch(bucketed_batches(train_seqs(epoch), cfg.batch_size, cfg.max_tokens))
+        last_steps = min(steps_per_epoch, skip + total - step) - 8  # the epoch's last 8 steps feed the collapse monitors
+        batches = batches_of(epoch, skip)
         for i, batch in enumerate(batches):
             if i >= steps_per_epoch:
                 break
             if i < skip:
                 continue
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(step, total, peak=cfg.lr)
-                g["weight_decay"] = weight_decay(step, total)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out = net(to_device(batch, device), mask_gen)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            model.update_target(ema_momentum(step, total))
+            out = train_step(batch, learning_rate(step, total, peak=cfg.lr), weight_decay(step, total), ema_momentum(step, total))
             step += 1
-            history["loss"].append(round(float(out["loss"].detach()), 5))
-            history["smooth_l1"].append(round(float(out["smooth_l1"]), 5))
-            targets_seen.append(out["target_out"][:512].float().cpu())
+            pending.append(out["stats"])
+            if i >= last_steps:
+                targets_seen.append(out["target_out"][out["valid"]][:512].float().cpu())
             if on_step:
                 on_step(step, out)
             if step % cfg.ckpt_every == 0:
@@ -207,6 +287,7 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
             if step >= total:
                 break
         batches.close()  # stops the prefetch thread when the epoch ends early
+        flush()
         skip = 0
         epoch += 1
         # ---- end of epoch: collapse monitors and the validation probe ------------------------

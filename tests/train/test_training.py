@@ -47,6 +47,34 @@ def test_split_is_by_spatial_blocks_and_batches_by_length(sources):
         assert batch["tag"].shape == (len(n), length, 384) and batch["geometry"].shape[2] == 64
 
 
+def test_padded_batches_have_one_shape_per_bucket_and_count_real_tiles(sources):
+    seqs = list(TileSequences(sources, "train", 0.2, max_tokens=64))
+    batches = list(bucketed_batches(iter(seqs), 8, 64, pad=True))
+    assert all(b["valid"].shape[0] == 8 for b in batches)
+    assert sum(b["n_tiles"] for b in batches) == len(seqs)  # every tile once; padding is not counted
+    assert sum(b["n_tiles"] < 8 for b in batches) <= 1  # leftovers move up a bucket: one partial batch at most
+    last = batches[-1]
+    n = last["n_tiles"]
+    assert not last["valid"][n:].any() and len(last["tile_id"]) == n == len(last["buildings"])
+    unpadded = list(bucketed_batches(iter(seqs), 8, 64))
+    assert [b["valid"].shape[0] for b in unpadded][-1] == n
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
+    """Regression: the worker blocked for good putting its end marker on a full queue; close() then waited 30 s."""
+    import threading
+
+    from geojepa_pipeline.train.data import prefetch
+
+    before = threading.active_count()
+    batches = prefetch(iter(range(3)), depth=2)
+    assert next(batches) == 0
+    time.sleep(0.3)  # the worker has produced everything and is waiting to hand over the end marker
+    t0 = time.monotonic()
+    batches.close()
+    assert time.monotonic() - t0 < 5 and threading.active_count() == before
+
+
 class Crash(Exception):
     pass
 
