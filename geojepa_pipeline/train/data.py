@@ -93,13 +93,21 @@ class TileSequences:
         self.split, self.max_tokens, self.with_images = split, max_tokens, with_images
         self.rng = np.random.default_rng(shuffle) if shuffle is not None else None  # e.g. seed * 1000 + epoch
 
+    def _keep(self, src: ShardSource, shard: "Shard") -> np.ndarray:
+        """(T,) bool: the shard's tiles in this split."""
+        val_keys = np.array([_block_key(bx, by) for region, bx, by in self.val_blocks if region == src.region], np.int64)
+        val = np.isin(_block_key(shard.tile_x // BLOCK_TILES, shard.tile_y // BLOCK_TILES), val_keys)
+        return val if self.split == "val" else ~val
+
+    def count(self) -> int:
+        """How many tiles this rank's iteration yields, the same for every shuffle: every world-th kept tile of each shard."""
+        return sum(len(range(self.rank, int(self._keep(src, read_shard(src)).sum()), self.world)) for src in self.sources)
+
     def __iter__(self) -> Iterator[tuple]:
         sources = [self.sources[i] for i in self.rng.permutation(len(self.sources))] if self.rng is not None else self.sources
         for src in sources:
             shard = read_shard(src)
-            val_keys = np.array([_block_key(bx, by) for region, bx, by in self.val_blocks if region == src.region], np.int64)
-            val = np.isin(_block_key(shard.tile_x // BLOCK_TILES, shard.tile_y // BLOCK_TILES), val_keys)
-            keep = val if self.split == "val" else ~val
+            keep = self._keep(src, shard)
             if not keep.any():
                 continue
             ids, tag, geom, pos, buildings = shard.tile_ids, shard.tag, shard.geometry, shard.position, shard.buildings

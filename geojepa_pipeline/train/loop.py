@@ -40,6 +40,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import ShardSource, TileSequences, bucketed_batches, prefetch
 
 COMPILE_MODES = ("none", "default", "reduce-overhead")
+EMBED_BATCH = 256  # tiles per forward pass of the epoch-end probe (eager: fewer, larger launches)
 STEP_STATS = ("loss", "smooth_l1", "variance", "covariance")  # the scalars a step returns in ``stats``
 
 
@@ -181,8 +182,9 @@ def embed_tiles(model: GeoJEPA, sources, split: str, cfg: TrainConfig, limit: in
     xs, ys, n = [], [], 0
     seqs = TileSequences(sources, split, cfg.val_fraction, cfg.max_tokens, seed=cfg.seed, with_images=model.cfg.uses[2])
     device = next(model.parameters()).device
-    for batch in bucketed_batches(seqs, 64, cfg.max_tokens):
-        xs.append(model.tile_embedding(to_device(batch, device)).float().cpu().numpy())
+    for batch in bucketed_batches(seqs, EMBED_BATCH, cfg.max_tokens):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            xs.append(model.tile_embedding(to_device(batch, device)).float().cpu().numpy())
         ys.append(batch["buildings"].numpy())
         n += len(ys[-1])
         if n >= limit:
@@ -209,10 +211,9 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     def batches_of(epoch: int, skip: int = 0) -> Iterator[dict]:  # the same order for an epoch on every run: resumes line up
         return epoch_batches(sources, cfg, mcfg, epoch, rank, world, skip, pin=device.type == "cuda")
 
-    steps_per_epoch = sum(1 for _ in bucketed_batches(
-        TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed, shuffle=cfg.seed * 100_003,
-                      with_images=mcfg.uses[2]),
-        cfg.batch_size, cfg.max_tokens, pad=True))
+    # every batch but the last is full (leftovers move up a bucket), whatever the shuffle
+    n_tiles = TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed).count()
+    steps_per_epoch = -(-n_tiles // cfg.batch_size)
     if world > 1:  # every rank must take the same number of steps
         n = torch.tensor([steps_per_epoch])
         torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)

@@ -58,6 +58,12 @@ def test_padded_batches_have_one_shape_per_bucket_and_count_real_tiles(sources):
     assert not last["valid"][n:].any() and len(last["tile_id"]) == n == len(last["buildings"])
     unpadded = list(bucketed_batches(iter(seqs), 8, 64))
     assert [b["valid"].shape[0] for b in unpadded][-1] == n
+    # the step count needs no pass over the data: ceil(tiles / batch) for any shuffle, per rank
+    for rank in (0, 1):
+        for shuffle in (None, 3):
+            seq = TileSequences(sources, "train", 0.2, max_tokens=64, rank=rank, world=2, shuffle=shuffle)
+            tiles = list(seq)
+            assert seq.count() == len(tiles) and len(list(bucketed_batches(iter(tiles), 8, 64, pad=True))) == -(-len(tiles) // 8)
 
 
 def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
@@ -165,6 +171,9 @@ def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
     assert seqs and all(s[5] is not None for s in seqs) and images.n_with_image == 70
     assert all((s[5] == decode_chip(by_id[s[0]])).all() for s in seqs[:5])  # the right chip for the tile
     assert {s[0] for s in seqs} == {s[0] for s in TileSequences(with_chips, "train", 0.2, max_tokens=32)}
+    for rank in (0, 1):  # each DDP rank's share of the chips, counted without reading them
+        mine = TileSequences(with_chips, "train", 0.2, max_tokens=32, rank=rank, world=2, shuffle=1, with_images=True)
+        assert mine.count() == len(list(mine))
     batch = next(bucketed_batches(iter(seqs), 4, 32))
     assert batch["images"].shape == (4, 224, 224, 4) and batch["has_image"].all()
     result = train(TrainConfig(variant="TI", epochs=1, batch_size=4, max_tokens=32, val_fraction=0.2, max_steps=2),
