@@ -21,10 +21,11 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 STEPS=${STEPS:-200}
-# eager is launch-bound (~1,000 tiles/s in FACTS): 2 x 2 x 200 steps ~ 80 s; compiling 4 bucket shapes of the
-# thesis model (forward + backward) takes minutes, so it gets the larger share of one 540 s call
-for mode in none reduce-overhead; do
-  limit=150; [ "$mode" = reduce-overhead ] && limit=350
+# compiled + CUDA graphs first: compiling the thesis model's forward and backward for each of the 4 bucket
+# shapes takes minutes (the warm-up line says how long), so it gets most of one 540 s call; eager is
+# launch-bound (~1,000 tiles/s in FACTS) and needs ~2 x 2 x 200 steps x ~0.1 s
+for mode in reduce-overhead none; do
+  limit=370; [ "$mode" = none ] && limit=140
   timeout $limit python3 bench/train_throughput.py --sources gpu_bench_data --preset thesis --batch 96 \
     --steps "$STEPS" --device cuda --compile "$mode" --repeat 2 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/thesis-b96-$mode.txt"
 done
