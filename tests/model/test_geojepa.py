@@ -7,7 +7,7 @@ import torch
 
 from geojepa_pipeline.errors import GeojepaError
 from geojepa_pipeline.model.config import PRESETS, model_config
-from geojepa_pipeline.model.geojepa import GeoJEPA, draw_masks
+from geojepa_pipeline.model.geojepa import GeoJEPA, draw_masks, token_layout
 from geojepa_pipeline.model.losses import covariance_term, effective_rank, jepa_loss, variance_term
 from geojepa_pipeline.model.schedules import ema_momentum, learning_rate, weight_decay
 
@@ -29,6 +29,9 @@ def test_variants_train_one_step(variant):
     model = GeoJEPA(model_config("tiny", variant))
     b = draw_masks(batch(images="I" in variant), model.cfg, 0)
     assert b["strategy"] in ("random", "area", "modality") and b["targets"].shape[:2] == (6, model.cfg.n_targets)
+    valid, _, modality = token_layout(b, model.cfg.uses[2])  # the model's layout (torch) matches the masks' (numpy)
+    assert valid.shape == b["context"].shape and not (b["context"] & ~valid).any() and not (b["targets"] & ~valid[:, None]).any()
+    assert ((modality == 2).any(1) == torch.as_tensor(b.get("has_image", torch.zeros(6, dtype=torch.bool)))).all()
     out = model(b)
     assert torch.isfinite(out["loss"]) and out["target_out"].shape[:2] == b["context"].shape
     out["loss"].backward()
