@@ -153,8 +153,11 @@ def main() -> int:
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=device.type == "cuda")
         step = TrainStep(model, model, opt, device, args.compile)
         t0 = time.perf_counter()
-        time_steps(step, [b for b in shapes.values() for _ in range(3)], 3 * len(shapes), args.device)
-        print(f"warm-up: {len(shapes)} batch shapes {sorted(s[0] for s in shapes)} x 3 steps in {time.perf_counter() - t0:.1f} s", flush=True)
+        for (shape, _), b in sorted(shapes.items(), key=lambda kv: kv[0][0]):  # progress per shape: compiling can take minutes
+            t1 = time.perf_counter()
+            time_steps(step, [b] * 3, 3, args.device)
+            print(f"warm-up: batch shape {shape} x 3 steps in {time.perf_counter() - t1:.1f} s", flush=True)
+        print(f"warm-up: {len(shapes)} batch shapes in {time.perf_counter() - t0:.1f} s", flush=True)
         report("loader alone", time_steps(None, stream(), args.steps, args.device), args)
         ratios = []
         for _ in range(args.repeat):
