@@ -179,3 +179,22 @@ def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
     result = train(TrainConfig(variant="TI", epochs=1, batch_size=4, max_tokens=32, val_fraction=0.2, max_steps=2),
                    with_chips, tmp_path / "ti", log=lambda m: None)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.history["loss"])).all()
+
+
+def test_throughput_bench_runs_on_exported_shards(sources, tmp_path):
+    """bench/train_throughput.py --export / --sources (the GPU run's path): real loader vs in memory, with a ratio."""
+    import importlib.util
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.export_sources(sources, tmp_path / "shards")
+    assert [s.tokens_file.read_bytes() for s in module.load_sources(tmp_path / "shards")] == [s.tokens_file.read_bytes() for s in sources]
+    out = subprocess.run([sys.executable, str(bench), "--sources", str(tmp_path / "shards"), "--steps", "4", "--batch", "4",
+                          "--max-tokens", "32", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = {line.split(":")[0].strip(): line for line in out.stdout.splitlines() if "tiles/s" in line}
+    assert {"loader alone", "in memory", "real loader"} <= set(lines)
+    assert "4 batches, 16 tiles" in lines["in memory"] and "loader ratio (real / in memory, tiles/s) = " in out.stdout
