@@ -93,21 +93,27 @@ class TileSequences:
         self.split, self.max_tokens, self.with_images = split, max_tokens, with_images
         self.rng = np.random.default_rng(shuffle) if shuffle is not None else None  # e.g. seed * 1000 + epoch
 
-    def _keep(self, src: ShardSource, shard: "Shard") -> np.ndarray:
-        """(T,) bool: the shard's tiles in this split."""
-        val_keys = np.array([_block_key(bx, by) for region, bx, by in self.val_blocks if region == src.region], np.int64)
-        val = np.isin(_block_key(shard.tile_x // BLOCK_TILES, shard.tile_y // BLOCK_TILES), val_keys)
+    def _keep(self, region: str, tile_x: np.ndarray, tile_y: np.ndarray) -> np.ndarray:
+        """(T,) bool: which of a shard's tiles (grid x, y) are in this split."""
+        val_keys = np.array([_block_key(bx, by) for r, bx, by in self.val_blocks if r == region], np.int64)
+        val = np.isin(_block_key(tile_x // BLOCK_TILES, tile_y // BLOCK_TILES), val_keys)
         return val if self.split == "val" else ~val
 
     def count(self) -> int:
-        """How many tiles this rank's iteration yields, the same for every shuffle: every world-th kept tile of each shard."""
-        return sum(len(range(self.rank, int(self._keep(src, read_shard(src)).sum()), self.world)) for src in self.sources)
+        """How many tiles this rank's iteration yields, the same for every shuffle: every world-th kept tile of each
+        shard. Reads the tile coordinates only."""
+        total = 0
+        for src in self.sources:
+            t = pq.read_table(src.tiles_file, columns=["tile_x", "tile_y"])
+            kept = int(self._keep(src.region, t.column("tile_x").to_numpy(), t.column("tile_y").to_numpy()).sum())
+            total += len(range(self.rank, kept, self.world))
+        return total
 
     def __iter__(self) -> Iterator[tuple]:
         sources = [self.sources[i] for i in self.rng.permutation(len(self.sources))] if self.rng is not None else self.sources
         for src in sources:
             shard = read_shard(src)
-            keep = self._keep(src, shard)
+            keep = self._keep(src.region, shard.tile_x, shard.tile_y)
             if not keep.any():
                 continue
             ids, tag, geom, pos, buildings = shard.tile_ids, shard.tag, shard.geometry, shard.position, shard.buildings
@@ -247,10 +253,13 @@ def _building_counts_by_tile(entities_file: str) -> dict[str, int]:
     return dict(rows)
 
 
-def collate(items: list[tuple], length: int) -> dict:
+def collate(items: list[tuple], length: int, rows: int | None = None) -> dict:
     """Pad a list of tile sequences to ``length``: tag (B, L, Dt), geometry (B, L, Dg), position (B, L, 8), valid (B, L);
-    with chips, also images (B, 224, 224, 4) uint8 and has_image (B,) (zeros / False where a tile has none)."""
-    b = len(items)
+    with chips, also images (B, 224, 224, 4) uint8 and has_image (B,) (zeros / False where a tile has none).
+
+    ``rows`` (default ``len(items)``): B; rows past the items are empty tiles (no valid token). ``n_tiles``,
+    ``buildings`` (n,) and ``tile_id`` cover the real tiles only."""
+    b = len(items) if rows is None else rows
     dt, dg = items[0][1].shape[1], items[0][2].shape[1]
     tag = np.zeros((b, length, dt), np.float32)
     geom = np.zeros((b, length, dg), np.float32)
@@ -263,7 +272,7 @@ def collate(items: list[tuple], length: int) -> dict:
     out = {
         "tag": torch.from_numpy(tag), "geometry": torch.from_numpy(geom), "position": torch.from_numpy(pos),
         "valid": torch.from_numpy(valid), "buildings": torch.tensor([it[4] for it in items], dtype=torch.float32),
-        "tile_id": [it[0] for it in items], "n_tiles": b,
+        "tile_id": [it[0] for it in items], "n_tiles": len(items),
     }
     if any(len(it) > 5 and it[5] is not None for it in items):
         images = np.zeros((b, 224, 224, 4), np.uint8)
@@ -300,9 +309,7 @@ def bucketed_batches(sequences, batch_size: int, max_tokens: int, pad: bool = Fa
         carry = items
     if carry:
         n = next(L for L in lengths if max(len(it[1]) for it in carry) <= L)
-        empty = (carry[0][0], carry[0][1][:0], carry[0][2][:0], carry[0][3][:0], 0, None)
-        batch = collate(carry + [empty] * (batch_size - len(carry)) if pad else carry, n)
-        yield {**batch, "n_tiles": len(carry), "buildings": batch["buildings"][:len(carry)], "tile_id": batch["tile_id"][:len(carry)]}
+        yield collate(carry, n, batch_size if pad else None)
 
 
 def prefetch(batches: Iterator[dict], depth: int = 4) -> Iterator[dict]:

@@ -14,7 +14,7 @@ rank's number of batches per epoch), and rank 0 writes checkpoints.
 
 The step has fixed shapes per length bucket: masks are drawn in the loader's thread (one
 generator per batch, seeded by seed, rank, epoch and batch index, so a resume draws the same
-masks), a bucket's last partial batch is padded with empty tiles, and the losses weight rows
+masks), the epoch's one partial batch is padded with empty tiles, and the losses weight rows
 instead of indexing them. ``compile="reduce-overhead"`` therefore compiles one graph per
 bucket and replays it as a CUDA graph; ``"default"`` compiles without graphs; ``"none"`` is eager.
 """
@@ -101,8 +101,8 @@ def epoch_batches(sources: list[ShardSource], cfg: TrainConfig, model_cfg, epoch
     """One epoch's training batches, in the same order on every run, collated, masked (``draw_masks``) and,
     with ``pin``, in page-locked memory: all of it in a background thread (``prefetch``), ahead of the step.
 
-    Each bucket's last partial batch is padded to ``batch_size`` with empty tiles (``n_tiles`` counts the
-    real ones), so every batch of a bucket has one shape. The first ``skip`` batches come unmasked (a resume skips them).
+    Leftovers move up a bucket and the one partial batch is padded to ``batch_size`` with empty tiles
+    (``n_tiles`` counts the real ones), so every batch of a bucket has one shape. The first ``skip`` batches come unmasked (a resume skips them).
     """
     seqs = TileSequences(sources, "train", cfg.val_fraction, cfg.max_tokens, rank, world, cfg.seed,
                          shuffle=cfg.seed * 100_003 + epoch, with_images=model_cfg.uses[2])
