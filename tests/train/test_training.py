@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
 from geojepa_pipeline.regions import Region
@@ -64,6 +66,26 @@ def test_padded_batches_have_one_shape_per_bucket_and_count_real_tiles(sources):
             seq = TileSequences(sources, "train", 0.2, max_tokens=64, rank=rank, world=2, shuffle=shuffle)
             tiles = list(seq)
             assert seq.count() == len(tiles) and len(list(bucketed_batches(iter(tiles), 8, 64, pad=True))) == -(-len(tiles) // 8)
+
+
+def test_probe_tiles_are_spread_through_the_split_whatever_the_batch_size(sources):
+    """The epoch-end probe embeds min(tiles, limit) tiles chosen evenly before batching: the same tiles at any
+    batch size (cutting the length-bucketed stream at the limit kept whichever buckets filled first)."""
+    from geojepa_pipeline.model.config import model_config
+    from geojepa_pipeline.model.geojepa import GeoJEPA
+    from geojepa_pipeline.train.loop import embed_tiles, spread_sample
+
+    assert list(spread_sample(iter(range(10)), 10, 4)) == [0, 3, 5, 8]
+    assert list(spread_sample(iter(range(3)), 3, 5)) == [0, 1, 2]
+    cfg = TrainConfig(val_fraction=0.2, max_tokens=64)
+    seqs = list(TileSequences(sources, "train", 0.2, max_tokens=64))
+    expected = sorted(s[4] for s in spread_sample(iter(seqs), len(seqs), 20))
+    model = GeoJEPA(model_config("tiny", "GT"))
+    for batch_size in (4, 256):
+        x, buildings = embed_tiles(model, sources, "train", cfg, limit=20, batch_size=batch_size)
+        assert x.shape == (20, 2 * model.cfg.dim) and sorted(buildings.tolist()) == expected
+    x, _ = embed_tiles(model, sources, "train", cfg, limit=10_000)
+    assert len(x) == len(seqs)
 
 
 def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
@@ -151,8 +173,6 @@ def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
     """TI: chips come from the tile_images shard aligned with the tokens, one row group at a time."""
     import shutil
 
-    import torch
-
     from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images, decode_chip
 
     store_root = tmp_path / "store"
@@ -193,8 +213,40 @@ def test_throughput_bench_runs_on_exported_shards(sources, tmp_path):
     module.export_sources(sources, tmp_path / "shards")
     assert [s.tokens_file.read_bytes() for s in module.load_sources(tmp_path / "shards")] == [s.tokens_file.read_bytes() for s in sources]
     out = subprocess.run([sys.executable, str(bench), "--sources", str(tmp_path / "shards"), "--steps", "4", "--batch", "4",
-                          "--max-tokens", "32", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+                          "--max-tokens", "32", "--device", "cpu", "--flops"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     lines = {line.split(":")[0].strip(): line for line in out.stdout.splitlines() if "tiles/s" in line}
     assert {"loader alone", "in memory", "real loader"} <= set(lines)
     assert "4 batches, 16 tiles" in lines["in memory"] and "loader ratio (real / in memory, tiles/s) = " in out.stdout
+    assert "TFLOP/s" in lines["in memory"] and "TFLOP/s" in lines["real loader"] and "TFLOP/s" not in lines["loader alone"]
+    assert re.search(r"step FLOPs: [0-9.]+ GFLOP/tile on this run's batches \(mean padded length [0-9.]+ tokens", out.stdout)
+
+
+def test_step_flops_count_every_matmul_of_forward_and_backward():
+    """bench's step_flops: linear in the batch, attention counted (more than linear in the length), and the
+    encoder's dense layers alone (2 x in x out per token: forward once, backward twice) are a lower bound."""
+    import importlib.util
+    from pathlib import Path
+
+    from geojepa_pipeline.model.config import model_config
+    from geojepa_pipeline.model.geojepa import GeoJEPA, draw_masks
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = model_config("tiny", "GT")
+    model = GeoJEPA(cfg)
+
+    def batch(b, length):
+        g = torch.Generator().manual_seed(0)
+        raw = {"tag": torch.randn(b, length, cfg.tag_dim, generator=g), "geometry": torch.randn(b, length, cfg.geometry_dim, generator=g),
+               "position": torch.rand(b, length, 8, generator=g), "valid": torch.ones(b, length, dtype=torch.bool)}
+        return draw_masks(raw, cfg, 0)
+
+    f = {(b, n): module.step_flops(model, batch(b, n)) for b, n in [(2, 16), (4, 16), (2, 32)]}
+    assert f[(4, 16)] == 2 * f[(2, 16)]
+    assert f[(2, 32)] > 2 * f[(2, 16)]  # the attention scores grow with the square of the length
+    dense = sum(m.in_features * m.out_features for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    assert f[(2, 16)] > 2 * 16 * dense * 2 * (1 + 2)  # the context encoder's forward + backward alone
+    assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
