@@ -177,8 +177,8 @@ def main() -> int:
             args.flops_per_tile = run_flops / sum(b["n_tiles"] for b in cached)
             full = max(per_shape.items(), key=lambda kv: kv[0][0])  # the longest bucket's shape: full-length tiles
             mean_length = sum(b["valid"].shape[0] * b["valid"].shape[1] for b in cached) / sum(b["n_tiles"] for b in cached)
-            print(f"step FLOPs: {args.flops_per_tile / 1e9:.2f} GFLOP/tile on this run's batches (mean padded length "
-                  f"{mean_length:.1f} tokens per tile), {full[1] / full[0][0][0] / 1e9:.2f} GFLOP/tile at length "
+            print(f"step FLOPs: {args.flops_per_tile / 1e9:.2f} GFLOP/tile on this run's batches ({mean_length:.1f} "
+                  f"tokens stepped per real tile, padding and filler tiles included), {full[1] / full[0][0][0] / 1e9:.2f} GFLOP/tile at length "
                   f"{full[0][0][1]}", flush=True)
         t0 = time.perf_counter()
         for (shape, _), b in sorted(shapes.items(), key=lambda kv: kv[0][0]):  # progress per shape: compiling can take minutes
