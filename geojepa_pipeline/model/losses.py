@@ -1,8 +1,8 @@
 """The JEPA loss: SmoothL1 between predictions and targets, plus VICReg variance and covariance terms.
 
 Every term takes its rows through a 0/1 weight instead of boolean indexing, so shapes never
-depend on the masks: the whole step can be compiled once per length bucket and replayed as a
-CUDA graph. Statistics are computed in float32 (bf16 autocast gives bf16 predictions).
+depend on the masks: the whole step compiles without graph breaks and replays as a CUDA graph
+per length bucket. Statistics are computed in float32 (bf16 autocast gives bf16 predictions).
 """
 
 from __future__ import annotations

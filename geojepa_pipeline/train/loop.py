@@ -15,8 +15,9 @@ rank's number of batches per epoch), and rank 0 writes checkpoints.
 The step has fixed shapes per length bucket: masks are drawn in the loader's thread (one
 generator per batch, seeded by seed, rank, epoch and batch index, so a resume draws the same
 masks), the epoch's one partial batch is padded with empty tiles, and the losses weight rows
-instead of indexing them. ``compile="reduce-overhead"`` therefore compiles one graph per
-bucket and replays it as a CUDA graph; ``"default"`` compiles without graphs; ``"none"`` is eager.
+instead of indexing them. ``compile="reduce-overhead"`` therefore compiles the step (the length
+as a symbol, so one graph serves several buckets) and replays it as one CUDA graph per bucket;
+``"default"`` compiles without CUDA graphs; ``"none"`` is eager.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .data import ShardSource, TileSequences, bucketed_batches, prefetch
 COMPILE_MODES = ("none", "default", "reduce-overhead")
 EMBED_BATCH = 256  # tiles per forward pass of the epoch-end probe (eager: fewer, larger launches)
 STEP_STATS = ("loss", "smooth_l1", "variance", "covariance")  # the scalars a step returns in ``stats``
+LENGTH_DIM = {"tag": 1, "geometry": 1, "position": 1, "valid": 1, "context": 1, "targets": 2}  # each input's token axis
 
 
 @dataclass
@@ -122,9 +124,13 @@ class TrainStep:
     """One optimisation step: forward (bf16 autocast on CUDA), backward, gradient clipping, AdamW, EMA update.
 
     ``compile``: ``none`` runs eagerly; ``default`` compiles the model's forward and backward
-    (``torch.compile``, one graph per batch shape); ``reduce-overhead`` also replays them as CUDA
-    graphs (on CUDA; elsewhere it is ``default``). Returns the forward's outputs plus ``stats``,
-    a (4,) float tensor of ``STEP_STATS`` that stays valid after the next step (graph outputs do not).
+    (``torch.compile``); ``reduce-overhead`` also replays them as CUDA graphs, one per batch shape
+    (on CUDA; elsewhere it is ``default``). The sequence length is compiled as a symbol (``LENGTH_DIM``),
+    so one compiled graph serves several length buckets: measured on CPU (thesis preset), buckets 16, 32
+    and 64 shared one graph and 128 took a second (inductor's own range guard): 3 steps per bucket ran in
+    3 min 44 s instead of 5 min 25 s with four static graphs, at the same step times. Returns the forward's outputs
+    plus ``stats``, a (4,) float tensor of ``STEP_STATS`` that stays valid after the next step (graph
+    outputs do not).
     """
 
     def __init__(self, model: GeoJEPA, net: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
@@ -139,12 +145,17 @@ class TrainStep:
         if compile == "none":
             self.forward = net
         else:
-            self.forward = torch.compile(net, mode="reduce-overhead" if self.graphs else None, dynamic=False)
+            self.forward = torch.compile(net, mode="reduce-overhead" if self.graphs else None, dynamic=None)
+        self.compiled = compile != "none"
 
     def __call__(self, batch: dict, lr: float, weight_decay: float, momentum: float) -> dict:
         for g in self.opt.param_groups:
             g["lr"], g["weight_decay"] = lr, weight_decay
         inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+        if self.compiled:  # the length as a symbol: one graph for several buckets (the batch size stays static)
+            for k, dim in LENGTH_DIM.items():
+                if k in inputs:
+                    torch._dynamo.maybe_mark_dynamic(inputs[k], dim)
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):

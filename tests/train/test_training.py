@@ -88,6 +88,34 @@ def test_probe_tiles_are_spread_through_the_split_whatever_the_batch_size(source
     assert len(x) == len(seqs)
 
 
+def test_compiled_step_serves_several_length_buckets_with_one_graph():
+    """TrainStep(compile="default") compiles the length as a symbol: buckets 16, 32 and 64 share one inductor
+    graph (a recompile would raise), and each computes what the eager step computes (no dropout or noise)."""
+    import copy
+
+    from geojepa_pipeline.model.config import model_config
+    from geojepa_pipeline.model.geojepa import GeoJEPA, draw_masks
+    from geojepa_pipeline.train.loop import TrainStep
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny", "GT", dropout=0.0, modality_dropout=0.0, position_noise=0.0)
+    models = [GeoJEPA(cfg)]
+    models.append(copy.deepcopy(models[0]))
+    steps = [TrainStep(m, m, torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-3), torch.device("cpu"), mode)
+             for m, mode in zip(models, ("none", "default"))]
+    torch._dynamo.reset()
+    for i, length in enumerate((16, 32, 64)):
+        g = torch.Generator().manual_seed(i)
+        raw = {"tag": torch.randn(8, length, cfg.tag_dim, generator=g), "geometry": torch.randn(8, length, cfg.geometry_dim, generator=g),
+               "position": torch.rand(8, length, 8, generator=g), "valid": torch.arange(length)[None] < torch.randint(2, length, (8, 1), generator=g)}
+        b = draw_masks(raw, cfg, i)
+        eager = steps[0](b, 1e-3, 0.04, 0.99)["stats"]
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            compiled = steps[1](b, 1e-3, 0.04, 0.99)["stats"]
+        # after the first step the models have taken their own AdamW steps: agreement checks those too
+        assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5), (length, eager, compiled)
+
+
 def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
     """Regression: the worker blocked for good putting its end marker on a full queue; close() then waited 30 s."""
     import threading
