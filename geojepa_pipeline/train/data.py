@@ -83,15 +83,18 @@ class TileSequences:
     ``shuffle`` (a seed) permutes the shards and the tiles within each shard. With images,
     tiles are shuffled within chunks of 256 (one Parquet row group of chips, read once) and
     the chunks are shuffled, so memory stays at one row group.
+    ``sample``: only that many of the split's tiles, evenly spaced through them in shard order
+    (every region, spread over its area), chosen before anything else is read (chips included).
     """
 
     def __init__(self, sources: list[ShardSource], split: str = "train", val_fraction: float = 0.1,
                  max_tokens: int = 128, rank: int = 0, world: int = 1, seed: int = 0, shuffle: int | None = None,
-                 with_images: bool = False):
+                 with_images: bool = False, sample: int | None = None):
         self.val_blocks = validation_blocks(sources, val_fraction, seed)
         self.sources, self.rank, self.world = sources, rank, world
         self.split, self.max_tokens, self.with_images = split, max_tokens, with_images
         self.rng = np.random.default_rng(shuffle) if shuffle is not None else None  # e.g. seed * 1000 + epoch
+        self.sample = sample
 
     def _keep(self, region: str, tile_x: np.ndarray, tile_y: np.ndarray) -> np.ndarray:
         """(T,) bool: which of a shard's tiles (grid x, y) are in this split."""
@@ -99,21 +102,41 @@ class TileSequences:
         val = np.isin(_block_key(tile_x // BLOCK_TILES, tile_y // BLOCK_TILES), val_keys)
         return val if self.split == "val" else ~val
 
+    def _kept_per_source(self) -> list[np.ndarray]:
+        """Per source, (T,) bool: its tiles in this split (reads the tile coordinates only)."""
+        out = []
+        for src in self.sources:
+            t = pq.read_table(src.tiles_file, columns=["tile_x", "tile_y"])
+            out.append(self._keep(src.region, t.column("tile_x").to_numpy(), t.column("tile_y").to_numpy()))
+        return out
+
+    def _sampled(self, kept: list[np.ndarray]) -> list[np.ndarray]:
+        """``kept`` narrowed to ``sample`` tiles in all, evenly spaced in source order (unchanged without ``sample``)."""
+        total = sum(int(k.sum()) for k in kept)
+        if self.sample is None or total <= self.sample:
+            return kept
+        out, offset = [], 0
+        for k in kept:
+            rows = np.flatnonzero(k)
+            index = offset + np.arange(len(rows))
+            sel = np.zeros_like(k)
+            sel[rows[(index * self.sample) % total < self.sample]] = True  # tile i opens one of ``sample`` equal runs
+            out.append(sel)
+            offset += len(rows)
+        return out
+
     def count(self) -> int:
         """How many tiles this rank's iteration yields, the same for every shuffle: every world-th kept tile of each
         shard. Reads the tile coordinates only."""
-        total = 0
-        for src in self.sources:
-            t = pq.read_table(src.tiles_file, columns=["tile_x", "tile_y"])
-            kept = int(self._keep(src.region, t.column("tile_x").to_numpy(), t.column("tile_y").to_numpy()).sum())
-            total += len(range(self.rank, kept, self.world))
-        return total
+        return sum(len(range(self.rank, int(k.sum()), self.world)) for k in self._sampled(self._kept_per_source()))
 
     def __iter__(self) -> Iterator[tuple]:
-        sources = [self.sources[i] for i in self.rng.permutation(len(self.sources))] if self.rng is not None else self.sources
-        for src in sources:
+        keeps = self._sampled(self._kept_per_source()) if self.sample is not None else None
+        order = self.rng.permutation(len(self.sources)) if self.rng is not None else range(len(self.sources))
+        for i in order:
+            src = self.sources[i]
             shard = read_shard(src)
-            keep = self._keep(src.region, shard.tile_x, shard.tile_y)
+            keep = keeps[i] if keeps is not None else self._keep(src.region, shard.tile_x, shard.tile_y)
             if not keep.any():
                 continue
             ids, tag, geom, pos, buildings = shard.tile_ids, shard.tag, shard.geometry, shard.position, shard.buildings

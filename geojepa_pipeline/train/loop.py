@@ -186,27 +186,21 @@ def _ridge_fit_eval(xtr, ytr, xva, yva, alpha: float = 1.0) -> float:
     return float(1 - ((yva - pred) ** 2).sum() / max(((yva - ytr.mean()) ** 2).sum(), 1e-12))
 
 
-def spread_sample(items: Iterator, total: int, limit: int) -> Iterator:
-    """``min(total, limit)`` of the ``total`` items, evenly spaced through them (all of them when total <= limit)."""
-    for i, item in enumerate(items):
-        if (i * limit) % total < limit:  # item i starts one of ``limit`` equal runs; always true when total <= limit
-            yield item
-
-
 @torch.no_grad()
 def embed_tiles(model: GeoJEPA, sources, split: str, cfg: TrainConfig, limit: int = 2000,
                 batch_size: int = EMBED_BATCH) -> tuple[np.ndarray, np.ndarray]:
     """(tile embeddings (N, 2d), building counts (N,)) of N = min(tiles, ``limit``) tiles of a split.
 
-    The tiles are chosen before they are batched, evenly through the split's tiles (shard order: every
-    region, spread over its area), so the sample does not depend on ``batch_size`` or on tile length.
-    Cutting the length-bucketed stream at ``limit`` instead would keep whichever buckets filled first.
+    The tiles are chosen before they are read or batched, evenly through the split's tiles (``TileSequences``'
+    ``sample``), so the sample does not depend on ``batch_size`` or on tile length, and unchosen chips
+    are not read. Cutting the length-bucketed stream at ``limit`` instead would keep whichever buckets filled first.
     """
     model.eval()
     xs, ys = [], []
-    seqs = TileSequences(sources, split, cfg.val_fraction, cfg.max_tokens, seed=cfg.seed, with_images=model.cfg.uses[2])
+    seqs = TileSequences(sources, split, cfg.val_fraction, cfg.max_tokens, seed=cfg.seed, with_images=model.cfg.uses[2],
+                         sample=limit)
     device = next(model.parameters()).device
-    for batch in bucketed_batches(spread_sample(iter(seqs), seqs.count(), limit), batch_size, cfg.max_tokens):
+    for batch in bucketed_batches(seqs, batch_size, cfg.max_tokens):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             xs.append(model.tile_embedding(to_device(batch, device)).float().cpu().numpy())
         ys.append(batch["buildings"].numpy())

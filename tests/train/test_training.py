@@ -73,13 +73,17 @@ def test_probe_tiles_are_spread_through_the_split_whatever_the_batch_size(source
     batch size (cutting the length-bucketed stream at the limit kept whichever buckets filled first)."""
     from geojepa_pipeline.model.config import model_config
     from geojepa_pipeline.model.geojepa import GeoJEPA
-    from geojepa_pipeline.train.loop import embed_tiles, spread_sample
+    from geojepa_pipeline.train.loop import embed_tiles
 
-    assert list(spread_sample(iter(range(10)), 10, 4)) == [0, 3, 5, 8]
-    assert list(spread_sample(iter(range(3)), 3, 5)) == [0, 1, 2]
     cfg = TrainConfig(val_fraction=0.2, max_tokens=64)
     seqs = list(TileSequences(sources, "train", 0.2, max_tokens=64))
-    expected = sorted(s[4] for s in spread_sample(iter(seqs), len(seqs), 20))
+    sampled = TileSequences(sources, "train", 0.2, max_tokens=64, sample=20)
+    picked = [s[0] for s in sampled]
+    index = [[s[0] for s in seqs].index(t) for t in picked]
+    assert sampled.count() == len(picked) == 20 and index == sorted(index)
+    assert max(b - a for a, b in zip([-1] + index, index + [len(seqs)])) <= -(-len(seqs) // 20)  # no gap over one run
+    assert len(list(TileSequences(sources, "train", 0.2, max_tokens=64, sample=10_000))) == len(seqs)
+    expected = sorted(s[4] for s in seqs if s[0] in set(picked))
     model = GeoJEPA(model_config("tiny", "GT"))
     for batch_size in (4, 256):
         x, buildings = embed_tiles(model, sources, "train", cfg, limit=20, batch_size=batch_size)
@@ -222,6 +226,9 @@ def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
     for rank in (0, 1):  # each DDP rank's share of the chips, counted without reading them
         mine = TileSequences(with_chips, "train", 0.2, max_tokens=32, rank=rank, world=2, shuffle=1, with_images=True)
         assert mine.count() == len(list(mine))
+    sampled = list(TileSequences(with_chips, "train", 0.2, max_tokens=32, with_images=True, sample=10))  # the probe's read
+    assert [s[0] for s in sampled] == [s[0] for s in TileSequences(with_chips, "train", 0.2, max_tokens=32, sample=10)]
+    assert len(sampled) == 10 and all((s[5] == decode_chip(by_id[s[0]])).all() for s in sampled)
     batch = next(bucketed_batches(iter(seqs), 4, 32))
     assert batch["images"].shape == (4, 224, 224, 4) and batch["has_image"].all()
     result = train(TrainConfig(variant="TI", epochs=1, batch_size=4, max_tokens=32, val_fraction=0.2, max_steps=2),
