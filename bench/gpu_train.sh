@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 STEPS=${STEPS:-200}
 # compiled + CUDA graphs first: compiling the thesis model's forward and backward takes minutes (on CPU
-# one graph served buckets 16-64 and a second 128, 115 s + 94 s; each bucket also records its own CUDA
+# one graph served buckets 16-64 and a second 128, 106 s + 93 s; each bucket also records its own CUDA
 # graph; the warm-up lines say how long), so it gets most of one 540 s call; eager is
 # launch-bound (~1,000 tiles/s in FACTS) and needs ~2 x 2 x 200 steps x ~0.1 s
 for mode in reduce-overhead none; do

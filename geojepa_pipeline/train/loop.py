@@ -127,14 +127,14 @@ class TrainStep:
     (``torch.compile``); ``reduce-overhead`` also replays them as CUDA graphs, one per batch shape
     (on CUDA; elsewhere it is ``default``). The sequence length is compiled as a symbol (``LENGTH_DIM``),
     so one compiled graph serves several length buckets: measured on CPU (thesis preset), buckets 16, 32
-    and 64 shared one graph and 128 took a second (inductor's own range guard): 3 steps per bucket ran in
-    3 min 44 s instead of 5 min 25 s with four static graphs, at the same step times. Returns the forward's outputs
+    and 64 shared one graph and 128 took a second (inductor's own range guard): 208 s to compile and step
+    each bucket 3 times, against 249 s with four static graphs, at the same step times (``bench/compile_time.py``). Returns the forward's outputs
     plus ``stats``, a (4,) float tensor of ``STEP_STATS`` that stays valid after the next step (graph
     outputs do not).
     """
 
     def __init__(self, model: GeoJEPA, net: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device,
-                 compile: str = "none", grad_clip: float = 10.0):
+                 compile: str = "none", grad_clip: float = 10.0, symbolic_length: bool = True):
         from ..errors import GeojepaError
 
         if compile not in COMPILE_MODES:
@@ -145,14 +145,15 @@ class TrainStep:
         if compile == "none":
             self.forward = net
         else:
-            self.forward = torch.compile(net, mode="reduce-overhead" if self.graphs else None, dynamic=None)
-        self.compiled = compile != "none"
+            self.forward = torch.compile(net, mode="reduce-overhead" if self.graphs else None,
+                                         dynamic=None if symbolic_length else False)
+        self.symbolic_length = compile != "none" and symbolic_length  # False: one static graph per shape (bench/compile_time.py)
 
     def __call__(self, batch: dict, lr: float, weight_decay: float, momentum: float) -> dict:
         for g in self.opt.param_groups:
             g["lr"], g["weight_decay"] = lr, weight_decay
         inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-        if self.compiled:  # the length as a symbol: one graph for several buckets (the batch size stays static)
+        if self.symbolic_length:  # the length as a symbol: one graph for several buckets (the batch size stays static)
             for k, dim in LENGTH_DIM.items():
                 if k in inputs:
                     torch._dynamo.maybe_mark_dynamic(inputs[k], dim)

@@ -257,6 +257,21 @@ def test_throughput_bench_runs_on_exported_shards(sources, tmp_path):
     assert re.search(r"step FLOPs: [0-9.]+ GFLOP/tile on this run's batches \([0-9.]+ tokens stepped per real tile", out.stdout)
 
 
+def test_compile_time_bench_compares_symbolic_and_static_lengths():
+    """bench/compile_time.py runs both ways and prints their totals and ratio (one length here, to stay quick;
+    test_compiled_step_serves_several_length_buckets_with_one_graph checks the graph sharing)."""
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[2] / "bench" / "compile_time.py"
+    out = subprocess.run([sys.executable, str(bench), "--preset", "tiny", "--batch", "2", "--lengths", "16", "--steps", "2",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    for way in ("symbolic length", "static lengths"):
+        assert re.search(way + r": length   16: first step +[0-9.]+ s, then [0-9.]+ s/step \(graphs so far: 1\)", out.stdout)
+        assert f"{way}: 1 lengths x 2 steps in" in out.stdout
+    assert re.search(r"compile \+ steps: symbolic [0-9.]+ s, static [0-9.]+ s, ratio [0-9.]+", out.stdout)
+
+
 def test_step_flops_count_every_matmul_of_forward_and_backward():
     """bench's step_flops: linear in the batch, attention counted (more than linear in the length), and the
     encoder's dense layers alone (2 x in x out per token: forward once, backward twice) are a lower bound."""
