@@ -115,8 +115,9 @@ def step_flops(model, batch: dict) -> float:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    from geojepa_pipeline.train.loop import to_device
+
+    inputs = to_device(batch, next(model.parameters()).device)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(inputs)["loss"].backward()
     model.zero_grad(set_to_none=True)

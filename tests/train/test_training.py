@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,19 @@ from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import Store
 from geojepa_pipeline.train.data import BLOCK_TILES, ShardSource, TileSequences, bucketed_batches
 from geojepa_pipeline.train.loop import TrainConfig, train
+
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _bench(name: str):
+    """The module ``bench/<name>.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +112,7 @@ def test_compiled_step_serves_several_length_buckets_with_one_graph():
     import copy
 
     from geojepa_pipeline.model.config import model_config
-    from geojepa_pipeline.model.geojepa import GeoJEPA, draw_masks
+    from geojepa_pipeline.model.geojepa import GeoJEPA
     from geojepa_pipeline.train.loop import TrainStep
 
     torch.manual_seed(0)
@@ -109,10 +123,7 @@ def test_compiled_step_serves_several_length_buckets_with_one_graph():
              for m, mode in zip(models, ("none", "default"))]
     torch._dynamo.reset()
     for i, length in enumerate((16, 32, 64)):
-        g = torch.Generator().manual_seed(i)
-        raw = {"tag": torch.randn(8, length, cfg.tag_dim, generator=g), "geometry": torch.randn(8, length, cfg.geometry_dim, generator=g),
-               "position": torch.rand(8, length, 8, generator=g), "valid": torch.arange(length)[None] < torch.randint(2, length, (8, 1), generator=g)}
-        b = draw_masks(raw, cfg, i)
+        b = _bench("compile_time").synthetic_batch(cfg, 8, length, i)
         eager = steps[0](b, 1e-3, 0.04, 0.99)["stats"]
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             compiled = steps[1](b, 1e-3, 0.04, 0.99)["stats"]
@@ -238,13 +249,8 @@ def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
 
 def test_throughput_bench_runs_on_exported_shards(sources, tmp_path):
     """bench/train_throughput.py --export / --sources (the GPU run's path): real loader vs in memory, with a ratio."""
-    import importlib.util
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", bench)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    bench = BENCH / "train_throughput.py"
+    module = _bench("train_throughput")
     module.export_sources(sources, tmp_path / "shards")
     assert [s.tokens_file.read_bytes() for s in module.load_sources(tmp_path / "shards")] == [s.tokens_file.read_bytes() for s in sources]
     out = subprocess.run([sys.executable, str(bench), "--sources", str(tmp_path / "shards"), "--steps", "4", "--batch", "4",
@@ -260,10 +266,7 @@ def test_throughput_bench_runs_on_exported_shards(sources, tmp_path):
 def test_compile_time_bench_compares_symbolic_and_static_lengths():
     """bench/compile_time.py runs both ways and prints their totals and ratio (one length here, to stay quick;
     test_compiled_step_serves_several_length_buckets_with_one_graph checks the graph sharing)."""
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[2] / "bench" / "compile_time.py"
-    out = subprocess.run([sys.executable, str(bench), "--preset", "tiny", "--batch", "2", "--lengths", "16", "--steps", "2",
+    out = subprocess.run([sys.executable, str(BENCH / "compile_time.py"), "--preset", "tiny", "--batch", "2", "--lengths", "16", "--steps", "2",
                           "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     for way in ("symbolic length", "static lengths"):
@@ -275,26 +278,13 @@ def test_compile_time_bench_compares_symbolic_and_static_lengths():
 def test_step_flops_count_every_matmul_of_forward_and_backward():
     """bench's step_flops: linear in the batch, attention counted (more than linear in the length), and the
     encoder's dense layers alone (2 x in x out per token: forward once, backward twice) are a lower bound."""
-    import importlib.util
-    from pathlib import Path
-
     from geojepa_pipeline.model.config import model_config
-    from geojepa_pipeline.model.geojepa import GeoJEPA, draw_masks
+    from geojepa_pipeline.model.geojepa import GeoJEPA
 
-    bench = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
-    spec = importlib.util.spec_from_file_location("train_throughput", bench)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module, batches = _bench("train_throughput"), _bench("compile_time")
     cfg = model_config("tiny", "GT")
     model = GeoJEPA(cfg)
-
-    def batch(b, length):
-        g = torch.Generator().manual_seed(0)
-        raw = {"tag": torch.randn(b, length, cfg.tag_dim, generator=g), "geometry": torch.randn(b, length, cfg.geometry_dim, generator=g),
-               "position": torch.rand(b, length, 8, generator=g), "valid": torch.ones(b, length, dtype=torch.bool)}
-        return draw_masks(raw, cfg, 0)
-
-    f = {(b, n): module.step_flops(model, batch(b, n)) for b, n in [(2, 16), (4, 16), (2, 32)]}
+    f = {(b, n): module.step_flops(model, batches.synthetic_batch(cfg, b, n, 0)) for b, n in [(2, 16), (4, 16), (2, 32)]}
     assert f[(4, 16)] == 2 * f[(2, 16)]
     assert f[(2, 32)] > 2 * f[(2, 16)]  # the attention scores grow with the square of the length
     dense = sum(m.in_features * m.out_features for m in model.encoder.modules() if isinstance(m, torch.nn.Linear))
