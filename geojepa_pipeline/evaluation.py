@@ -150,7 +150,7 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
     client, version = _mlflow_version(settings, variant, ck.data_version)
     model_version = f"geojepa-{variant}:{version.version}" if version is not None else f"geojepa-{variant}@{ck.data_version}"
     ev = evaluate(model, vocab, store, ck.manifest["regions"], variant, model_version, seeds=seeds,
-                  max_tokens=state["train_config"]["max_tokens"], log=log)
+                  max_tokens=state["train_config"]["max_tokens"], split_seed=state["train_config"].get("split_seed", 0), log=log)
     table = metrics_table_markdown(ev.metrics)
     # the query shown: the tile with the most entity pieces (a busy place is the telling example)
     emb = ev.embeddings

@@ -13,7 +13,7 @@ from .results import dataset_result
 from .resources import GeojepaResource
 from .tokens import geometry_encoder, tag_embeddings, tile_tokens
 
-GEOJEPA_CHECKPOINT_CODE_VERSION = "1"
+GEOJEPA_CHECKPOINT_CODE_VERSION = "2"  # 2: one split with evaluation (train tiles only), target encoder in eval mode
 variants_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
 
 

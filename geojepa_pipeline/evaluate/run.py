@@ -11,7 +11,6 @@ than 30 positive test tiles is skipped and reported as such.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..columns import fixed_list_to_numpy
+from ..geo.splits import tile_split
 from ..store import Store
 from .knn import agreement_ratio, cosine_knn, numeric_ratio
 from .labels import TASKS, is_label_tag, subsample_zero_labels, tile_labels
@@ -28,7 +28,6 @@ from .probes import dummy_metric, train_probe
 
 METHODS = ("geojepa_linear", "geojepa_mlp", "dummy", "tagpool_mlp", "tagcount_mlp")
 MIN_POSITIVE_TEST = 30
-SPLIT_BLOCK_TILES = 4
 TAGCOUNT_PAIRS = 512
 LANDUSE_KEYS = ("landuse", "natural", "leisure")
 
@@ -65,13 +64,6 @@ def load_region(store: Store, region: str) -> RegionTiles:
         pos.append(fixed_list_to_numpy(k.column("position")))
     return RegionTiles(region, ids, np.concatenate(xy), np.concatenate(piece_tile), tags, gtypes,
                        np.concatenate(geom), np.concatenate(pos))
-
-
-def spatial_split(region: str, tile_xy: np.ndarray, seed: int = 0) -> np.ndarray:
-    """(T,) 0 train / 1 validation / 2 test by 4 x 4-tile block hash (70 / 15 / 15)."""
-    b = tile_xy // SPLIT_BLOCK_TILES
-    h = np.array([zlib.crc32(f"{seed}:{region}:{x}:{y}".encode()) / 2**32 for x, y in b.tolist()])
-    return np.where(h < 0.70, 0, np.where(h < 0.85, 1, 2))
 
 
 def _masked(tags, drop: Callable[[str, str], bool]) -> tuple[list, pa.Array]:
@@ -134,7 +126,8 @@ class Evaluation:
 
 
 def evaluate(model, vocab, store: Store, regions: list[str], variant: str, model_version: str,
-             seeds=(0, 1, 2), k: int = 5, max_tokens: int = 128, log: Callable[[str], None] = print) -> Evaluation:
+             seeds=(0, 1, 2), k: int = 5, max_tokens: int = 128, split_seed: int = 0,
+             log: Callable[[str], None] = print) -> Evaluation:
     """Metrics in the shape of DESIGN's metrics.json (see the module docstring)."""
     data = [load_region(store, name) for name in sorted(regions)]
     # the pairs for tagcount: the most frequent over all regions
@@ -149,7 +142,7 @@ def evaluate(model, vocab, store: Store, regions: list[str], variant: str, model
     knn: dict = {}
     per_task_emb: dict = {}
     all_labels = {}
-    split = np.concatenate([spatial_split(r.region, r.tile_xy) for r in data])
+    split = np.concatenate([tile_split(r.region, r.tile_xy[:, 0], r.tile_xy[:, 1], split_seed) for r in data])
     region_labels = [tile_labels(r.tile_ids, [r.tile_ids[i] for i in r.piece_tile], r.tags, r.geom_type) for r in data]
     for task in TASKS:
         drop = lambda kk, vv, task=task: is_label_tag(task, kk, vv)  # noqa: E731

@@ -6,8 +6,8 @@ A batch (see ``train/``) holds per tile a sequence of entity tokens, padded to L
     has_image (B,) bool. Image variants append 196 patch tokens per tile (``tokenizers/image.py``).
 
 Training step: masks are drawn (``masking.py``); the context encoder sees the context tokens
-only (attention is restricted to them); the EMA target encoder sees every valid token and
-its outputs are layer-normed; for each target the predictor sees the context outputs plus a
+only (attention is restricted to them); the EMA target encoder, always in eval mode, sees every
+valid token without the context path's dropout and noise, and its outputs are layer-normed; for each target the predictor sees the context outputs plus a
 mask token at each target position, and predicts the target outputs there.
 """
 
@@ -49,11 +49,11 @@ class TokenEmbedding(nn.Module):
         self.fuse = mlp(2 * d, 2 * d, d)
         self.patches = PatchTokenizer(d) if cfg.uses[2] else None
 
-    def forward(self, tag: torch.Tensor, geometry: torch.Tensor) -> torch.Tensor:
-        """(B, L, tag_dim), (B, L, geometry_dim) -> (B, L, d)."""
+    def forward(self, tag: torch.Tensor, geometry: torch.Tensor, stochastic: bool = True) -> torch.Tensor:
+        """(B, L, tag_dim), (B, L, geometry_dim) -> (B, L, d). ``stochastic=False``: no modality dropout."""
         t = self.tag(tag)
         g = self.geometry(geometry) if self.cfg.uses[1] else torch.zeros_like(t)
-        if self.training and self.cfg.modality_dropout > 0 and self.cfg.uses[1]:
+        if stochastic and self.training and self.cfg.modality_dropout > 0 and self.cfg.uses[1]:
             drop = torch.rand(t.shape[0], t.shape[1], 1, device=t.device) < self.cfg.modality_dropout
             which = torch.rand(t.shape[0], t.shape[1], 1, device=t.device) < 0.5
             t = torch.where(drop & which, 0.0, t)
@@ -74,12 +74,14 @@ class ConditionalPrior(nn.Module):
         self.fuse = mlp(2 * d, 2 * d, d)
         self.out = nn.Sequential(nn.GELU(), nn.Dropout(cfg.dropout))
 
-    def forward(self, position: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        """(B, L, 8), (B, L) long -> (B, L, d)."""
-        if self.training and self.noise > 0:
+    def forward(self, position: torch.Tensor, modality: torch.Tensor, stochastic: bool = True) -> torch.Tensor:
+        """(B, L, 8), (B, L) long -> (B, L, d). ``stochastic=False``: no position noise, no dropout."""
+        stochastic = stochastic and self.training
+        if stochastic and self.noise > 0:
             position = position + self.noise * torch.randn_like(position)
         onehot = F.one_hot(modality, 3).to(position.dtype)
-        return self.out(self.fuse(torch.cat([self.position(position), self.modality(onehot)], dim=-1)))
+        y = self.fuse(torch.cat([self.position(position), self.modality(onehot)], dim=-1))
+        return self.out(y) if stochastic else F.gelu(y)
 
 
 class Block(nn.Module):
@@ -204,16 +206,32 @@ class GeoJEPA(nn.Module):
         if cfg.uses[2]:  # a constant: a buffer moves with the model and needs no copy per step
             self.register_buffer("patch_position", torch.as_tensor(patch_positions()), persistent=False)
 
-    def tokens(self, batch: dict):
+    def train(self, mode: bool = True) -> "GeoJEPA":
+        """Train or eval mode for the context path; the target encoder stays in eval mode (no dropout), as in I-JEPA."""
+        super().train(mode)
+        self.target_encoder.train(False)
+        return self
+
+    def tokens(self, batch: dict, stochastic: bool = True):
         """(tokens x (B, L', d), prior (B, L', d), valid (B, L'), position (B, L', 8), modality (B, L')).
 
-        Image variants append each tile's 196 patch tokens (L' = L + 196)."""
-        x = self.embed(batch["tag"], batch["geometry"])
+        Image variants append each tile's 196 patch tokens (L' = L + 196). ``stochastic=False``: without
+        modality dropout, position noise and dropout even in training mode (the target encoder's input)."""
+        x = self.embed(batch["tag"], batch["geometry"], stochastic)
         valid, position, modality = token_layout(batch, self.cfg.uses[2], getattr(self, "patch_position", None))
         if valid.shape[1] > x.shape[1]:
             x = torch.cat([x, self.embed.patches(batch["images"])], dim=1)  # (B, 196, d) patch tokens
-        prior = self.prior(position, modality)
+        prior = self.prior(position, modality, stochastic)
         return x, prior, valid, position, modality
+
+    @torch.no_grad()
+    def target_outputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layer-normed target-encoder outputs (B, L', d), valid (B, L')): deterministic, whatever the mode.
+
+        The target encoder is always in eval mode and reads the tokens without any of the context
+        path's noise, so two passes over one batch give identical outputs."""
+        x, prior, valid, _, _ = self.tokens(batch, stochastic=False)
+        return F.layer_norm(self.target_encoder(x + prior, valid), (self.cfg.dim,)), valid
 
     def forward(self, batch: dict, rng: np.random.Generator | int | None = None) -> dict:
         """One training step's losses (see ``losses.jepa_loss``) plus monitoring tensors.
@@ -229,10 +247,8 @@ class GeoJEPA(nn.Module):
             batch = {**batch, "context": masks["context"].to(device), "targets": masks["targets"].to(device)}
         context, targets = batch["context"], batch["targets"]
         x, prior, valid, position, modality = self.tokens(batch)
-        h = x + prior
-        context_out = self.encoder(h, context)
-        with torch.no_grad():
-            target_out = F.layer_norm(self.target_encoder(h.detach(), valid), (self.cfg.dim,))
+        context_out = self.encoder(x + prior, context)
+        target_out, _ = self.target_outputs(batch)
         b, k, length = targets.shape
         rep = lambda t: t[:, None].expand(b, k, *t.shape[1:]).reshape(b * k, *t.shape[1:])  # noqa: E731
         pred = self.predictor(rep(context_out), rep(prior), rep(context), targets.reshape(b * k, length))
@@ -249,9 +265,10 @@ class GeoJEPA(nn.Module):
 
     @torch.no_grad()
     def tile_embedding(self, batch: dict) -> torch.Tensor:
-        """(B, 2d): concat(mean, max) over each tile's valid tokens of the target encoder's outputs (padding excluded)."""
-        x, prior, valid, _, _ = self.tokens(batch)
-        out = F.layer_norm(self.target_encoder(x + prior, valid), (self.cfg.dim,))
+        """(B, 2d): concat(mean, max) over each tile's valid tokens of the target encoder's outputs (padding excluded).
+
+        A tile with no valid token (everything removed by a task's masking) embeds as zeros."""
+        out, valid = self.target_outputs(batch)
         m = valid[..., None]
         mean = (out * m).sum(1) / m.sum(1).clamp_min(1)
         mx = out.masked_fill(~m, float("-inf")).amax(1)

@@ -5,15 +5,14 @@ truncated to ``max_tokens`` (the first ones: shards keep a tile's pieces togethe
 are padded to the smallest bucket length that fits (16, 32, 64, …, ``max_tokens``), so a
 handful of shapes repeat (good for CUDA graphs and compiled kernels) and little is padding.
 
-The split is spatial: tiles are grouped in blocks of 4 x 4 tiles (1.2 km) per region and a
-block belongs to validation when its hash falls in the validation share (at least one block
-when there are two or more), so neighbouring tiles rarely straddle train and validation.
+The split is ``geo.splits``: the one spatial split (4 x 4-tile blocks) that evaluation uses too.
+Training reads its ``train`` tiles; the epoch-end probe reads ``train`` and ``val``; nothing
+here reads ``test`` unless asked to.
 """
 
 from __future__ import annotations
 
 import functools
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,34 +22,25 @@ import pyarrow.parquet as pq
 import torch
 
 from ..columns import fixed_list_to_numpy
-
-BLOCK_TILES = 4
-
-
-def _block_hash(region: str, bx: int, by: int, seed: int) -> float:
-    return zlib.crc32(f"{seed}:{region}:{bx}:{by}".encode()) / 2**32
-
-
-def validation_blocks(sources: list["ShardSource"], val_fraction: float, seed: int = 0) -> set[tuple[str, int, int]]:
-    """The (region, block_x, block_y) of the validation split, over all sources (reads tile_x, tile_y only).
-
-    Cached per process: every epoch, the step count and the probe ask again, and shards are immutable.
-    """
-    return _validation_blocks(tuple((s.region, str(s.tiles_file)) for s in sources), val_fraction, seed)
+from ..geo.splits import DEFAULT_SPLIT_SEED, SPLIT_NAMES, block_split, tile_blocks
 
 
 @functools.lru_cache(maxsize=64)
-def _validation_blocks(tiles_files: tuple[tuple[str, str], ...], val_fraction: float, seed: int) -> frozenset:
-    blocks = set()
-    for region, tiles_file in tiles_files:
-        t = pq.read_table(tiles_file, columns=["tile_x", "tile_y"])
-        bx, by = t.column("tile_x").to_numpy() // BLOCK_TILES, t.column("tile_y").to_numpy() // BLOCK_TILES
-        blocks.update((region, int(a), int(b)) for a, b in set(zip(bx.tolist(), by.tolist())))
-    scored = sorted(blocks, key=lambda k: _block_hash(*k, seed))
-    val = {k for k in scored if _block_hash(*k, seed) < val_fraction}
-    if not val and len(scored) >= 2 and val_fraction > 0:
-        val = {scored[0]}
-    return frozenset(val)
+def _region_blocks(region: str, tiles_files: tuple[str, ...], split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted block keys (N,) int64, their split (N,) int8) over every tile shard of one region.
+
+    The region's blocks are split together (``geo.splits.block_split``), exactly as evaluation splits
+    the region's tiles; cached per process (shards are immutable; every epoch asks again)."""
+    blocks = np.unique(np.concatenate([tile_blocks(*_tile_xy(f)) for f in tiles_files]), axis=0)
+    split = block_split(region, blocks, split_seed)
+    keys = _block_key(blocks[:, 0], blocks[:, 1])
+    order = np.argsort(keys)
+    return keys[order], split[order]
+
+
+def _tile_xy(tiles_file: str) -> tuple[np.ndarray, np.ndarray]:
+    t = pq.read_table(tiles_file, columns=["tile_x", "tile_y"])
+    return t.column("tile_x").to_numpy(), t.column("tile_y").to_numpy()
 
 
 def bucket_lengths(max_tokens: int) -> list[int]:
@@ -87,20 +77,26 @@ class TileSequences:
     (every region, spread over its area), chosen before anything else is read (chips included).
     """
 
-    def __init__(self, sources: list[ShardSource], split: str = "train", val_fraction: float = 0.1,
-                 max_tokens: int = 128, rank: int = 0, world: int = 1, seed: int = 0, shuffle: int | None = None,
+    def __init__(self, sources: list[ShardSource], split: str = "train", max_tokens: int = 128, rank: int = 0,
+                 world: int = 1, split_seed: int = DEFAULT_SPLIT_SEED, shuffle: int | None = None,
                  with_images: bool = False, sample: int | None = None):
-        self.val_blocks = validation_blocks(sources, val_fraction, seed)
+        if split not in SPLIT_NAMES:
+            raise ValueError(f"unknown split {split!r}: use one of {SPLIT_NAMES}")
         self.sources, self.rank, self.world = sources, rank, world
         self.split, self.max_tokens, self.with_images = split, max_tokens, with_images
+        self.split_seed = split_seed
         self.rng = np.random.default_rng(shuffle) if shuffle is not None else None  # e.g. seed * 1000 + epoch
         self.sample = sample
+        files: dict[str, list[str]] = {}
+        for s in sources:
+            files.setdefault(s.region, []).append(str(s.tiles_file))
+        self.region_files = {r: tuple(sorted(f)) for r, f in files.items()}
 
     def _keep(self, region: str, tile_x: np.ndarray, tile_y: np.ndarray) -> np.ndarray:
-        """(T,) bool: which of a shard's tiles (grid x, y) are in this split."""
-        val_keys = np.array([_block_key(bx, by) for r, bx, by in self.val_blocks if r == region], np.int64)
-        val = np.isin(_block_key(tile_x // BLOCK_TILES, tile_y // BLOCK_TILES), val_keys)
-        return val if self.split == "val" else ~val
+        """(T,) bool: which of a shard's tiles (grid x, y) are in this split (``geo.splits``, over the whole region)."""
+        keys, split = _region_blocks(region, self.region_files[region], self.split_seed)
+        blocks = tile_blocks(tile_x, tile_y)
+        return split[np.searchsorted(keys, _block_key(blocks[:, 0], blocks[:, 1]))] == SPLIT_NAMES.index(self.split)
 
     def _kept_per_source(self) -> list[np.ndarray]:
         """Per source, (T,) bool: its tiles in this split (reads the tile coordinates only)."""

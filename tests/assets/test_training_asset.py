@@ -46,7 +46,7 @@ def test_checkpoint_is_registered_in_mlflow_with_lineage(tokens_home, capsys):
     version = client.get_model_version("geojepa-GT", "1")
     run = client.get_run(version.run_id)
     for tags in (version.tags, run.data.tags):
-        assert tags["dagster.run_id"] == run_id and tags["dagster.code_version"] == "1"
+        assert tags["dagster.run_id"] == run_id and tags["dagster.code_version"] == "2"
         assert tags["input.tile_tokens/t"] == tokens_version
         assert tags["input.tag_embeddings"] and tags["input.geometry_encoder"] and tags["input.osm_sha256/t"]
         assert tags["geojepa.data_version"] == meta["data_version"].value

@@ -11,13 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import Store
-from geojepa_pipeline.train.data import BLOCK_TILES, ShardSource, TileSequences, bucketed_batches
+from geojepa_pipeline.geo.splits import SPLIT_BLOCK_TILES
+from geojepa_pipeline.train.data import ShardSource, TileSequences, bucketed_batches
 from geojepa_pipeline.train.loop import TrainConfig, train
 
 
@@ -51,12 +53,12 @@ def sources(tmp_path_factory):
 
 
 def test_split_is_by_spatial_blocks_and_batches_by_length(sources):
-    train_ids = {s[0] for s in TileSequences(sources, "train", 0.2)}
-    val_ids = {s[0] for s in TileSequences(sources, "val", 0.2)}
-    assert train_ids and val_ids and not train_ids & val_ids and len(train_ids | val_ids) == 70
-    block = lambda tid: tuple(int(v) // BLOCK_TILES for v in tid.split("_")[1:])  # noqa: E731
-    assert not {block(t) for t in train_ids} & {block(t) for t in val_ids}
-    for batch in bucketed_batches(TileSequences(sources, "train", 0.2, max_tokens=64), 8, 64):
+    ids = {split: {s[0] for s in TileSequences(sources, split)} for split in ("train", "val", "test")}
+    assert all(ids.values()) and sum(map(len, ids.values())) == len(set().union(*ids.values())) == 70
+    block = lambda tid: tuple(int(v) // SPLIT_BLOCK_TILES for v in tid.split("_")[1:])  # noqa: E731
+    blocks = {split: {block(t) for t in v} for split, v in ids.items()}
+    assert not blocks["train"] & blocks["val"] and not blocks["train"] & blocks["test"] and not blocks["val"] & blocks["test"]
+    for batch in bucketed_batches(TileSequences(sources, "train", max_tokens=64), 8, 64):
         n = batch["valid"].sum(1)
         length = batch["valid"].shape[1]
         assert length in (16, 32, 64) and n.max() <= length and (length == 16 or n.max() > length // 2)
@@ -64,7 +66,7 @@ def test_split_is_by_spatial_blocks_and_batches_by_length(sources):
 
 
 def test_padded_batches_have_one_shape_per_bucket_and_count_real_tiles(sources):
-    seqs = list(TileSequences(sources, "train", 0.2, max_tokens=64))
+    seqs = list(TileSequences(sources, "train", max_tokens=64))
     batches = list(bucketed_batches(iter(seqs), 8, 64, pad=True))
     assert all(b["valid"].shape[0] == 8 for b in batches)
     assert sum(b["n_tiles"] for b in batches) == len(seqs)  # every tile once; padding is not counted
@@ -77,7 +79,7 @@ def test_padded_batches_have_one_shape_per_bucket_and_count_real_tiles(sources):
     # the step count needs no pass over the data: ceil(tiles / batch) for any shuffle, per rank
     for rank in (0, 1):
         for shuffle in (None, 3):
-            seq = TileSequences(sources, "train", 0.2, max_tokens=64, rank=rank, world=2, shuffle=shuffle)
+            seq = TileSequences(sources, "train", max_tokens=64, rank=rank, world=2, shuffle=shuffle)
             tiles = list(seq)
             assert seq.count() == len(tiles) and len(list(bucketed_batches(iter(tiles), 8, 64, pad=True))) == -(-len(tiles) // 8)
 
@@ -89,14 +91,14 @@ def test_probe_tiles_are_spread_through_the_split_whatever_the_batch_size(source
     from geojepa_pipeline.model.geojepa import GeoJEPA
     from geojepa_pipeline.train.loop import embed_tiles
 
-    cfg = TrainConfig(val_fraction=0.2, max_tokens=64)
-    seqs = list(TileSequences(sources, "train", 0.2, max_tokens=64))
-    sampled = TileSequences(sources, "train", 0.2, max_tokens=64, sample=20)
+    cfg = TrainConfig(max_tokens=64)
+    seqs = list(TileSequences(sources, "train", max_tokens=64))
+    sampled = TileSequences(sources, "train", max_tokens=64, sample=20)
     picked = [s[0] for s in sampled]
     index = [[s[0] for s in seqs].index(t) for t in picked]
     assert sampled.count() == len(picked) == 20 and index == sorted(index)
     assert max(b - a for a, b in zip([-1] + index, index + [len(seqs)])) <= -(-len(seqs) // 20)  # no gap over one run
-    assert len(list(TileSequences(sources, "train", 0.2, max_tokens=64, sample=10_000))) == len(seqs)
+    assert len(list(TileSequences(sources, "train", max_tokens=64, sample=10_000))) == len(seqs)
     expected = sorted(s[4] for s in seqs if s[0] in set(picked))
     model = GeoJEPA(model_config("tiny", "GT"))
     for batch_size in (4, 256):
@@ -146,12 +148,43 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
     assert time.monotonic() - t0 < 5 and threading.active_count() == before
 
 
+@pytest.mark.parametrize("seed,split_seed", [(0, 0), (22, 0), (5, 3)])
+def test_no_test_tile_reaches_a_training_batch_or_the_checkpoint_choice(sources, tmp_path, monkeypatch, seed, split_seed):
+    """Every tile ``train`` reads, for its steps and for its epoch-end probe (the best-checkpoint choice), is a train
+    or validation tile of ``geo.splits``, the split evaluation tests on; the probe is scored on validation tiles only.
+    (Before: training and evaluation hashed the same string, and for seed 22 training validated on the test set.)"""
+    import pyarrow.parquet as pq
+
+    import geojepa_pipeline.train.loop as loop
+    from geojepa_pipeline.geo.splits import TEST, VAL, tile_split
+
+    seen: list[tuple[str, str]] = []
+
+    class Recording(loop.TileSequences):
+        def __iter__(self):
+            for item in super().__iter__():
+                seen.append((self.split, item[0]))
+                yield item
+
+    monkeypatch.setattr(loop, "TileSequences", Recording)
+    result = train(TrainConfig(epochs=2, batch_size=8, max_tokens=32, seed=seed, split_seed=split_seed), sources,
+                   tmp_path / "w", log=lambda m: None)
+    tiles = pq.read_table(sources[0].tiles_file, columns=["tile_id", "tile_x", "tile_y"])
+    split = tile_split("t", tiles.column("tile_x").to_numpy(), tiles.column("tile_y").to_numpy(), split_seed)
+    ids = np.array(tiles.column("tile_id").to_pylist())
+    test_ids, val_ids = set(ids[split == TEST]), set(ids[split == VAL])
+    assert test_ids and val_ids and result.steps > 0 and len(result.history["epoch"]) == 2
+    assert {s for s, _ in seen} == {"train", "val"} and not {t for _, t in seen} & test_ids
+    assert {t for s, t in seen if s == "val"} == val_ids  # the probe (checkpoint choice) is scored on validation tiles
+    assert not {t for s, t in seen if s == "train"} & val_ids
+
+
 class Crash(Exception):
     pass
 
 
 def test_resume_after_a_crash_gives_the_same_model(sources, tmp_path):
-    cfg = TrainConfig(epochs=2, batch_size=8, ckpt_every=3, max_tokens=64, val_fraction=0.2)
+    cfg = TrainConfig(epochs=2, batch_size=8, ckpt_every=3, max_tokens=64)
     straight = train(cfg, sources, tmp_path / "a", log=lambda m: None)
 
     def crash(step, _):
@@ -179,7 +212,7 @@ def _spec(tmp_path, sources, work, **cfg):
 
 def test_kill_9_mid_training_resumes_from_the_last_checkpoint(sources, tmp_path):
     work = tmp_path / "work"
-    spec = _spec(tmp_path, sources, work, epochs=40, batch_size=4, ckpt_every=2, max_tokens=64, val_fraction=0.2)
+    spec = _spec(tmp_path, sources, work, epochs=40, batch_size=4, ckpt_every=2, max_tokens=64)
     cmd = [sys.executable, "-m", "geojepa_pipeline.train.run", str(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
@@ -192,7 +225,7 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(sources, tmp_path)
     killed_at = int(done[-1].name.split("-")[1])
     assert killed_at > 0
     # a new run with the same work dir resumes (here with a step budget a little past the kill)
-    spec2 = _spec(tmp_path, sources, work, epochs=40, batch_size=4, ckpt_every=2, max_tokens=64, val_fraction=0.2, max_steps=killed_at + 4)
+    spec2 = _spec(tmp_path, sources, work, epochs=40, batch_size=4, ckpt_every=2, max_tokens=64, max_steps=killed_at + 4)
     out = subprocess.run([sys.executable, "-m", "geojepa_pipeline.train.run", str(spec2)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     resumed = int(out.stdout.split("resumed from step ")[1].split()[0])
@@ -202,7 +235,7 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(sources, tmp_path)
 
 def test_ddp_two_cpu_ranks_end_with_identical_parameters(sources, tmp_path):
     work = tmp_path / "ddp"
-    spec = _spec(tmp_path, sources, work, epochs=1, batch_size=4, ckpt_every=1000, max_tokens=32, val_fraction=0.2, max_steps=3)
+    spec = _spec(tmp_path, sources, work, epochs=1, batch_size=4, ckpt_every=1000, max_tokens=32, max_steps=3)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "geojepa_pipeline.train.run", str(spec)], capture_output=True, text=True, timeout=300, env=env)
@@ -226,23 +259,23 @@ def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
     from geojepa_pipeline.training import training_sources
 
     with_chips, _ = training_sources(store, ["t"], with_images=True)
-    seqs = list(TileSequences(with_chips, "train", 0.2, max_tokens=32, shuffle=1, with_images=True))
+    seqs = list(TileSequences(with_chips, "train", max_tokens=32, shuffle=1, with_images=True))
     import pyarrow.parquet as pq
 
     table = pq.read_table(with_chips[0].images_file)
     by_id = dict(zip(table.column("tile_id").to_pylist(), table.column("image").to_pylist()))
     assert seqs and all(s[5] is not None for s in seqs) and images.n_with_image == 70
     assert all((s[5] == decode_chip(by_id[s[0]])).all() for s in seqs[:5])  # the right chip for the tile
-    assert {s[0] for s in seqs} == {s[0] for s in TileSequences(with_chips, "train", 0.2, max_tokens=32)}
+    assert {s[0] for s in seqs} == {s[0] for s in TileSequences(with_chips, "train", max_tokens=32)}
     for rank in (0, 1):  # each DDP rank's share of the chips, counted without reading them
-        mine = TileSequences(with_chips, "train", 0.2, max_tokens=32, rank=rank, world=2, shuffle=1, with_images=True)
+        mine = TileSequences(with_chips, "train", max_tokens=32, rank=rank, world=2, shuffle=1, with_images=True)
         assert mine.count() == len(list(mine))
-    sampled = list(TileSequences(with_chips, "train", 0.2, max_tokens=32, with_images=True, sample=10))  # the probe's read
-    assert [s[0] for s in sampled] == [s[0] for s in TileSequences(with_chips, "train", 0.2, max_tokens=32, sample=10)]
+    sampled = list(TileSequences(with_chips, "train", max_tokens=32, with_images=True, sample=10))  # the probe's read
+    assert [s[0] for s in sampled] == [s[0] for s in TileSequences(with_chips, "train", max_tokens=32, sample=10)]
     assert len(sampled) == 10 and all((s[5] == decode_chip(by_id[s[0]])).all() for s in sampled)
     batch = next(bucketed_batches(iter(seqs), 4, 32))
     assert batch["images"].shape == (4, 224, 224, 4) and batch["has_image"].all()
-    result = train(TrainConfig(variant="TI", epochs=1, batch_size=4, max_tokens=32, val_fraction=0.2, max_steps=2),
+    result = train(TrainConfig(variant="TI", epochs=1, batch_size=4, max_tokens=32, max_steps=2),
                    with_chips, tmp_path / "ti", log=lambda m: None)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.history["loss"])).all()
 
