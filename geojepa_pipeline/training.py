@@ -19,8 +19,8 @@ from typing import Callable
 from .errors import GeojepaError
 from .ingest import OSM_KIND, TILES_KIND
 from .settings import Settings
-from .store import Dataset, Store
-from .tokens import TOKENS_KIND
+from .store import GLOBAL_SCOPE, Dataset, Store
+from .tokens import GEOMETRY_KIND, TOKENS_KIND
 from .train.data import ShardSource
 from .train.loop import TrainConfig, train
 
@@ -108,18 +108,27 @@ def train_with_torchrun(cfg: TrainConfig, sources: list[ShardSource], work, proc
 def build_checkpoint(
     variant: str, store: Store, settings: Settings, cfg: TrainConfig, regions: list[str] | None = None,
     tags: dict | None = None, log: Callable[[str], None] = print, processes: int = 1,
+    holdout_regions: list[str] | None = None,
 ) -> CheckpointResult:
     """Train (or resume) GeoJEPA-``variant`` on the regions' tokens; commit the checkpoint; log it to MLflow.
 
-    ``processes`` > 1 trains with DDP under torchrun (one process per GPU, or CPU ranks with gloo).
+    ``regions`` (default: every region with tile_tokens) minus ``holdout_regions``, which pretraining never
+    reads. ``processes`` > 1 trains with DDP under torchrun (one process per GPU, or CPU ranks with gloo).
     """
     from .train.tracking import git_commit, log_training, tracking_uri
 
     cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
     if regions is None:
         regions = store.regions(TOKENS_KIND)
+    holdout = set(holdout_regions or ())
+    regions = [r for r in regions if r not in holdout]
     if not regions:
-        raise GeojepaError("no region has tile_tokens; materialize the regions first (geojepa materialize)")
+        raise GeojepaError("no region has tile_tokens (outside the held-out ones); materialize the regions first (geojepa materialize)")
+    for name in sorted(holdout):
+        tok = store.current(TOKENS_KIND, name)
+        if tok is not None and name in store.dataset(GEOMETRY_KIND, GLOBAL_SCOPE, tok.manifest["inputs"]["geometry_encoder"]).manifest.get("regions", []):
+            raise GeojepaError(f"held-out region {name!r}: its tile_tokens use a geometry encoder pretrained on it; materialize "
+                               f"geometry_encoder and tile_tokens with it held out (geojepa materialize --holdout {name})")
     sources, inputs = training_sources(store, regions, with_images="I" in variant)
     trained = {k: v for k, v in cfg.to_dict().items() if k != "compile"}  # how a step runs does not change what it trains
     key = hashlib.sha256(json.dumps({"config": trained, "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
@@ -136,7 +145,8 @@ def build_checkpoint(
         state = json.loads((result.last / "state.json").read_text())
         (staging / "train_state.json").write_text(json.dumps(
             {"train_config": state["train_config"], "model_config": state["model_config"], "epochs": state["history"]["epoch"],
-             "steps": result.steps, "best_probe": state.get("best_probe")}, sort_keys=True, default=float) + "\n")
+             "steps": result.steps, "best_probe": state.get("best_probe"), "losses": state["history"]["loss"]},
+            sort_keys=True, default=float) + "\n")
         (staging / "inputs.json").write_text(json.dumps(inputs, sort_keys=True) + "\n")
         manifest = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "variant": variant, "regions": sorted(regions),
                     "inputs": inputs, "steps": result.steps, "train_config": cfg.to_dict()}

@@ -4,15 +4,17 @@
 import dagster as dg
 
 from ..evaluation import build_report
+from ..geo.render import png_markdown
 from .results import dataset_result
 from .resources import GeojepaResource
 from .training import geojepa_checkpoint, variants_partitions
 
-EVALUATION_REPORT_CODE_VERSION = "1"
+EVALUATION_REPORT_CODE_VERSION = "2"  # 2: entity masking, one split, controls, transfer
 
 
 class EvaluationConfig(dg.Config):
     seeds: list[int] = [0, 1, 2]  # probes and zero-label subsampling are repeated per seed (mean ± std)
+    holdout_regions: list[str] = []  # regions pretraining never saw: the transfer rows are tested on them
 
 
 @dg.asset(
@@ -21,21 +23,29 @@ class EvaluationConfig(dg.Config):
     code_version=EVALUATION_REPORT_CODE_VERSION,
     group_name="evaluation",
     kinds={"html", "mlflow"},
-    description="The thesis tasks under the masked protocol (labels removed from the input), probes and baselines on "
-                "spatial splits, measured kNN: report.html + metrics.json, also logged to the checkpoint's MLflow run.",
+    description="The thesis tasks under the masked protocol (the label's entities removed from every modality), probes, "
+                "untrained controls and baselines on the training split's test tiles and on held-out regions, measured "
+                "kNN: report.html + metrics.json, also logged to the checkpoint's MLflow run.",
 )
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
     variant = context.partition_key
-    result = build_report(variant, geojepa.store(), geojepa._settings(), seeds=tuple(config.seeds), log=context.log.info)
-    ds = result.dataset
-    return dataset_result(
-        ds, {
-            "report": dg.MetadataValue.path(str(ds.path / "report.html")),
-            "metrics_json": dg.MetadataValue.path(str(ds.path / "metrics.json")),
-            "model_version": dg.MetadataValue.text(result.metrics["model_version"]),
-            "table": dg.MetadataValue.md(result.table_md),
-            "knn": dg.MetadataValue.json(result.metrics["knn"]),
-            "skipped": dg.MetadataValue.json(result.metrics["skipped"]),
-            "mlflow_run_id": dg.MetadataValue.text(result.run_id or "none"),
-        },
-    )
+    result = build_report(variant, geojepa.store(), geojepa._settings(), seeds=tuple(config.seeds),
+                          holdout_regions=list(config.holdout_regions), log=context.log.info)
+    ds, metrics, pictures = result.dataset, result.metrics, result.pictures
+    meta = {
+        "report": dg.MetadataValue.path(str(ds.path / "report.html")),
+        "metrics_json": dg.MetadataValue.path(str(ds.path / "metrics.json")),
+        "model_version": dg.MetadataValue.text(metrics["model_version"]),
+        "table": dg.MetadataValue.md(result.table_md),
+        "protocol": dg.MetadataValue.json({k: v for k, v in metrics["protocol"].items() if k != "masked_input"}),
+        "knn": dg.MetadataValue.json(metrics["knn"]),
+        "skipped": dg.MetadataValue.json(metrics["skipped"]),
+        "curves": dg.MetadataValue.md("\n\n".join(png_markdown(pictures[k], k) for k in ("loss", "target_std_mean", "rankme", "probe_building_r2")
+                                                  if k in pictures)),
+        "embedding_map": dg.MetadataValue.md(png_markdown(pictures["map"], "PaCMAP of the tile embeddings")),
+        "split_maps": dg.MetadataValue.md("\n\n".join(png_markdown(v, k) for k, v in pictures.items() if k.startswith("split_map/"))),
+        "mlflow_run_id": dg.MetadataValue.text(result.run_id or "none"),
+    }
+    if result.transfer_md:
+        meta["transfer_table"] = dg.MetadataValue.md(result.transfer_md)
+    return dataset_result(ds, meta)

@@ -15,7 +15,7 @@ from .results import dataset_result
 from .resources import GeojepaResource
 
 OSM_EXTRACT_CODE_VERSION = "1"
-TILE_SHARDS_CODE_VERSION = "1"
+TILE_SHARDS_CODE_VERSION = "2"  # 2: relation_members.parquet beside the shards
 
 
 @dg.asset(

@@ -18,7 +18,7 @@ from .results import dataset_result
 from .resources import GeojepaResource
 
 TAG_EMBEDDINGS_CODE_VERSION = "1"
-GEOMETRY_ENCODER_CODE_VERSION = "1"
+GEOMETRY_ENCODER_CODE_VERSION = "1"  # its regions are in its manifest: held-out ones change the data version
 TILE_TOKENS_CODE_VERSION = "1"
 
 
@@ -64,6 +64,7 @@ class GeometryEncoderConfigDg(dg.Config):
     max_pieces: int = 20000  # pieces sampled from all regions (15 % held out for the probe)
     dim: int = 64  # geometry token size
     seed: int = 0
+    holdout_regions: list[str] = []  # regions left out of its pretraining (evaluation_report's transfer rows)
 
 
 @dg.asset(
@@ -77,6 +78,7 @@ class GeometryEncoderConfigDg(dg.Config):
 def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderConfigDg, geojepa: GeojepaResource) -> dg.MaterializeResult:
     store = geojepa.store()
     regions, _ = geojepa.regions_with_tiles()
+    regions = [r for r in regions if r not in set(config.holdout_regions)]
     result = build_geometry_encoder(store, regions, steps=config.steps, seed=config.seed, max_pieces=config.max_pieces,
                                     dim=config.dim, log=context.log.info)
     ds = result.dataset

@@ -25,6 +25,8 @@ class CheckpointConfig(dg.Config):
     max_tokens: int = 128  # entity tokens per tile
     ckpt_every: int = 50  # steps between resumable checkpoints
     regions: list[str] = []  # empty: every region with tile_tokens
+    holdout_regions: list[str] = []  # never trained on (evaluation_report's transfer rows test on them)
+    split_seed: int = 0  # the train / validation / test split (geo.splits), shared with evaluation
     seed: int = 0
     compile: str = "none"  # none | default (torch.compile) | reduce-overhead (compiled + CUDA graphs per length bucket, on a GPU)
     processes: int = 1  # > 1: DDP under `torchrun --nproc_per_node` (one per GPU; the run's host needs that many)
@@ -46,9 +48,11 @@ def geojepa_checkpoint(context: dg.AssetExecutionContext, config: CheckpointConf
     variant = context.partition_key
     settings = geojepa._settings()
     cfg = TrainConfig(preset=config.preset, variant=variant, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                      max_tokens=config.max_tokens, ckpt_every=config.ckpt_every, seed=config.seed, compile=config.compile)
+                      max_tokens=config.max_tokens, ckpt_every=config.ckpt_every, seed=config.seed, compile=config.compile,
+                      split_seed=config.split_seed)
     result = build_checkpoint(
         variant, geojepa.store(), settings, cfg, regions=list(config.regions) or None, log=context.log.info,
+        holdout_regions=list(config.holdout_regions),
         processes=config.processes,
         tags={"dagster.run_id": context.run.run_id, "dagster.code_version": GEOJEPA_CHECKPOINT_CODE_VERSION,
               "dagster.asset": "geojepa_checkpoint", "dagster.partition": variant},

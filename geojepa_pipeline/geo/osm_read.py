@@ -37,6 +37,8 @@ from .parallel import gc_paused
 
 NODE, WAY, RELATION = 0, 1, 2
 OSM_TYPE_NAMES = ("node", "way", "relation")
+RELATION_MEMBERS_SCHEMA = pa.schema([("relation_id", pa.int64()), ("member_type", pa.string()),
+                                     ("member_id", pa.int64()), ("role", pa.string())])
 
 
 def check_pbf_header(path: str | os.PathLike) -> None:
@@ -134,6 +136,21 @@ class OsmData:
     @property
     def osm_id(self) -> np.ndarray:
         return np.concatenate([self.node_id, self.way_id, self.rel_id]).astype(np.int64)
+
+    def relation_members(self) -> pa.Table:
+        """``RELATION_MEMBERS_SCHEMA``: one row per (relation, member) of the kept relations, members in order.
+
+        Consumers need it to follow a relation to the untagged ways and nodes that exist in the shards only
+        as its members (the outer way of a building multipolygon, say)."""
+        n = np.fromiter((len(m) for m in self.rel_members), np.int64, len(self.rel_members))
+        member = np.fromiter((i for m in self.rel_members for i, _ in m), np.int64, int(n.sum()))
+        types, ids = self.osm_type, self.osm_id
+        return pa.table({
+            "relation_id": pa.array(np.repeat(self.rel_id.astype(np.int64), n), pa.int64()),
+            "member_type": pa.array(np.asarray(OSM_TYPE_NAMES, object)[types[member]], pa.string()),
+            "member_id": pa.array(ids[member], pa.int64()),
+            "role": pa.array([r for m in self.rel_members for _, r in m], pa.string()),
+        }, schema=RELATION_MEMBERS_SCHEMA)
 
     def lonlat_bounds(self) -> tuple[float, float, float, float]:
         pts = np.concatenate([self.node_lonlat, self.way_coords]) if len(self.way_coords) else self.node_lonlat

@@ -1,11 +1,21 @@
-"""Task labels, maxspeed parsing, label-bearing tags, zero-label subsampling."""
+"""Task labels and the masked protocol (the reference's task generator): what is removed, by entity, in every tile."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from geojepa_pipeline.evaluate.labels import TASKS, ZERO_KEEP, is_label_tag, parse_maxspeed, subsample_zero_labels, tile_labels
+from geojepa_pipeline.evaluate.labels import (
+    TASKS,
+    ZERO_KEEP,
+    Pieces,
+    parse_maxspeed,
+    stripped_pairs,
+    subsample_zero_labels,
+    task_input,
+    tile_labels,
+)
 
 
 @pytest.mark.parametrize("value,kmh", [
@@ -18,39 +28,68 @@ def test_parse_maxspeed(value, kmh):
     assert (got is None and kmh is None) or got == pytest.approx(kmh, abs=0.01)
 
 
-PIECES = [  # (tile, tags, geometry type)
-    ("a", [("building", "yes")], "Polygon"),
-    ("a", [("building:part", "yes"), ("height", "9")], "Polygon"),
-    ("a", [("highway", "traffic_signals")], "Point"),
-    ("a", [("highway", "primary"), ("maxspeed", "50"), ("bridge", "yes"), ("layer", "1")], "LineString"),
-    ("b", [("highway", "residential")], "LineString"),
-    ("b", [("crossing:signals", "yes")], "Point"),
-    ("b", [("highway", "traffic_signals")], "LineString"),  # not a point: not counted
-    ("c", [("highway", "footway"), ("bridge", "yes"), ("maxspeed", "30 mph")], "LineString"),
-    ("d", [("amenity", "bench")], "Point"),
+PIECES = [  # (tile, osm type, osm id, tags)
+    (0, "way", 1, [("building", "yes")]),
+    (0, "way", 2, [("building:part", "yes"), ("height", "9")]),
+    (0, "node", 3, [("highway", "traffic_signals")]),
+    (0, "way", 4, [("highway", "primary_link"), ("maxspeed", "50"), ("bridge", "yes"), ("layer", "1")]),
+    (1, "way", 5, [("highway", "residential")]),
+    (1, "node", 6, [("crossing:signals", "yes"), ("highway", "crossing")]),
+    (1, "way", 7, [("highway", "traffic_signals")]),  # not a node: not counted, loses the tag, left empty: removed
+    (2, "way", 8, [("highway", "footway"), ("bridge", "yes"), ("maxspeed:forward", "30 mph")]),
+    (3, "node", 9, [("amenity", "bench")]),
+    (3, "way", 1, [("building", "yes")]),  # way 1 again: its piece in another tile
+    (3, "relation", 10, [("type", "multipolygon"), ("building", "yes")]),
+    (3, "way", 11, []),  # the relation's untagged outer way
+    (3, "way", 12, [("landuse", "grass")]),  # a tagged member: its own entity
+    (2, "way", 13, [("zone:maxspeed", "DE:30"), ("landuse", "residential")]),  # a maxspeed key off the roads
 ]
+MEMBERS = pa.table({"relation_id": [10, 10], "member_type": ["way", "way"], "member_id": [11, 12], "role": ["outer", "outer"]})
+
+
+def pieces():
+    return Pieces.build([p[0] for p in PIECES], [p[1] for p in PIECES], [p[2] for p in PIECES], [p[3] for p in PIECES], 4)
 
 
 def test_tile_labels_follow_the_reference_rules():
-    labels = tile_labels(["a", "b", "c", "d"], [p[0] for p in PIECES], [p[1] for p in PIECES], [p[2] for p in PIECES])
-    assert labels["building_count"][0].tolist() == [2, 0, 0, 0]
+    labels = tile_labels(pieces())
+    assert labels["building_count"][0].tolist() == [2, 0, 0, 2]
     assert labels["traffic_signals"][0].tolist() == [1, 1, 0, 0]
     speed, defined = labels["max_speed"]
-    assert speed[0] == 50 and speed[2] == pytest.approx(48.28, abs=0.01)
-    assert defined.tolist() == [True, False, True, False]  # b: highway without maxspeed (pruned); d: no highway
+    assert speed[0] == 50 and speed[2] == pytest.approx(48.28, abs=0.01)  # maxspeed:forward counts ("contains")
+    assert defined.tolist() == [True, False, True, False]  # 1: highways without maxspeed (pruned); 3: no highway
     assert labels["bridge"][0].tolist() == [1, 0, 1, 0]
-    assert labels["car_bridge"][0].tolist() == [1, 0, 0, 0]  # a footway bridge is not a car bridge
+    assert labels["car_bridge"][0].tolist() == [1, 0, 0, 0]  # primary_link is a car road; a footway bridge is not
 
 
-def test_no_label_bearing_tag_survives_removal():
+def test_each_task_removes_whole_entities_and_leaves_nothing_that_makes_its_label():
+    p = pieces()
+    expect_removed = {
+        "building_count": {(1, "way"), (2, "way"), (10, "relation"), (11, "way")},  # way 1 in both tiles; 11 with 10
+        "traffic_signals": {(3, "node"), (6, "node"), (7, "way")},
+        "max_speed": set(),
+        "bridge": set(),  # ways 4 and 8 keep other tags
+        "car_bridge": set(),
+    }
     for task in TASKS:
-        kept = [[(k, v) for k, v in tags if not is_label_tag(task, k, v)] for _, tags, _ in PIECES]
-        labels = tile_labels(["a", "b", "c", "d"], [p[0] for p in PIECES], kept, [p[2] for p in PIECES])
+        inp = task_input(task, p, MEMBERS)
+        gone = {(PIECES[i][2], PIECES[i][1]) for i in np.flatnonzero(~inp.kept)}
+        assert gone == expect_removed[task], task
+        for i in np.flatnonzero(inp.kept):  # no stripped tag survives on a kept piece
+            kept_tags = inp.tags[int(i)].as_py()
+            assert not stripped_pairs(task, pa.array([k for k, _ in kept_tags], pa.string()),
+                                      pa.array([v for _, v in kept_tags], pa.string())).any(), (task, kept_tags)
+        rest = Pieces.build(p.tile[inp.kept], p.osm_type[inp.kept], p.osm_id[inp.kept], inp.tags.filter(pa.array(inp.kept)), 4)
+        label, defined = tile_labels(rest)[task]
         if task == "max_speed":
-            assert not labels[task][1].any()  # no maxspeed left anywhere
+            assert not (label > 0).any()  # roads stay, their speeds do not
         else:
-            assert not labels[task][0].any(), task  # nothing left that makes the label
-    assert is_label_tag("bridge", "layer", "1") and not is_label_tag("building_count", "height", "9")
+            assert not label.any(), task
+    b = task_input("building_count", p, MEMBERS)
+    assert (b.removed_entities, b.removed_members, b.removed_pieces) == (3, 1, 5)
+    assert task_input("building_count", p, None).removed_pieces == 4  # without the members table the outer way stays
+    assert task_input("bridge", p, MEMBERS).stripped_tags == 3  # bridge and layer of way 4, bridge of way 8
+    assert task_input("max_speed", p, MEMBERS).stripped_tags == 3  # maxspeed, maxspeed:forward, zone:maxspeed
 
 
 def test_zero_labels_are_subsampled_reproducibly():
@@ -60,3 +99,15 @@ def test_zero_labels_are_subsampled_reproducibly():
     assert keep[-100:].all() and abs(keep[:10_000].mean() - ZERO_KEEP["traffic_signals"]) < 0.01
     assert np.array_equal(keep, subsample_zero_labels("traffic_signals", labels, defined, seed=3))
     assert subsample_zero_labels("max_speed", labels, defined, seed=3).all()  # max_speed zeros are pruned, not sampled
+
+
+def test_a_relation_piece_that_holds_a_removed_member_goes_in_that_tile_only():
+    """A route's piece is the union of its members' pieces in the tile: where a removed signal node is one of them,
+    the route's piece would carry it; the route's pieces elsewhere stay."""
+    p = Pieces.build([0, 0, 1, 0, 1], ["node", "relation", "relation", "way", "way"], [3, 20, 20, 21, 21],
+                     [[("highway", "traffic_signals")], [("type", "route")], [("type", "route")], [("highway", "primary")],
+                      [("highway", "primary")]], 2)
+    members = pa.table({"relation_id": [20, 20], "member_type": ["node", "way"], "member_id": [3, 21], "role": ["stop", ""]})
+    inp = task_input("traffic_signals", p, members)
+    assert inp.kept.tolist() == [False, False, True, True, True] and inp.removed_parent_pieces == 1
+    assert task_input("max_speed", p, members).kept.all()
