@@ -118,8 +118,8 @@ def load_region_data(store: Store, region: str, tiles_version: str, tokens_versi
         chips = StoredChips(images, kind)
         if kind == "synthetic":
             chips = SyntheticChips(store, region, tiles, images, pieces, chips)
-    return RegionData(region, ids, np.concatenate(tx), np.concatenate(ty), pieces, np.concatenate(geom), np.concatenate(pos),
-                      members, kind, chips)
+    return RegionData(region, int(tiles.manifest["epsg"]), ids, np.concatenate(tx), np.concatenate(ty), pieces,
+                      np.concatenate(geom), np.concatenate(pos), members, kind, chips)
 
 
 def evaluation_regions(store: Store, ck: Dataset, holdout: list[str], with_chips: bool, log: Callable[[str], None]):

@@ -140,3 +140,22 @@ def test_building_count_correlates_with_the_masked_input_only_as_much_as_the_unl
     r_before, r_after, r_context = (np.corrcoef(y, v)[0, 1] for v in (before, after, other))
     assert r_before > 0.9 and r_after < r_before - 0.3
     assert abs(r_after - r_context) < 0.02  # only the untagged members and relation pieces of buildings differ
+
+
+def test_an_image_variant_is_scored_with_its_chips_re_rendered_from_the_masked_entities(store, tmp_path):
+    """TI through build_checkpoint and build_report: the report says the GeoJEPA rows read tags and image, and that
+    this region's imagery is synthetic (so every task's chips were re-rendered from its masked entities)."""
+    from geojepa_pipeline.evaluation import build_report
+    from geojepa_pipeline.settings import get_settings
+    from geojepa_pipeline.train.loop import TrainConfig
+    from geojepa_pipeline.training import build_checkpoint
+
+    settings = get_settings(tmp_path / "home")
+    build_checkpoint("TI", store, settings, TrainConfig(epochs=1, batch_size=8, max_tokens=32, max_steps=2), log=lambda m: None)
+    logs = []
+    result = build_report("TI", store, settings, seeds=(0,), log=logs.append)
+    p = result.metrics["protocol"]
+    assert p["modalities"]["geojepa_mlp"] == p["modalities"]["random_init_linear"] == ["tags", "image"]
+    assert p["modalities"]["tagpool_mlp"] == ["tags"] and p["imagery"] == {"t": "synthetic"}
+    assert p["masked_input"]["t"]["building_count"]["removed_pieces"] > 500
+    assert (result.dataset.path / "report.html").read_text().count("data:image/png;base64,") >= 10

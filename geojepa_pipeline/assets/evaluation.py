@@ -38,7 +38,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
         "model_version": dg.MetadataValue.text(metrics["model_version"]),
         "table": dg.MetadataValue.md(result.table_md),
         "protocol": dg.MetadataValue.json({k: v for k, v in metrics["protocol"].items() if k != "masked_input"}),
-        "knn": dg.MetadataValue.json(metrics["knn"]),
+        "knn": dg.MetadataValue.md("| kNN label | ratio to random | untrained model | tiles |\n| --- | --- | --- | --- |\n" + "\n".join(
+            f"| {t} | {v['ratio']:.3f} | {v.get('random_init_ratio', float('nan')):.3f} | {v['n']} |" for t, v in metrics["knn"].items())),
         "skipped": dg.MetadataValue.json(metrics["skipped"]),
         "curves": dg.MetadataValue.md("\n\n".join(png_markdown(pictures[k], k) for k in ("loss", "target_std_mean", "rankme", "probe_building_r2")
                                                   if k in pictures)),

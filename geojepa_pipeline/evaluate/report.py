@@ -75,7 +75,7 @@ def split_map_png(tile_x: np.ndarray, tile_y: np.ndarray, split: np.ndarray, tit
     for s, colour in SPLIT_COLOURS.items():
         m = split == s
         grid[(h - 1) - (tile_y[m] - y0), tile_x[m] - x0] = colour
-    factor = max(1, min(max_px // max(w, h), 6))
+    factor = max(1, min(max_px // max(w, h), 12))
     img = Image.fromarray(grid).resize((w * factor, h * factor), Image.NEAREST)
     if max(img.size) > max_px:
         s = max_px / max(img.size)

@@ -25,6 +25,7 @@ fewer than 30 positive test tiles is skipped, and says so.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -61,11 +62,12 @@ class ChipSource(Protocol):
 class RegionData:
     """What evaluation needs of one region, in shard order (a tile's pieces are contiguous).
 
-    tile_x, tile_y (T,) grid indices; pieces (P,) the entity pieces; geometry (P, Dg) and position
+    tile_x, tile_y (T,) indices on the UTM grid ``epsg``; pieces (P,) the entity pieces; geometry (P, Dg) and position
     (P, 8) float32 their tokens; members the ``relation_members`` table (or None); imagery the kind
     of scenes the region's chips came from; chips their source (None: no image variant)."""
 
     region: str
+    epsg: int  # the UTM grid of tile_x, tile_y
     tile_ids: list[str]
     tile_x: np.ndarray
     tile_y: np.ndarray
@@ -253,7 +255,7 @@ def evaluate(models: dict, vocab, regions: list[RegionData], variant: str, model
     holdout = holdout or []
     data = sorted(regions, key=lambda r: r.region) + sorted(holdout, key=lambda r: r.region)
     n_in = sum(r.n_tiles for r in data[:len(regions)])
-    split = np.concatenate([tile_split(r.region, r.tile_x, r.tile_y, split_seed) for r in data[:len(regions)]]
+    split = np.concatenate([tile_split(r.epsg, r.tile_x, r.tile_y, split_seed) for r in data[:len(regions)]]
                            + [np.full(r.n_tiles, -1, np.int8) for r in data[len(regions):]])
     in_region_test = split == TEST
     transfer_test = np.arange(len(split)) >= n_in
@@ -263,11 +265,15 @@ def evaluate(models: dict, vocab, regions: list[RegionData], variant: str, model
     features: dict[str, Features] = {}
     masking: dict = {}
     base = {}  # unmasked: a task re-embeds only the tiles it changes
+    t0 = time.perf_counter()
     for i, r in enumerate(data):
         tokens = vocab.tag_tokens(r.pieces.tags)
         for name, model in models.items():
             base[name, i] = embed_tiles(model, r, tokens, unmasked_input(r.pieces), images=uses_images)
+    log(f"evaluation: embedded {len(split):,} tiles, {sum(len(r.pieces) for r in data):,} pieces, with "
+        f"{' and '.join(models)} in {time.perf_counter() - t0:.1f} s")
     for task in (*TASKS, "landuse"):
+        t0, n_changed = time.perf_counter(), 0
         embs = {name: [] for name in models}
         pool, pairs_of, y, defined, kept_n = [], [], [], [], []
         offset = 0
@@ -276,6 +282,7 @@ def evaluate(models: dict, vocab, regions: list[RegionData], variant: str, model
             masking.setdefault(r.region, {})[task] = inp.counts()
             tokens = vocab.tag_tokens(inp.tags)
             changed = np.flatnonzero(_changed_tiles(r, inp, uses_images))
+            n_changed += len(changed)
             for name, model in models.items():
                 emb = base[name, i].copy()
                 if len(changed):
@@ -291,6 +298,9 @@ def evaluate(models: dict, vocab, regions: list[RegionData], variant: str, model
             y.append(lab_task[0])
             defined.append(lab_task[1])
             offset += r.n_tiles
+        removed = sum(masking[r.region][task]["removed_entities"] for r in data)
+        log(f"evaluation: {task} input: {removed:,} entities removed, {n_changed:,} tiles changed and embedded again "
+            f"in {time.perf_counter() - t0:.1f} s")
         # tagcount's pairs: the most frequent among the masked input of the pretraining regions' train tiles
         all_pairs = np.concatenate([p for p, _ in pairs_of])
         all_owner = np.concatenate([o for _, o in pairs_of])
@@ -326,7 +336,7 @@ def evaluate(models: dict, vocab, regions: list[RegionData], variant: str, model
         "split": {"method": "geo.splits: 4x4-tile blocks (1.2 km), 14/3/3 of every 4x5-block super-cell",
                   "split_seed": split_seed, "shares": [0.70, 0.15, 0.15], "pretraining": "train tiles of the pretraining regions",
                   "checkpoint_choice": "validation tiles (epoch-end probe)", "probes": "fit on train, early stopping on validation, scored on test",
-                  "tiles": {r.region: split_counts(tile_split(r.region, r.tile_x, r.tile_y, split_seed)) for r in data[:len(regions)]}},
+                  "tiles": {r.region: split_counts(tile_split(r.epsg, r.tile_x, r.tile_y, split_seed)) for r in data[:len(regions)]}},
         "modalities": {m: _modalities(m, variant) for m in METHODS},
         "imagery": {r.region: r.imagery for r in data},
         "max_pieces": None,

@@ -13,10 +13,12 @@ trained never moves a tile between splits, and evaluation reads the seed from th
 Pretraining reads train tiles only; the epoch-end probe and the best-checkpoint choice read
 validation tiles only (it is fitted on train tiles); test tiles are first seen by the final report.
 
-A block's split depends only on its coordinates, the region and the split seed, so re-ingesting
-a region that grew keeps every old block where it was. The one exception: a region with at
-least three blocks always gets a block in every split, so when the permutation leaves a split
-empty, the largest split gives up its first block.
+A block's split depends only on where it is (its UTM grid and coordinates) and the split seed,
+not on the region's name, so two regions that cover the same place (Liechtenstein in 2013 and in
+2015) put each block in the same split, and re-ingesting a region that grew keeps every old
+block where it was. The one exception: a region with at least three blocks always gets a block
+in every split, so when the permutation leaves a split empty, the largest split gives up its
+first block.
 """
 
 from __future__ import annotations
@@ -33,15 +35,16 @@ SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_SPLIT_SEED = 0
 
 
-def _cell_seed(region: str, split_seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{split_seed}:{region}".encode(), digest_size=8).digest(), "little")
+def _cell_seed(epsg: int, split_seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{split_seed}:{int(epsg)}".encode(), digest_size=8).digest(), "little")
 
 
-def block_split(region: str, blocks: np.ndarray, split_seed: int = DEFAULT_SPLIT_SEED) -> np.ndarray:
-    """(N,) int8: ``TRAIN``, ``VAL`` or ``TEST`` of each distinct block (N, 2) (block x, block y) of ``region``.
+def block_split(epsg: int, blocks: np.ndarray, split_seed: int = DEFAULT_SPLIT_SEED) -> np.ndarray:
+    """(N,) int8: ``TRAIN``, ``VAL`` or ``TEST`` of each distinct block (N, 2) (block x, block y) of one region
+    on the UTM grid ``epsg``.
 
     Blocks are grouped in super-cells of ``CELL_BLOCKS``; a permutation of each cell's 20 slots, seeded by
-    (split seed, region, cell), gives 14 slots to train, 3 to validation and 3 to test. ``blocks`` must be
+    (split seed, EPSG, cell), gives 14 slots to train, 3 to validation and 3 to test. ``blocks`` must be
     all of the region's blocks, for the small-region rule (module docstring)."""
     blocks = np.asarray(blocks, np.int64).reshape(-1, 2)
     n_slots = CELL_BLOCKS[0] * CELL_BLOCKS[1]
@@ -49,7 +52,7 @@ def block_split(region: str, blocks: np.ndarray, split_seed: int = DEFAULT_SPLIT
     cells, inverse = np.unique(blocks // np.array(CELL_BLOCKS), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
     slot = (blocks[:, 0] % CELL_BLOCKS[0]) + CELL_BLOCKS[0] * (blocks[:, 1] % CELL_BLOCKS[1])
-    base = _cell_seed(region, split_seed)
+    base = _cell_seed(epsg, split_seed)
     rank = np.empty((len(cells), n_slots), np.int64)
     for i, (cx, cy) in enumerate(cells.tolist()):
         rank[i] = np.random.default_rng([base, cx & 0xFFFFFFFF, cy & 0xFFFFFFFF]).permutation(n_slots)
@@ -66,14 +69,15 @@ def tile_blocks(tile_x: np.ndarray, tile_y: np.ndarray) -> np.ndarray:
     return np.column_stack([np.asarray(tile_x, np.int64) // SPLIT_BLOCK_TILES, np.asarray(tile_y, np.int64) // SPLIT_BLOCK_TILES])
 
 
-def tile_split(region: str, tile_x: np.ndarray, tile_y: np.ndarray, split_seed: int = DEFAULT_SPLIT_SEED) -> np.ndarray:
-    """(T,) int8: ``TRAIN``, ``VAL`` or ``TEST`` of each tile (grid column ``tile_x``, row ``tile_y``) of ``region``.
+def tile_split(epsg: int, tile_x: np.ndarray, tile_y: np.ndarray, split_seed: int = DEFAULT_SPLIT_SEED) -> np.ndarray:
+    """(T,) int8: ``TRAIN``, ``VAL`` or ``TEST`` of each tile (grid column ``tile_x``, row ``tile_y`` of the UTM
+    grid ``epsg``) of one region.
 
     Pass every tile of the region (all its shards) in one call: the small-region rule looks at all its blocks."""
     if not len(tile_x):
         return np.zeros(0, np.int8)
     blocks, inverse = np.unique(tile_blocks(tile_x, tile_y), axis=0, return_inverse=True)
-    return block_split(region, blocks, split_seed)[inverse.reshape(-1)]
+    return block_split(epsg, blocks, split_seed)[inverse.reshape(-1)]
 
 
 def split_counts(split: np.ndarray) -> dict[str, int]:

@@ -31,16 +31,18 @@ def _region_blocks(region: str, tiles_files: tuple[str, ...], split_seed: int) -
 
     The region's blocks are split together (``geo.splits.block_split``), exactly as evaluation splits
     the region's tiles; cached per process (shards are immutable; every epoch asks again)."""
-    blocks = np.unique(np.concatenate([tile_blocks(*_tile_xy(f)) for f in tiles_files]), axis=0)
-    split = block_split(region, blocks, split_seed)
+    xy = [_tile_xy(f) for f in tiles_files]
+    blocks = np.unique(np.concatenate([tile_blocks(x, y) for x, y, _ in xy]), axis=0)
+    split = block_split(xy[0][2], blocks, split_seed)
     keys = _block_key(blocks[:, 0], blocks[:, 1])
     order = np.argsort(keys)
     return keys[order], split[order]
 
 
-def _tile_xy(tiles_file: str) -> tuple[np.ndarray, np.ndarray]:
-    t = pq.read_table(tiles_file, columns=["tile_x", "tile_y"])
-    return t.column("tile_x").to_numpy(), t.column("tile_y").to_numpy()
+def _tile_xy(tiles_file: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tile_x (T,), tile_y (T,), EPSG of the grid) of one tile shard."""
+    t = pq.read_table(tiles_file, columns=["tile_x", "tile_y", "epsg"])
+    return t.column("tile_x").to_numpy(), t.column("tile_y").to_numpy(), int(t.column("epsg")[0].as_py()) if t.num_rows else 0
 
 
 def bucket_lengths(max_tokens: int) -> list[int]:

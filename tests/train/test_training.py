@@ -167,10 +167,10 @@ def test_no_test_tile_reaches_a_training_batch_or_the_checkpoint_choice(sources,
                 yield item
 
     monkeypatch.setattr(loop, "TileSequences", Recording)
-    result = train(TrainConfig(epochs=2, batch_size=8, max_tokens=32, seed=seed, split_seed=split_seed), sources,
+    result = train(TrainConfig(epochs=2, batch_size=16, max_tokens=32, seed=seed, split_seed=split_seed), sources,
                    tmp_path / "w", log=lambda m: None)
-    tiles = pq.read_table(sources[0].tiles_file, columns=["tile_id", "tile_x", "tile_y"])
-    split = tile_split("t", tiles.column("tile_x").to_numpy(), tiles.column("tile_y").to_numpy(), split_seed)
+    tiles = pq.read_table(sources[0].tiles_file, columns=["tile_id", "tile_x", "tile_y", "epsg"])
+    split = tile_split(tiles.column("epsg")[0].as_py(), tiles.column("tile_x").to_numpy(), tiles.column("tile_y").to_numpy(), split_seed)
     ids = np.array(tiles.column("tile_id").to_pylist())
     test_ids, val_ids = set(ids[split == TEST]), set(ids[split == VAL])
     assert test_ids and val_ids and result.steps > 0 and len(result.history["epoch"]) == 2
