@@ -110,7 +110,7 @@ def load_region_data(store: Store, region: str, tiles_version: str, tokens_versi
     kind = imagery_kind(store, region, images_version)
     chips = None
     if with_chips:
-        if kind == "none" or images_version is None:
+        if images_version is None or images_version not in store.versions("images", region):
             raise GeojepaError(f"region {region!r} has no tile_images for the image variants; materialize tile_images[{region}] first")
         from .imagery import StoredChips, SyntheticChips
 
