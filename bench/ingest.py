@@ -2,7 +2,7 @@
 
     python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline]
 
-Builds the N x N replicated Liechtenstein extract (``geojepa_pipeline/geo/replicate.py``; cached under
+Builds the N x N replicated Liechtenstein extract (``bench/replicate.py``; cached under
 ``bench/_cache``), then, in one invocation, runs each approach in its own subprocess on the
 same file and prints wall time, peak RSS and the ratio. The scaling table runs this project's
 ingestion on 1x1 ... NxN copies and prints seconds per 1,000 input features.
@@ -103,7 +103,8 @@ def _subprocess(which: str, path: Path) -> dict:
 
 
 def replicated(src: Path, n: int) -> Path:
-    from geojepa_pipeline.geo.replicate import replicate
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from replicate import replicate
 
     if n == 1:
         return src

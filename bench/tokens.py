@@ -90,7 +90,6 @@ def _geometry(store, region):
     import pyarrow.parquet as pq
     import shapely
 
-    from geojepa_pipeline.tables import shard_files
     from geojepa_pipeline.tokenizers.geometry import geometry_graphs
     from geojepa_pipeline.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder
 
@@ -98,7 +97,7 @@ def _geometry(store, region):
     model = load_geometry_encoder(enc.dataset)
     ds = store.current("tiles", region)
     wkb = np.concatenate([pq.read_table(f, columns=["geometry"]).column("geometry").to_numpy(zero_copy_only=False)
-                          for f in shard_files(ds, "entities")])
+                          for f in ds.shards("entities")])
     geoms = shapely.from_wkb(wkb)
     t0 = time.perf_counter()
     graphs_s = 0.0

@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 
 from .errors import GeojepaError
+from .store import (
+    CHECKPOINTS, EMBEDDINGS_FILE, GEOMETRY, GLOBAL_SCOPE, IMAGES, METRICS_FILE, REPORT_FILE, REPORTS, TAGS, TILES, TOKENS,
+    TRAIN_STATE_FILE,
+)
 
 
 # ---- helpers ------------------------------------------------------------------------------
@@ -279,31 +283,31 @@ def cmd_demo(args) -> int:
     )
     print(format_table(cols, rows))
     exe = _command_name()
-    tags = store.current("tag_embeddings", "@all")
+    tags = store.current(TAGS, GLOBAL_SCOPE)
     if tags is not None:
         m = tags.manifest
         print(f"tag vocabulary: {m['n_pairs']:,} pairs embedded with {m['model_id']} ({m['n_new']:,} embedded when this version was made)")
-    geom = store.current("geometry_encoder", "@all")
+    geom = store.current(GEOMETRY, GLOBAL_SCOPE)
     if geom is not None:
         r2 = geom.manifest["probe_r2"]
         print("geometry encoder: probe R² " + ", ".join(f"{k} {v['pretrained']:.2f}" for k, v in r2.items()) + " (chance 0)")
     for name in DEMO_REGIONS:
-        tok = store.current("tokens", name)
+        tok = store.current(TOKENS, name)
         if tok is not None:
             print(f"tile tokens {name}: {tok.manifest['n_pieces']:,} pieces -> tag {tok.manifest['tag_dim']}-d + geometry {tok.manifest['geometry_dim']}-d")
     import json
 
-    ckpt = store.current("checkpoints", "GT")
+    ckpt = store.current(CHECKPOINTS, "GT")
     if ckpt is not None:
-        epochs = json.loads((ckpt.path / "train_state.json").read_text())["epochs"]
+        epochs = json.loads(ckpt.file(TRAIN_STATE_FILE).read_text())["epochs"]
         if epochs:
             first, last = epochs[0], epochs[-1]
             print(f"GeoJEPA-GT ({ckpt.manifest['train_config']['preset']}): {ckpt.manifest['steps']} steps, loss {first['loss']:.3f} -> "
                   f"{last['loss']:.3f}, target std {last['target_std_mean']:.3f}, RankMe {last['rankme']:.1f}; {ckpt.path}")
-    report = store.current("reports", "GT")
+    report = store.current(REPORTS, "GT")
     if report is not None:
-        _print_report(json.loads((report.path / "metrics.json").read_text()), report.path / "report.html")
-    print(f"shards:   {store.uri}/tiles   chips: {store.uri}/images   tokens: {store.uri}/tokens")
+        _print_report(json.loads(report.file(METRICS_FILE).read_text()), report.file(REPORT_FILE))
+    print(f"shards:   {store.uri}/{TILES}   chips: {store.uri}/{IMAGES}   tokens: {store.uri}/{TOKENS}")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0
 
@@ -312,21 +316,18 @@ def _current_report(variant: str):
     """The latest committed evaluation report of ``variant``, or a one-line error saying how to make one."""
     from .store import default_store
 
-    ds = default_store().current("reports", variant)
-    if ds is None:
-        raise GeojepaError(f"no evaluation_report[{variant}] yet; run: geojepa materialize --select evaluation_report --variant {variant}")
-    return ds
+    return default_store().require(REPORTS, variant)
 
 
 def cmd_report(args) -> int:
     import json
 
     ds = _current_report(args.variant)
-    metrics = json.loads((ds.path / "metrics.json").read_text())
+    metrics = json.loads(ds.file(METRICS_FILE).read_text())
     if args.json:
         print(json.dumps(metrics, indent=1, sort_keys=True))
         return 0
-    _print_report(metrics, ds.path / "report.html")
+    _print_report(metrics, ds.file(REPORT_FILE))
     return 0
 
 
@@ -358,7 +359,7 @@ def cmd_knn(args) -> int:
     from .columns import fixed_list_to_numpy
 
     ds = _current_report(args.variant)  # its embeddings answer kNN queries
-    t = pq.read_table(ds.path / "embeddings.parquet")
+    t = pq.read_table(ds.file(EMBEDDINGS_FILE))
     ids = t.column("tile_id").to_pylist()
     if args.tile_id not in ids:
         raise GeojepaError(f"unknown tile {args.tile_id!r}; ids look like {ids[0]!r} (see: geojepa sql \"select tile_id from tiles limit 5\")")

@@ -25,9 +25,11 @@ import pyarrow.parquet as pq
 from .columns import fixed_list_to_numpy, numpy_to_fixed_list
 from .errors import GeojepaError
 from .settings import Settings
-from .store import GLOBAL_SCOPE, Dataset, Store
+from .store import (
+    CHECKPOINTS, EMBEDDINGS_FILE, GEOMETRY, GLOBAL_SCOPE, IMAGES, METRICS_FILE, RELATION_MEMBERS_FILE, REPORT_FILE, REPORTS,
+    SCENES, TAGS, TILES, TOKENS, TRAIN_STATE_FILE, WEIGHTS_FILE, Dataset, Store, missing,
+)
 
-REPORT_KIND = "reports"
 REPORT_SCHEMA_VERSION = 2
 
 
@@ -37,9 +39,9 @@ def load_checkpoint_model(ck: Dataset):
     from .model.config import ModelConfig
     from .model.geojepa import GeoJEPA
 
-    state = json.loads((ck.path / "train_state.json").read_text())
+    state = json.loads(ck.file(TRAIN_STATE_FILE).read_text())
     model = GeoJEPA(ModelConfig(**state["model_config"]))
-    model.load_state_dict(load_file(str(ck.path / "model.safetensors")))
+    model.load_state_dict(load_file(str(ck.file(WEIGHTS_FILE))))
     return model.eval(), state
 
 
@@ -71,12 +73,12 @@ def _mlflow_version(settings: Settings, variant: str, data_version: str):
 # ---- reading the regions -------------------------------------------------------------------
 def imagery_kind(store: Store, region: str, images_version: str | None) -> str:
     """synthetic | files | stac | none: where the chips of ``images_version`` came from."""
-    if not images_version or images_version not in store.versions("images", region):
+    if not images_version or images_version not in store.versions(IMAGES, region):
         return "none"
-    scenes = store.dataset("images", region, images_version).manifest["inputs"].get("naip_scenes")
-    if not scenes or scenes not in store.versions("scenes", region):
+    scenes = store.dataset(IMAGES, region, images_version).manifest["inputs"].get("naip_scenes")
+    if not scenes or scenes not in store.versions(SCENES, region):
         return "none"
-    source = store.dataset("scenes", region, scenes).manifest.get("source", "none")
+    source = store.dataset(SCENES, region, scenes).manifest.get("source", "none")
     return source if source in ("synthetic", "stac", "none") else "files"
 
 
@@ -86,13 +88,13 @@ def load_region_data(store: Store, region: str, tiles_version: str, tokens_versi
     from .evaluate.labels import Pieces
     from .evaluate.run import RegionData
 
-    tiles, toks = store.dataset("tiles", region, tiles_version), store.dataset("tokens", region, tokens_version)
+    tiles, toks = store.dataset(TILES, region, tiles_version), store.dataset(TOKENS, region, tokens_version)
     ids, tx, ty, tile_of, types, osm_ids, tags, geom, pos = [], [], [], [], [], [], [], [], []
     offset = 0
-    for t_shard, k_shard in zip(tiles.manifest["shards"], toks.manifest["shards"]):
-        t = pq.read_table(tiles.path / t_shard["tiles_file"], columns=["tile_id", "tile_x", "tile_y", "n_entities"])
-        e = pq.read_table(tiles.path / t_shard["entities_file"], columns=["osm_type", "osm_id", "tags"])
-        k = pq.read_table(toks.path / k_shard["tokens_file"], columns=["geometry_token", "position"])
+    for tiles_path, entities_path, tokens_path in zip(tiles.shards("tiles"), tiles.shards("entities"), toks.shards("tokens"), strict=True):
+        t = pq.read_table(tiles_path, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
+        e = pq.read_table(entities_path, columns=["osm_type", "osm_id", "tags"])
+        k = pq.read_table(tokens_path, columns=["geometry_token", "position"])
         ids += t.column("tile_id").to_pylist()
         tx.append(t.column("tile_x").to_numpy())
         ty.append(t.column("tile_y").to_numpy())
@@ -103,18 +105,18 @@ def load_region_data(store: Store, region: str, tiles_version: str, tokens_versi
         tags.append(e.column("tags"))
         geom.append(fixed_list_to_numpy(k.column("geometry_token")))
         pos.append(fixed_list_to_numpy(k.column("position")))
-    members_file = tiles.manifest.get("relation_members_file")
-    members = pq.read_table(tiles.path / members_file) if members_file and (tiles.path / members_file).exists() else None
+    # tile_shards before code version 2 wrote no relation members
+    members = pq.read_table(tiles.file(RELATION_MEMBERS_FILE)) if tiles.manifest.get("relation_members_file") else None
     all_tags = pa.chunked_array([c for t in tags for c in t.chunks], pa.map_(pa.string(), pa.string()))
     pieces = Pieces.build(np.concatenate(tile_of), np.concatenate(types), np.concatenate(osm_ids), all_tags, offset)
     kind = imagery_kind(store, region, images_version)
     chips = None
     if with_chips:
-        if images_version is None or images_version not in store.versions("images", region):
-            raise GeojepaError(f"region {region!r} has no tile_images for the image variants; materialize tile_images[{region}] first")
+        if images_version is None or images_version not in store.versions(IMAGES, region):
+            raise missing(IMAGES, region)
         from .imagery import StoredChips, SyntheticChips
 
-        images = store.dataset("images", region, images_version)
+        images = store.dataset(IMAGES, region, images_version)
         chips = StoredChips(images, kind)
         if kind == "synthetic":
             chips = SyntheticChips(store, region, tiles, images, pieces, chips)
@@ -130,7 +132,7 @@ def evaluation_regions(store: Store, ck: Dataset, holdout: list[str], with_chips
     if overlap:
         raise GeojepaError(f"held-out region(s) {', '.join(overlap)} were in pretraining of this checkpoint; "
                            f"train without them first: geojepa materialize --holdout {' --holdout '.join(overlap)}")
-    geom = store.dataset("geometry_encoder", GLOBAL_SCOPE, inputs["geometry_encoder"])
+    geom = store.dataset(GEOMETRY, GLOBAL_SCOPE, inputs["geometry_encoder"])
     seen = sorted(set(holdout) & set(geom.manifest.get("regions", [])))
     if seen:
         raise GeojepaError(f"the geometry encoder this checkpoint uses was pretrained on held-out region(s) {', '.join(seen)}; "
@@ -142,13 +144,11 @@ def evaluation_regions(store: Store, ck: Dataset, holdout: list[str], with_chips
                                         inputs.get(f"tile_images/{name}"), with_chips))
     held = []
     for name in holdout:
-        tok, tiles = store.current("tokens", name), store.current("tiles", name)
-        if tok is None or tiles is None:
-            raise GeojepaError(f"held-out region {name!r} has no tile_tokens yet; materialize it first (geojepa materialize --region {name})")
+        tok, tiles = store.require(TOKENS, name), store.require(TILES, name)
         if tok.manifest["inputs"]["tile_shards"] != tiles.data_version or tok.manifest["inputs"]["geometry_encoder"] != inputs["geometry_encoder"]:
             raise GeojepaError(f"tile_tokens[{name}] was not built from its current tile_shards with this checkpoint's geometry "
                                f"encoder; re-materialize tile_tokens[{name}]")
-        images = store.current("images", name)
+        images = store.current(IMAGES, name)
         log(f"evaluation: reading held-out region {name}")
         held.append(load_region_data(store, name, tiles.data_version, tok.data_version,
                                      images.data_version if images is not None else None, with_chips))
@@ -163,12 +163,15 @@ def _tile_picture(store: Store, region: str, tile_id: str, px: int = 112) -> byt
 
     from .geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
 
-    tiles = store.current("tiles", region)
+    from .imagery import decode_chip
+
+    tiles = store.require(TILES, region)
+    images = store.current(IMAGES, region)
     panels = []
-    for shard in tiles.manifest["shards"]:
+    for shard, entities_path in zip(tiles.manifest["shards"], tiles.shards("entities")):
         if not (shard["first_tile"] <= tile_id <= shard["last_tile"]):
             continue
-        ents = pq.read_table(tiles.path / shard["entities_file"], columns=["tile_id", "osm_id", "tags", "geometry"],
+        ents = pq.read_table(entities_path, columns=["tile_id", "osm_id", "tags", "geometry"],
                              filters=[("tile_id", "=", tile_id)])
         if not ents.num_rows:
             continue
@@ -176,12 +179,10 @@ def _tile_picture(store: Store, region: str, tile_id: str, px: int = 112) -> byt
         shapes, values = paint_geometries(shapely.from_wkb(ents.column("geometry").to_numpy(zero_copy_only=False)), classes, widths)
         size = float(tiles.manifest["tile_size_m"])
         panels.append(class_preview_rgb(rasterize_classes(shapes, values, 0.0, size, 224, 224, size / 224)))
-        images = store.current("images", region)
         if images is not None:
-            img = pq.read_table(images.path / images.manifest["shards"][shard["index"]]["images_file"],
-                                columns=["tile_id", "image"], filters=[("tile_id", "=", tile_id)])
+            img = pq.read_table(images.shards("images")[shard["index"]], columns=["tile_id", "image"], filters=[("tile_id", "=", tile_id)])
             if img.num_rows and img.column("image")[0].is_valid:
-                panels.append(np.frombuffer(img.column("image")[0].as_py(), np.uint8).reshape(224, 224, 4)[..., :3])
+                panels.append(decode_chip(img.column("image")[0].as_py())[..., :3])
         break
     if not panels:
         panels = [np.full((224, 224, 3), 255, np.uint8)]
@@ -214,7 +215,7 @@ def report_pictures(ev, ck: Dataset) -> dict[str, bytes]:
     """The report's PNGs: training curves, the PaCMAP map coloured by building count, each region's split."""
     from .evaluate.report import project_2d, scatter_png, split_map_png, training_curves
 
-    state = json.loads((ck.path / "train_state.json").read_text())
+    state = json.loads(ck.file(TRAIN_STATE_FILE).read_text())
     pictures = training_curves(state.get("epochs", []), state.get("losses", []))
     f = ev.features["building_count"]
     xy, rows = project_2d(f.embeddings["geojepa"])
@@ -232,13 +233,11 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
     from .evaluate.knn import cosine_knn
     from .evaluate.report import render_html
     from .evaluate.run import evaluate, metrics_table_markdown
-    from .tokens import TAG_KIND, load_vocabulary
+    from .tokens import load_vocabulary
 
-    ck = store.current("checkpoints", variant)
-    if ck is None:
-        raise GeojepaError(f"no geojepa_checkpoint[{variant}] yet; materialize it first (geojepa materialize --select geojepa_checkpoint --variant {variant})")
+    ck = store.require(CHECKPOINTS, variant)
     model, state = load_checkpoint_model(ck)
-    vocab = load_vocabulary(store.dataset(TAG_KIND, GLOBAL_SCOPE, ck.manifest["inputs"]["tag_embeddings"]))
+    vocab = load_vocabulary(store.dataset(TAGS, GLOBAL_SCOPE, ck.manifest["inputs"]["tag_embeddings"]))
     client, version = _mlflow_version(settings, variant, ck.data_version)
     model_version = f"geojepa-{variant}:{version.version}" if version is not None else f"geojepa-{variant}@{ck.data_version}"
     uses_images = model.cfg.uses[2]
@@ -256,31 +255,26 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
     neighbours = [(ev.tile_regions[j], ev.tile_ids[j], float(e[q] @ e[j])) for j in nn[q]]
     tables = {"tasks": table, **({"transfer": transfer} if transfer else {})}
     page = render_html(ev.metrics, tables, pictures, neighbours_html(store, (ev.tile_regions[q], ev.tile_ids[q]), neighbours))
-    staging = store.new_staging_dir(REPORT_KIND, variant)
-    try:
-        (staging / "metrics.json").write_text(json.dumps(ev.metrics, indent=1, sort_keys=True) + "\n")
-        (staging / "report.html").write_text(page)
+    with store.writing(REPORTS, variant) as staging:
+        staging.file(METRICS_FILE).write_text(json.dumps(ev.metrics, indent=1, sort_keys=True) + "\n")
+        staging.file(REPORT_FILE).write_text(page)
         pq.write_table(pa.table({"tile_id": ev.tile_ids, "region": ev.tile_regions,
                                  "embedding": numpy_to_fixed_list(emb.astype(np.float32), pa.float32())}),
-                       staging / "embeddings.parquet", compression="zstd")
-        manifest = {"schema_version": REPORT_SCHEMA_VERSION, "variant": variant, "checkpoint": ck.data_version,
-                    "model_version": model_version, "regions": ck.manifest["regions"], "holdout_regions": sorted(holdout_regions),
-                    "inputs": {"checkpoint": ck.data_version, "holdout_regions": sorted(holdout_regions)}}
-        dataset = store.commit(REPORT_KIND, variant, staging, manifest)
-    except BaseException:
-        store.discard_staging(staging)
-        raise
-    store.set_current(REPORT_KIND, variant, dataset.data_version)
+                       staging.file(EMBEDDINGS_FILE), compression="zstd")
+        staging.manifest = {"schema_version": REPORT_SCHEMA_VERSION, "variant": variant, "checkpoint": ck.data_version,
+                            "model_version": model_version, "regions": ck.manifest["regions"], "holdout_regions": sorted(holdout_regions),
+                            "inputs": {"checkpoint": ck.data_version, "holdout_regions": sorted(holdout_regions)}}
+    dataset = staging.dataset
     run_id = version.run_id if version is not None else None
     if run_id is not None:
         from mlflow.entities import Metric
 
-        client.log_artifact(run_id, str(dataset.path / "metrics.json"), artifact_path="evaluation")
-        client.log_artifact(run_id, str(dataset.path / "report.html"), artifact_path="evaluation")
+        client.log_artifact(run_id, str(dataset.file(METRICS_FILE)), artifact_path="evaluation")
+        client.log_artifact(run_id, str(dataset.file(REPORT_FILE)), artifact_path="evaluation")
         metrics = [Metric(f"eval/{t}/{m}", v["mae"], 0, 0) for t, res in ev.metrics["tasks"].items() for m, v in res.items()]
         metrics += [Metric(f"eval/transfer/{t}/{m}", v["mae"], 0, 0) for t, res in ev.metrics["transfer"].items() for m, v in res.items()]
         metrics += [Metric(f"eval/knn/{t}", v["ratio"], 0, 0) for t, v in ev.metrics["knn"].items() if v["ratio"] == v["ratio"]]
         if metrics:
             client.log_batch(run_id, metrics=metrics)
-    log(f"evaluation report: {dataset.path / 'report.html'}")
+    log(f"evaluation report: {dataset.file(REPORT_FILE)}")
     return ReportResult(dataset, ev.metrics, table, run_id, pictures, transfer)

@@ -33,16 +33,12 @@ import shapely
 from .errors import GeojepaError
 from .geo.parallel import default_workers, fork_worker_init
 from .geo.raster import BANDS, CHIP_PX, SceneChipper, SceneInfo, inspect_scene
-from .ingest import TILES_KIND
 from .progress import Progress
 from .regions import Region
-from .store import Dataset, Store, sha256_file, shard_filename
+from .store import IMAGES, SCENES, SCENES_FILE, TILES, Dataset, Store, sha256_file
 
-SCENES_KIND = "scenes"
-IMAGES_KIND = "images"
 SCENES_SCHEMA_VERSION = 1
 IMAGES_SCHEMA_VERSION = 1
-SCENES_FILE = "scenes.json"
 IMAGE_ROW_GROUP = 256  # chips per Parquet row group (~51 MB uncompressed)
 DEFAULT_BLOCK_TILES = 4  # synthetic scenes: 4 x 4 tiles = 1.2 km, 2000 px at 0.6 m
 
@@ -65,15 +61,9 @@ def decode_chip(image_bytes: bytes) -> np.ndarray:
 
 # ---- shared helpers -----------------------------------------------------------------------
 
-def _current_tiles(store: Store, region: str) -> Dataset:
-    ds = store.current(TILES_KIND, region)
-    if ds is None:
-        raise GeojepaError(f"region {region!r} has no tile_shards yet; materialize tile_shards[{region}] first")
-    return ds
-
-
-def _read_tiles(ds: Dataset, shard: dict, columns=("tile_id", "tile_x", "tile_y", "x_min_m", "y_min_m", "tile_size_m")) -> pa.Table:
-    return pq.read_table(ds.path / shard["tiles_file"], columns=list(columns))
+def _read_tiles(path: Path, columns=("tile_id", "tile_x", "tile_y", "x_min_m", "y_min_m", "tile_size_m")) -> pa.Table:
+    """Columns of one ``tiles`` shard."""
+    return pq.read_table(path, columns=list(columns))
 
 
 def tiles_bbox_lonlat(ds: Dataset) -> tuple[float, float, float, float]:
@@ -81,8 +71,8 @@ def tiles_bbox_lonlat(ds: Dataset) -> tuple[float, float, float, float]:
     from pyproj import Transformer
 
     xs0, ys0, xs1, ys1 = [], [], [], []
-    for shard in ds.manifest["shards"]:
-        t = _read_tiles(ds, shard)
+    for path in ds.shards("tiles"):
+        t = _read_tiles(path)
         x, y, s = (t.column(c).to_numpy() for c in ("x_min_m", "y_min_m", "tile_size_m"))
         xs0.append(x.min()); ys0.append(y.min()); xs1.append((x + s).max()); ys1.append((y + s).max())
     if not xs0:
@@ -109,9 +99,9 @@ def _synthetic_scenes(tiles: Dataset, staging: Path, seed: int, res_m: float, bl
     epsg = int(tiles.manifest["epsg"])
     size = float(tiles.manifest["tile_size_m"])
     per_block: dict[tuple[int, int], list] = {}
-    for shard in tiles.manifest["shards"]:
-        t = _read_tiles(tiles, shard)
-        ents = pq.read_table(tiles.path / shard["entities_file"], columns=["tile_id", "osm_id", "tags", "geometry"])
+    for tiles_path, entities_path in zip(tiles.shards("tiles"), tiles.shards("entities")):
+        t = _read_tiles(tiles_path)
+        ents = pq.read_table(entities_path, columns=["tile_id", "osm_id", "tags", "geometry"])
         classes, widths = classify(ents.column("tags"), ents.column("osm_id").to_numpy())
         keep = np.flatnonzero(classes >= 0)
         if not len(keep):
@@ -226,17 +216,16 @@ def build_naip_scenes(
     from .stac import PLANETARY_COMPUTER_STAC
 
     source = region.imagery
-    tiles = _current_tiles(store, region.name)
+    tiles = store.require(TILES, region.name)
     bbox = tiles_bbox_lonlat(tiles)
     t0 = time.perf_counter()
-    staging = store.new_staging_dir(SCENES_KIND, region.name)
-    try:
+    with store.writing(SCENES, region.name) as staging:
         if source == "synthetic":
-            scenes = _synthetic_scenes(tiles, staging, seed, res_m, block_tiles, log)
+            scenes = _synthetic_scenes(tiles, staging.path, seed, res_m, block_tiles, log)
             detail = {"seed": seed, "res_m": res_m, "block_tiles": block_tiles, "tile_shards": tiles.data_version}
         elif source == "stac":
             endpoint = stac_endpoint or os.environ.get("GEOJEPA_STAC_URL") or PLANETARY_COMPUTER_STAC
-            scenes = _stac_scenes(bbox, staging, endpoint, stac_year, log)
+            scenes = _stac_scenes(bbox, staging.path, endpoint, stac_year, log)
             detail = {"stac_endpoint": endpoint, "year": stac_year}
         elif source == "none":
             scenes, detail = [], {}
@@ -244,22 +233,18 @@ def build_naip_scenes(
             scenes, detail = _local_scenes(source, log), {"glob": source}
         # what the data version derives from: ids, checksums and the facts that decide chipping
         identity = [{k: v for k, v in s.to_dict().items() if k not in ("path", "extra")} for s in scenes]
-        (staging / SCENES_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
+        staging.file(SCENES_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
         stored = []
         for s in scenes:  # files the store owns are named relative to the dataset directory
             d = s.to_dict()
-            if Path(s.path).parent == staging:
+            if Path(s.path).parent == staging.path:
                 d["path"] = Path(s.path).name
             stored.append(d)
-        manifest = {
+        staging.manifest = {
             "schema_version": SCENES_SCHEMA_VERSION, "source": source, "bbox_lonlat": list(bbox),
             "scenes": stored, "n_scenes": len(scenes), **detail,
         }
-        dataset = store.commit(SCENES_KIND, region.name, staging, manifest)
-    except BaseException:
-        store.discard_staging(staging)
-        raise
-    store.set_current(SCENES_KIND, region.name, dataset.data_version)
+    dataset = staging.dataset
     warnings = [w for w in [_coverage_warning(scenes, bbox, source, region.name)] if w]
     for w in warnings:
         if log:
@@ -272,7 +257,7 @@ def load_scenes(ds: Dataset) -> list[SceneInfo]:
     out = []
     for d in ds.manifest["scenes"]:
         p = Path(d["path"])
-        out.append(SceneInfo.from_dict({**d, "path": str(p if p.is_absolute() else ds.path / p)}))
+        out.append(SceneInfo.from_dict({**d, "path": str(p if p.is_absolute() else ds.member(str(p)))}))
     return out
 
 
@@ -324,16 +309,13 @@ def chip_tiles(scenes: list[SceneInfo], epsg: int, x0: np.ndarray, y0: np.ndarra
 
 def build_tile_images(region: str, store: Store, log: Log | None = None, workers: int | None = None, batch_tiles: int = 512) -> ImagesResult:
     """Chip every tile of the current tile shards from the current scenes into ``images/<region>/<data_version>``."""
-    tiles = _current_tiles(store, region)
-    scenes_ds = store.current(SCENES_KIND, region)
-    if scenes_ds is None:
-        raise GeojepaError(f"region {region!r} has no naip_scenes yet; materialize naip_scenes[{region}] first")
+    tiles = store.require(TILES, region)
+    scenes_ds = store.require(SCENES, region)
     scenes = load_scenes(scenes_ds)
     _check_unchanged(scenes)
     epsg = int(tiles.manifest["epsg"])
     workers = workers or default_workers()
     t0 = time.perf_counter()
-    staging = store.new_staging_dir(IMAGES_KIND, region)
     n_tiles = n_with = 0
     cov_sum = 0.0
     hist = np.zeros(5, np.int64)  # coverage 0, (0, .25], (.25, .5], (.5, 1), 1
@@ -341,12 +323,13 @@ def build_tile_images(region: str, store: Store, log: Log | None = None, workers
     shards = []
     progress = Progress(f"tile_images[{region}]", total=tiles.manifest["n_tiles"], log=log)
     meta = {b"geojepa:chip": json.dumps({"px": CHIP_PX, "bands": list(BANDS), "layout": "HWC", "dtype": "uint8"}).encode()}
-    try:
-        for shard in tiles.manifest["shards"]:
-            t = _read_tiles(tiles, shard)
-            name = shard_filename("images", shard["index"])
+    with store.writing(IMAGES, region) as staging:
+        for shard, tiles_path in zip(tiles.manifest["shards"], tiles.shards("tiles")):
+            t = _read_tiles(tiles_path)
+            path = staging.shard("images", shard["index"])
+            name = path.name
             n_shard_with = 0
-            with pq.ParquetWriter(staging / name, IMAGES_SCHEMA.with_metadata(meta), compression="zstd") as writer:
+            with pq.ParquetWriter(path, IMAGES_SCHEMA.with_metadata(meta), compression="zstd") as writer:
                 for start in range(0, t.num_rows, batch_tiles):
                     part = t.slice(start, batch_tiles)
                     chips = chip_tiles(scenes, epsg, part.column("x_min_m").to_numpy(), part.column("y_min_m").to_numpy(),
@@ -376,16 +359,12 @@ def build_tile_images(region: str, store: Store, log: Log | None = None, workers
                            "n_tiles": t.num_rows, "n_with_image": n_shard_with,
                            "first_tile": shard.get("first_tile"), "last_tile": shard.get("last_tile")})
         progress.finish()
-        manifest = {
+        staging.manifest = {
             "schema_version": IMAGES_SCHEMA_VERSION, "chip_px": CHIP_PX, "bands": list(BANDS), "layout": "HWC",
             "epsg": epsg, "n_tiles": n_tiles, "n_with_image": n_with, "shards": shards,
             "inputs": {"tile_shards": tiles.data_version, "naip_scenes": scenes_ds.data_version},
         }
-        dataset = store.commit(IMAGES_KIND, region, staging, manifest)
-    except BaseException:
-        store.discard_staging(staging)
-        raise
-    store.set_current(IMAGES_KIND, region, dataset.data_version)
+    dataset = staging.dataset
     warnings = []
     if n_tiles and n_with == 0:
         warnings.append(f"no tile of region {region!r} is covered by its imagery ({len(scenes)} scene(s)): every tile has coverage 0 and no image")
@@ -407,17 +386,17 @@ def preview_png(tiles: Dataset, images: Dataset, n: int = 3) -> bytes:
     from .geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
 
     candidates = []
-    for t_shard, i_shard in zip(tiles.manifest["shards"], images.manifest["shards"]):
-        t = _read_tiles(tiles, t_shard, columns=("tile_id", "n_entities", "tile_size_m"))
-        has = pq.read_table(images.path / i_shard["images_file"], columns=["has_image"]).column("has_image").to_numpy(zero_copy_only=False)
+    for tiles_path, entities_path, images_path in zip(tiles.shards("tiles"), tiles.shards("entities"), images.shards("images")):
+        t = _read_tiles(tiles_path, columns=("tile_id", "n_entities", "tile_size_m"))
+        has = pq.read_table(images_path, columns=["has_image"]).column("has_image").to_numpy(zero_copy_only=False)
         for tid, ne, s, h in zip(t.column("tile_id").to_pylist(), t.column("n_entities").to_pylist(), t.column("tile_size_m").to_pylist(), has):
             if h:
-                candidates.append((ne, tid, t_shard, i_shard, s))
+                candidates.append((ne, tid, entities_path, images_path, s))
     candidates.sort(key=lambda c: (-c[0], c[1]))
     rows = []
-    for ne, tid, t_shard, i_shard, size in candidates[:n]:
-        img = pq.read_table(images.path / i_shard["images_file"], columns=["tile_id", "image", "coverage"], filters=[("tile_id", "=", tid)])
-        ents = pq.read_table(tiles.path / t_shard["entities_file"], columns=["tile_id", "osm_id", "tags", "geometry"], filters=[("tile_id", "=", tid)])
+    for ne, tid, entities_path, images_path, size in candidates[:n]:
+        img = pq.read_table(images_path, columns=["tile_id", "image", "coverage"], filters=[("tile_id", "=", tid)])
+        ents = pq.read_table(entities_path, columns=["tile_id", "osm_id", "tags", "geometry"], filters=[("tile_id", "=", tid)])
         classes, widths = classify(ents.column("tags"), ents.column("osm_id").to_numpy())
         geoms = shapely.from_wkb(ents.column("geometry").to_numpy(zero_copy_only=False))
         shapes, values = paint_geometries(geoms, classes, widths)
@@ -442,7 +421,7 @@ class StoredChips:
 
     def __init__(self, images: Dataset, kind: str):
         self.kind, self.images = kind, images
-        self.files = [pq.ParquetFile(images.path / s["images_file"]) for s in images.manifest["shards"]]
+        self.files = [pq.ParquetFile(path) for path in images.shards("images")]
         rows = [0]
         self.groups = []  # (shard, row group) in region row order
         for i, f in enumerate(self.files):
@@ -497,18 +476,18 @@ class SyntheticChips:
         from .geo.synthetic import classify
 
         self.kind, self.stored = "synthetic", stored
-        scenes_ds = store.dataset(SCENES_KIND, region, images.manifest["inputs"]["naip_scenes"])
+        scenes_ds = store.dataset(SCENES, region, images.manifest["inputs"]["naip_scenes"])
         m = scenes_ds.manifest
         self.seed, self.res_m, self.block_tiles = int(m["seed"]), float(m["res_m"]), int(m["block_tiles"])
         self.scenes = load_scenes(scenes_ds)
         self.epsg, self.size = int(tiles.manifest["epsg"]), float(tiles.manifest["tile_size_m"])
-        t = pa.concat_tables([_read_tiles(tiles, s) for s in tiles.manifest["shards"]])
+        t = pa.concat_tables([_read_tiles(path) for path in tiles.shards("tiles")])
         self.x0, self.y0 = t.column("x_min_m").to_numpy(), t.column("y_min_m").to_numpy()
         bx, by = t.column("tile_x").to_numpy() // self.block_tiles, t.column("tile_y").to_numpy() // self.block_tiles
         self.blocks, self.tile_block = np.unique(np.column_stack([bx, by]), axis=0, return_inverse=True)
         self.tile_block = self.tile_block.reshape(-1)
-        wkb = pa.concat_arrays([c for s in tiles.manifest["shards"]
-                                for c in pq.read_table(tiles.path / s["entities_file"], columns=["geometry"]).column("geometry").chunks])
+        wkb = pa.concat_arrays([c for path in tiles.shards("entities")
+                                for c in pq.read_table(path, columns=["geometry"]).column("geometry").chunks])
         self.wkb = wkb.to_numpy(zero_copy_only=False)
         self.pieces = pieces
         self.classes, self.widths = classify(pieces.tags, pieces.osm_id)

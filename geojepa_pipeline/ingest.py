@@ -6,7 +6,6 @@ The Dagster assets ``osm_extract`` and ``tile_shards`` are thin wrappers around
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,7 @@ from .geo.parallel import default_workers
 from .geo.tiling import TILE_SIZE_M, TiledRegion, tile_osm
 from .regions import Region
 from .sources import fetch_osm_source, local_source_path, source_fingerprint
-from .store import RELATION_MEMBERS_FILE, Dataset, Store, sha256_file
-
-OSM_KIND = "osm"
-TILES_KIND = "tiles"
+from .store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, missing, sha256_file
 
 Log = Callable[[str], None]
 
@@ -48,17 +44,15 @@ def fetch_extract(region: Region, store: Store, log: Log | None = None) -> Extra
     summary = summaries[0] if summaries else validate_pbf(fetched.path)
     store.publish(fetched.path, once=True)  # content-addressed: uploaded once
     store.put_json(store.osm_source_stamp_path(region.name, fetched.sha256), fetched.stamp)
-    store.set_current(OSM_KIND, region.name, fetched.sha256)
+    store.set_current(OSM, region.name, fetched.sha256)
     return ExtractResult(region.name, region.osm, fetched.path, fetched.sha256, fetched.bytes, fetched.reused, summary)
 
 
 def current_extract(store: Store, region: str) -> tuple[Path, str]:
     """(path, sha256) of the region's latest materialized extract."""
-    from .errors import GeojepaError
-
-    sha = store.current_version(OSM_KIND, region)
+    sha = store.current_version(OSM, region)
     if sha is None or not store.fetch(store.osm_extract_path(region, sha)).exists():
-        raise GeojepaError(f"region {region!r} has no osm_extract yet; materialize osm_extract[{region}] first")
+        raise missing(OSM, region)
     return store.osm_extract_path(region, sha), sha
 
 
@@ -84,7 +78,7 @@ def source_stamp(store: Store, region: str, sha256: str | None) -> dict | None:
 
 def current_source_stamp(store: Store, region: str) -> dict | None:
     """The stamp recorded when the region's current extract was fetched, or None."""
-    return source_stamp(store, region, store.current_version(OSM_KIND, region))
+    return source_stamp(store, region, store.current_version(OSM, region))
 
 
 def check_source(region: Region, store: Store, cached: dict | None = None) -> SourceCheck:
@@ -97,7 +91,7 @@ def check_source(region: Region, store: Store, cached: dict | None = None) -> So
     unchanged with that reason (the region's schedule still re-fetches it). Raises
     ``GeojepaError`` when the source cannot be reached.
     """
-    name, current = region.name, store.current_version(OSM_KIND, region.name)
+    name, current = region.name, store.current_version(OSM, region.name)
     fingerprint = source_fingerprint(region.osm)
     if current is None:
         return SourceCheck(name, True, "never ingested", fingerprint, None, never_ingested=True)
@@ -155,23 +149,18 @@ def build_tile_shards(
     t0 = time.perf_counter()
     data = read_osm(extract_path, log=log)
     t_read = time.perf_counter() - t0
-    staging = store.new_staging_dir(TILES_KIND, region)
-    spill = store.scratch_dir(staging)  # one Arrow IPC file of pieces per band, removed before commit
-    try:
-        tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=spill)
+    with store.writing(TILES, region) as staging:
+        # staging.scratch: one Arrow IPC file of pieces per band, removed before the commit
+        tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=staging.scratch)
         members = data.relation_members()
         del data
         t1 = time.perf_counter()
-        manifest = write_tile_shards(tiled, staging, shard_tiles=shard_tiles, log=log)
-        pq.write_table(members, staging / RELATION_MEMBERS_FILE, compression="zstd")
+        manifest = write_tile_shards(tiled, staging.shard, shard_tiles=shard_tiles, log=log)
+        pq.write_table(members, staging.file(RELATION_MEMBERS_FILE), compression="zstd")
         manifest["relation_members_file"] = RELATION_MEMBERS_FILE
-        shutil.rmtree(spill)
         manifest["source"] = source or {}
-        dataset = store.commit(TILES_KIND, region, staging, manifest)
-    except BaseException:
-        store.discard_staging(staging)
-        raise
-    store.set_current(TILES_KIND, region, dataset.data_version)
+        staging.manifest = manifest
+    dataset = staging.dataset
     timings = {"read_s": t_read, **{f"{k}_s": v for k, v in tiled.timings_s.items()}, "write_s": time.perf_counter() - t1}
     if log:
         log(f"tile_shards[{region}] -> {dataset.path} ({len(manifest['shards'])} shards)")

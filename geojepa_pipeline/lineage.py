@@ -14,14 +14,12 @@ from datetime import datetime, timezone
 
 from .errors import GeojepaError
 from .ingest import source_stamp
-from .store import GLOBAL_SCOPE, Store
+from .store import GLOBAL_SCOPE, KINDS, OSM, SCENES, VARIANT_SCOPE, Store
 
 MODEL_PREFIX = "geojepa-"
 # input asset -> store kind (the tags say ``input.<asset>/<region>`` or ``input.<asset>`` for @all)
-INPUT_KINDS = {
-    "tile_shards": "tiles", "tile_tokens": "tokens", "tile_images": "images", "naip_scenes": "scenes",
-    "tag_embeddings": "tag_embeddings", "geometry_encoder": "geometry_encoder",
-}
+# asset -> kind of every versioned input a checkpoint records (the sources and the models themselves aside)
+INPUT_KINDS = {k.asset: k.name for k in KINDS.values() if k.name != OSM and k.scope != VARIANT_SCOPE}
 
 
 @dataclass
@@ -137,8 +135,8 @@ def model_lineage(uri: str, store: Store, spec: str) -> ModelLineage:
         stamp = source_stamp(store, region, sha) or {}
         scenes_version = found.get("naip_scenes")
         scene_ids, imagery = [], None
-        if scenes_version and _readable(store, "scenes", region, scenes_version):
-            manifest = store.dataset("scenes", region, scenes_version).manifest
+        if scenes_version and _readable(store, SCENES, region, scenes_version):
+            manifest = store.dataset(SCENES, region, scenes_version).manifest
             scene_ids = [s.get("scene_id") for s in manifest.get("scenes", [])]
             imagery = manifest.get("source")
         regions.append(RegionSource(region, found.get("osm_uri") or stamp.get("uri"), sha, stamp.get("fetched_at"), imagery, scene_ids))

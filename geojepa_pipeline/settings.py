@@ -54,8 +54,9 @@ class Settings:
     @property
     def store_cache(self) -> Path:
         """The local mirror of an object-store root (unused for a local root)."""
-        root = str(self.store_root)
-        return self.home / "cache" / "store" / root.replace("://", "/").strip("/")
+        from .store import mirror_dir
+
+        return mirror_dir(str(self.store_root), self.home)
 
 
 def get_settings(home: str | os.PathLike | None = None) -> Settings:

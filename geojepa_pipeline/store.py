@@ -33,7 +33,8 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,6 +44,96 @@ MANIFEST = "manifest.json"
 GLOBAL_SCOPE = "@all"  # the "region" of datasets over all regions (e.g. the tag cache); not a valid region name
 CURRENT = "CURRENT"
 _STAGING_PREFIX = ".staging-"
+
+
+# ---- the dataset layout: every kind of dataset, its scope, the asset that writes it, its files --------
+
+OSM, TILES, SCENES, IMAGES = "osm", "tiles", "scenes", "images"
+TAGS, GEOMETRY, TOKENS = "tag_embeddings", "geometry_encoder", "tokens"
+CHECKPOINTS, REPORTS = "checkpoints", "reports"
+
+REGION_SCOPE, VARIANT_SCOPE = "region", "variant"  # GLOBAL_SCOPE ("@all") is the third
+
+# named files (one per dataset version)
+RELATION_MEMBERS_FILE = "relation_members.parquet"  # tiles: every kept relation's members (osm_read.RELATION_MEMBERS_SCHEMA)
+SCENES_FILE = "scenes.json"  # scenes: what the version derives from (ids, checksums, chipping facts)
+PAIRS_FILE, POLICY_FILE = "pairs.parquet", "policy.json"  # tag_embeddings: (key, value, vector) rows; open-key policy
+WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE = "model.safetensors", "config.json", "history.json"  # geometry_encoder
+INPUTS_FILE = "inputs.json"  # tokens, checkpoints: every input's data version
+LAST_WEIGHTS_FILE, TRAIN_STATE_FILE = "last.safetensors", "train_state.json"  # checkpoints (best weights: WEIGHTS_FILE)
+METRICS_FILE, REPORT_FILE, EMBEDDINGS_FILE = "metrics.json", "report.html", "embeddings.parquet"  # reports
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of dataset.
+
+    ``name`` is its directory under the root; ``scope`` what its second path level names (a region,
+    ``@all`` or a model variant); ``asset`` the Dagster asset that materializes it; ``files`` its named
+    files; ``tables`` its sharded tables, each with the stem of its shard file names
+    (``<stem>-00000.parquet``), listed per shard in the manifest under ``<table>_file``.
+    """
+
+    name: str
+    scope: str
+    asset: str
+    files: tuple[str, ...] = ()
+    tables: dict[str, str] = field(default_factory=dict)
+    # besides these, a scenes version holds the rasters it stores, each named in manifest["scenes"] (Dataset.member)
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind(OSM, REGION_SCOPE, "osm_extract"),  # content-addressed: osm/<region>/<sha256>.osm.pbf, no version directories
+    Kind(TILES, REGION_SCOPE, "tile_shards", (RELATION_MEMBERS_FILE,), {"tiles": "tiles", "entities": "entities"}),
+    Kind(SCENES, REGION_SCOPE, "naip_scenes", (SCENES_FILE,)),
+    Kind(IMAGES, REGION_SCOPE, "tile_images", (), {"images": "images"}),
+    Kind(TAGS, GLOBAL_SCOPE, "tag_embeddings", (PAIRS_FILE, POLICY_FILE)),
+    Kind(GEOMETRY, GLOBAL_SCOPE, "geometry_encoder", (WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE)),
+    Kind(TOKENS, REGION_SCOPE, "tile_tokens", (INPUTS_FILE,), {"tokens": "tokens", "image_tokens": "image-tokens"}),
+    Kind(CHECKPOINTS, VARIANT_SCOPE, "geojepa_checkpoint", (WEIGHTS_FILE, LAST_WEIGHTS_FILE, TRAIN_STATE_FILE, INPUTS_FILE)),
+    Kind(REPORTS, VARIANT_SCOPE, "evaluation_report", (METRICS_FILE, REPORT_FILE, EMBEDDINGS_FILE)),
+)}
+
+
+def shard_filename(table: str, shard_index: int) -> str:
+    """File name of one shard of a dataset table, e.g. ``entities-00003.parquet`` (``table``: a file stem)."""
+    return f"{table}-{shard_index:05d}.parquet"
+
+
+def _kind(kind: str) -> Kind:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown dataset kind {kind!r}; the store knows {sorted(KINDS)}") from None
+
+
+def _check_file(kind: str, name: str) -> str:
+    if name not in _kind(kind).files:
+        raise ValueError(f"{kind} datasets have no file {name!r}; their files are {list(_kind(kind).files)}")
+    return name
+
+
+def _shard_stem(kind: str, table: str) -> str:
+    tables = _kind(kind).tables
+    if table not in tables:
+        raise ValueError(f"{kind} datasets have no sharded table {table!r}; their tables are {sorted(tables)}")
+    return tables[table]
+
+
+def scope_label(kind: str, scope: str) -> str:
+    """How an error names a dataset's scope: ``region 'li'``, ``variant 'GT'`` or ``the store``."""
+    s = _kind(kind).scope
+    return "the store" if s == GLOBAL_SCOPE else f"{s} {scope!r}"
+
+
+def missing(kind: str, scope: str, asset: str | None = None) -> GeojepaError:
+    """The one error for a dataset that is not there yet: what to materialize, and the command."""
+    asset = asset or _kind(kind).asset
+    if _kind(kind).scope == GLOBAL_SCOPE:
+        return GeojepaError(f"the store has no {asset} yet; materialize {asset} first (geojepa materialize)")
+    flag = "--variant" if _kind(kind).scope == VARIANT_SCOPE else "--region"
+    return GeojepaError(f"{scope_label(kind, scope)} has no {asset} yet; materialize {asset}[{scope}] first "
+                        f"(geojepa materialize --select {asset} {flag} {scope})")
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
@@ -98,6 +189,51 @@ class Dataset:
     @property
     def manifest(self) -> dict:
         return json.loads((self.path / MANIFEST).read_text())
+
+    def file(self, name: str) -> Path:
+        """Path of one of the kind's named files (``KINDS[kind].files``)."""
+        return self.path / _check_file(self.kind, name)
+
+    def member(self, name: str) -> Path:
+        """Path of a file the dataset holds under a name its manifest gives (a stored scene raster)."""
+        if name not in self.manifest.get("files", {}):
+            raise FileNotFoundError(f"{self.kind} dataset {self.region}@{self.data_version} holds no file {name!r}")
+        return self.path / name
+
+    def shards(self, table: str) -> list[Path]:
+        """Paths of one sharded table's files, in the manifest's shard order (a shard without one: None)."""
+        _shard_stem(self.kind, table)
+        key = f"{table}_file"
+        return [self.path / s[key] if s.get(key) else None for s in self.manifest["shards"]]
+
+
+@dataclass
+class Staging:
+    """A dataset being written (``Store.writing``): its files go in ``path``; set ``manifest`` before the block ends."""
+
+    kind: str
+    scope: str
+    path: Path
+    manifest: dict | None = None
+    dataset: Dataset | None = None  # the committed version, once the block has ended
+
+    @property
+    def scratch(self) -> Path:
+        """Temporary files of the write (created here); removed before the commit."""
+        scratch = Store.scratch_dir(self.path)
+        scratch.mkdir(exist_ok=True)
+        return scratch
+
+    def file(self, name: str) -> Path:
+        """Where one of the kind's named files goes."""
+        return self.path / _check_file(self.kind, name)
+
+    def shard_name(self, table: str, shard_index: int) -> str:
+        """File name of one shard of ``table`` (what the manifest lists under ``<table>_file``)."""
+        return shard_filename(_shard_stem(self.kind, table), shard_index)
+
+    def shard(self, table: str, shard_index: int) -> Path:
+        return self.path / self.shard_name(table, shard_index)
 
 
 def is_url(root) -> bool:
@@ -158,10 +294,9 @@ class RemoteRoot:
         return sorted(k[len(prefix):] for k in self._call("list", pattern, self.fs.glob, self.key(pattern)))
 
 
-def default_cache_dir(url: str) -> Path:
-    """Where a remote root is mirrored when the caller gives no directory: ``~/.cache/geojepa/<url>``."""
-    safe = url.replace("://", "/").strip("/")
-    return Path.home() / ".cache" / "geojepa" / "store" / safe
+def mirror_dir(url: str, home: Path) -> Path:
+    """Where the object-store root ``url`` is mirrored for GEOJEPA_HOME ``home``: ``home/cache/store/<scheme>/<bucket>/<prefix>``."""
+    return Path(home) / "cache" / "store" / str(url).replace("://", "/").strip("/")
 
 
 class Store:
@@ -171,7 +306,11 @@ class Store:
         if is_url(root):
             self.remote: RemoteRoot | None = RemoteRoot(str(root))
             self.uri = self.remote.url
-            self.root = Path(cache) if cache else default_cache_dir(self.uri)
+            if cache is None:  # the settings' mirror, as default_store() would give
+                from .settings import get_settings
+
+                cache = mirror_dir(self.uri, get_settings().home)
+            self.root = Path(cache)
         else:
             self.remote = None
             self.root = Path(root)
@@ -253,6 +392,10 @@ class Store:
     # ---- versioned datasets --------------------------------------------------------------
     def kind_dir(self, kind: str, region: str) -> Path:
         return self.root / kind / region
+
+    def work_dir(self, kind: str, scope: str, key: str) -> Path:
+        """A resumable work directory beside the scope's versions (``.work-<key>``: hidden, never a dataset)."""
+        return self.kind_dir(kind, scope) / f".work-{key}"
 
     def dataset(self, kind: str, region: str, data_version: str) -> Dataset:
         path = self.kind_dir(kind, region) / data_version
@@ -357,6 +500,37 @@ class Store:
             self.publish(final / MANIFEST)
         return Dataset(kind, region, data_version, final)
 
+    @contextmanager
+    def writing(self, kind: str, scope: str) -> Iterator[Staging]:
+        """Write one new dataset version: ``with store.writing(TILES, region) as staging: ...``.
+
+        The block writes into ``staging.path`` and sets ``staging.manifest``. When it ends normally the
+        staging directory is committed (``commit``: named by its content) and becomes the scope's CURRENT
+        version; ``staging.dataset`` is then the committed dataset. On any error, or without a
+        manifest, nothing is committed and the staging directory goes.
+        """
+        staging = Staging(kind, scope, self.new_staging_dir(kind, scope))
+        try:
+            yield staging
+            if staging.manifest is None:
+                raise RuntimeError(f"writing {kind}/{scope}: the block ended without setting staging.manifest")
+            shutil.rmtree(self.scratch_dir(staging.path), ignore_errors=True)
+            staging.dataset = self.commit(kind, scope, staging.path, staging.manifest)
+        except BaseException:
+            self.discard_staging(staging.path)
+            raise
+        self.set_current(kind, scope, staging.dataset.data_version)
+
+    def require(self, kind: str, scope: str, asset: str | None = None) -> Dataset:
+        """The scope's CURRENT dataset of ``kind``, or the one error that says what to materialize first.
+
+        ``asset``: the asset named in the error (default: the one that writes ``kind``).
+        """
+        ds = self.current(kind, scope)
+        if ds is None:
+            raise missing(kind, scope, asset)
+        return ds
+
     def iter_current(self, kind: str) -> Iterator[Dataset]:
         for region in self.regions(kind):
             ds = self.current(kind, region)
@@ -370,10 +544,3 @@ def default_store() -> Store:
     settings = get_settings()
     return Store(settings.store_root, cache=settings.store_cache)
 
-
-RELATION_MEMBERS_FILE = "relation_members.parquet"  # tile_shards: every kept relation's members (osm_read.RELATION_MEMBERS_SCHEMA)
-
-
-def shard_filename(table: str, shard_index: int) -> str:
-    """File name of one shard of a dataset table, e.g. ``entities-00003.parquet``."""
-    return f"{table}-{shard_index:05d}.parquet"

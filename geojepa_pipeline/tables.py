@@ -6,19 +6,11 @@ import duckdb
 import pyarrow as pa
 
 from .geo.tiling import ENTITIES_SCHEMA, TILES_SCHEMA
-from .store import Dataset, Store
-
-TILES_KIND = "tiles"
+from .store import IMAGES, TILES, Dataset, Store
 
 
 def _sql_list(paths) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
-def shard_files(dataset: Dataset, table: str) -> list[str]:
-    key = f"{table}_file"
-    return [str(dataset.path / s[key]) for s in dataset.manifest["shards"]]
-
 
 def connect(store: Store) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with views ``tiles``, ``entities`` and ``images`` over every region's CURRENT shards.
@@ -29,19 +21,19 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
     bytes); join it to ``tiles`` on ``tile_id``.
     """
     con = duckdb.connect()
-    datasets = list(store.iter_current(TILES_KIND))
+    datasets = list(store.iter_current(TILES))
     for table, schema in (("tiles", TILES_SCHEMA), ("entities", ENTITIES_SCHEMA)):
-        files = [f for ds in datasets for f in shard_files(ds, table)]
+        files = [f for ds in datasets for f in ds.shards(table)]
         if files:
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_list(files)})")
         else:
             con.register(f"_{table}_empty", pa.table({f.name: pa.array([], f.type) for f in schema}))
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM _{table}_empty")
-    from .imagery import IMAGES_KIND, IMAGES_SCHEMA
+    from .imagery import IMAGES_SCHEMA
 
     selects = [
-        f"SELECT '{ds.region}' AS region, * FROM read_parquet({_sql_list(shard_files(ds, 'images'))})"
-        for ds in store.iter_current(IMAGES_KIND) if ds.manifest["shards"]
+        f"SELECT '{ds.region}' AS region, * FROM read_parquet({_sql_list(ds.shards('images'))})"
+        for ds in store.iter_current(IMAGES) if ds.manifest["shards"]
     ]
     if not selects:
         con.register("_images_empty", pa.table({"region": pa.array([], pa.string()), **{f.name: pa.array([], f.type) for f in IMAGES_SCHEMA}}))
@@ -63,7 +55,7 @@ def run_sql(store: Store, query: str) -> tuple[list[str], list[tuple]]:
 
 def count_distinct_entities(dataset: Dataset) -> int:
     """Distinct (osm_type, osm_id) over a tile dataset's entity shards."""
-    files = shard_files(dataset, "entities")
+    files = dataset.shards("entities")
     if not files:
         return 0
     con = duckdb.connect()

@@ -22,10 +22,12 @@ import pyarrow.parquet as pq
 
 from .columns import fixed_list_to_numpy, numpy_to_fixed_list
 from .errors import GeojepaError
-from .ingest import TILES_KIND
 from .progress import Progress
-from .store import GLOBAL_SCOPE, Dataset, Store
-from .tables import _sql_list, shard_files
+from .store import (
+    CONFIG_FILE, GEOMETRY, GLOBAL_SCOPE, HISTORY_FILE, IMAGES, INPUTS_FILE, PAIRS_FILE, POLICY_FILE, TAGS, TILES, TOKENS,
+    WEIGHTS_FILE, Dataset, Store, missing,
+)
+from .tables import _sql_list
 from .tokenizers.tags import (
     DEFAULT_TAG_MODEL,
     OPEN_MIN_DISTINCT,
@@ -39,17 +41,14 @@ from .tokenizers.tags import (
     vocabulary,
 )
 
-TAG_KIND = "tag_embeddings"
 TAG_SCHEMA_VERSION = 1
-PAIRS_FILE = "pairs.parquet"
-POLICY_FILE = "policy.json"
 
 Log = Callable[[str], None]
 
 
 def region_pair_counts(ds: Dataset) -> dict[tuple[str, str], int]:
     """(key, value) -> number of distinct entities carrying it, over one tile dataset."""
-    files = shard_files(ds, "entities")
+    files = ds.shards("entities")
     if not files:
         return {}
     con = duckdb.connect()
@@ -76,20 +75,20 @@ def _key_stats(counts: dict[tuple[str, str], int]) -> dict[str, tuple[int, int, 
 
 def latest_cache(store: Store, model_id: str) -> Dataset | None:
     """The newest committed tag cache made with ``model_id`` (CURRENT first)."""
-    current = store.current(TAG_KIND, GLOBAL_SCOPE)
+    current = store.current(TAGS, GLOBAL_SCOPE)
     if current is not None and current.manifest.get("model_id") == model_id:
         return current
     best = None
-    for version in store.versions(TAG_KIND, GLOBAL_SCOPE):
-        ds = store.dataset(TAG_KIND, GLOBAL_SCOPE, version)
+    for version in store.versions(TAGS, GLOBAL_SCOPE):
+        ds = store.dataset(TAGS, GLOBAL_SCOPE, version)
         if ds.manifest.get("model_id") == model_id and (best is None or ds.manifest["created_at"] > best.manifest["created_at"]):
             best = ds
     return best
 
 
 def load_vocabulary(ds: Dataset) -> TagVocabulary:
-    policy = json.loads((ds.path / POLICY_FILE).read_text())
-    return TagVocabulary.from_table(pq.read_table(ds.path / PAIRS_FILE), set(policy["open_keys"]))
+    policy = json.loads(ds.file(POLICY_FILE).read_text())
+    return TagVocabulary.from_table(pq.read_table(ds.file(PAIRS_FILE)), set(policy["open_keys"]))
 
 
 @dataclass
@@ -114,10 +113,7 @@ def build_tag_embeddings(
     t0 = time.perf_counter()
     per_region: dict[str, dict[tuple[str, str], int]] = {}
     for name in regions:
-        ds = store.current(TILES_KIND, name)
-        if ds is None:
-            raise GeojepaError(f"region {name!r} has no tile_shards yet; materialize tile_shards[{name}] first")
-        per_region[name] = region_pair_counts(ds)
+        per_region[name] = region_pair_counts(store.require(TILES, name))
     counts: dict[tuple[str, str], int] = {}
     for c in per_region.values():
         for kv, n in c.items():
@@ -128,7 +124,7 @@ def build_tag_embeddings(
 
     embedder = embedder or TextEmbedder(model, batch_size=batch_size)
     base = latest_cache(store, embedder.model_id)
-    base_table = pq.read_table(base.path / PAIRS_FILE) if base is not None else None
+    base_table = pq.read_table(base.file(PAIRS_FILE)) if base is not None else None
     have = set(zip(base_table.column("key").to_pylist(), base_table.column("value").to_pylist())) if base_table is not None else set()
     new = [kv for kv in vocab if kv not in have]
     if log:
@@ -157,28 +153,22 @@ def build_tag_embeddings(
         new_vectors = np.concatenate([base_vec.astype(np.float16), new_vectors.astype(np.float16)])
     table = pairs_table(embedder.model_id, keys, values, new_vectors)
 
-    staging = store.new_staging_dir(TAG_KIND, GLOBAL_SCOPE)
-    try:
-        pq.write_table(table, staging / PAIRS_FILE, compression="zstd")
+    with store.writing(TAGS, GLOBAL_SCOPE) as staging:
+        pq.write_table(table, staging.file(PAIRS_FILE), compression="zstd")
         policy = {
             "open_keys": sorted(open_), "open_min_distinct": OPEN_MIN_DISTINCT,
             "open_min_unique_ratio": OPEN_MIN_UNIQUE_RATIO, "open_min_numeric_fraction": OPEN_MIN_NUMERIC_FRACTION,
             "template": "pair_text: '{key} = {value}', '_' and ':' read as spaces; open keys -> '{key}'",
         }
-        (staging / POLICY_FILE).write_text(json.dumps(policy, indent=1, sort_keys=True) + "\n")
-        manifest = {
+        staging.file(POLICY_FILE).write_text(json.dumps(policy, indent=1, sort_keys=True) + "\n")
+        staging.manifest = {
             "schema_version": TAG_SCHEMA_VERSION, "model_id": embedder.model_id, "dim": int(dim),
             "n_pairs": table.num_rows, "n_new": len(new), "regions": sorted(regions),
-            "inputs": {name: store.current_version(TILES_KIND, name) for name in sorted(regions)},
+            "inputs": {name: store.current_version(TILES, name) for name in sorted(regions)},
             "created_at": time.time(),
         }
-        dataset = store.commit(TAG_KIND, GLOBAL_SCOPE, staging, manifest)
-    except BaseException:
-        store.discard_staging(staging)
-        raise
-    store.set_current(TAG_KIND, GLOBAL_SCOPE, dataset.data_version)
     return TagEmbeddingsResult(
-        dataset, embedder.model_id, table.num_rows, len(new), embedder.n_texts_encoded,
+        staging.dataset, embedder.model_id, table.num_rows, len(new), embedder.n_texts_encoded,
         {n: len(vocabulary(list(c), open_)) for n, c in per_region.items()},
         {n: len(c) for n, c in per_region.items()}, sorted(open_), int(dim),
         {"vocabulary_s": t_vocab, "embed_s": t_embed, "total_s": time.perf_counter() - t0},
@@ -187,11 +177,7 @@ def build_tag_embeddings(
 
 # ---- geometry_encoder ---------------------------------------------------------------------
 
-GEOMETRY_KIND = "geometry_encoder"
 GEOMETRY_SCHEMA_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "history.json"
 
 
 def sample_pieces(store: Store, regions: list[str], max_pieces: int, seed: int) -> np.ndarray:
@@ -200,10 +186,7 @@ def sample_pieces(store: Store, regions: list[str], max_pieces: int, seed: int) 
 
     wkb = []
     for name in sorted(regions):
-        ds = store.current(TILES_KIND, name)
-        if ds is None:
-            raise GeojepaError(f"region {name!r} has no tile_shards yet; materialize tile_shards[{name}] first")
-        for f in shard_files(ds, "entities"):
+        for f in store.require(TILES, name).shards("entities"):
             wkb.append(pq.read_table(f, columns=["geometry"]).column("geometry").to_numpy(zero_copy_only=False))
     if not wkb:
         raise GeojepaError("no regions with tile shards: nothing to pretrain the geometry encoder on")
@@ -251,21 +234,15 @@ def build_geometry_encoder(
     if log:
         log("geometry encoder probe R² (pretrained / untrained / chance): " + ", ".join(
             f"{k} {v['pretrained']:.2f} / {v['untrained']:.2f} / 0" for k, v in report.items()))
-    staging = store.new_staging_dir(GEOMETRY_KIND, GLOBAL_SCOPE)
-    try:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / WEIGHTS_FILE))
+    with store.writing(GEOMETRY, GLOBAL_SCOPE) as staging:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging.file(WEIGHTS_FILE)))
         config = {"encoder": enc_cfg.to_dict(), "pretrain": train_cfg.to_dict(), "objective": "InfoNCE between a jittered and a simplified view",
-                  "node_features": 9, "edge_features": 3, "inputs": {n: store.current_version(TILES_KIND, n) for n in sorted(regions)},
+                  "node_features": 9, "edge_features": 3, "inputs": {n: store.current_version(TILES, n) for n in sorted(regions)},
                   "n_train": len(train_set), "n_probe": len(probe_set)}
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-        (staging / HISTORY_FILE).write_text(json.dumps({"loss": [round(v, 5) for v in losses], "probe_r2": report}, sort_keys=True) + "\n")
-        manifest = {"schema_version": GEOMETRY_SCHEMA_VERSION, "dim": dim, "regions": sorted(regions), "probe_r2": report}
-        dataset = store.commit(GEOMETRY_KIND, GLOBAL_SCOPE, staging, manifest)
-    except BaseException:
-        store.discard_staging(staging)
-        raise
-    store.set_current(GEOMETRY_KIND, GLOBAL_SCOPE, dataset.data_version)
-    return GeometryEncoderResult(dataset, len(train_set), len(probe_set), losses, report,
+        staging.file(CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+        staging.file(HISTORY_FILE).write_text(json.dumps({"loss": [round(v, 5) for v in losses], "probe_r2": report}, sort_keys=True) + "\n")
+        staging.manifest = {"schema_version": GEOMETRY_SCHEMA_VERSION, "dim": dim, "regions": sorted(regions), "probe_r2": report}
+    return GeometryEncoderResult(staging.dataset, len(train_set), len(probe_set), losses, report,
                                  {"train_s": t_train, "total_s": time.perf_counter() - t0})
 
 
@@ -275,17 +252,15 @@ def load_geometry_encoder(ds: Dataset):
 
     from .tokenizers.geometry import GeometryEncoderConfig, PolygonGNN
 
-    config = json.loads((ds.path / CONFIG_FILE).read_text())
+    config = json.loads(ds.file(CONFIG_FILE).read_text())
     model = PolygonGNN(GeometryEncoderConfig(**config["encoder"]))
-    model.load_state_dict(load_file(str(ds.path / WEIGHTS_FILE)))
+    model.load_state_dict(load_file(str(ds.file(WEIGHTS_FILE))))
     return model.eval()
 
 
 # ---- tile_tokens ---------------------------------------------------------------------------
 
-TOKENS_KIND = "tokens"
 TOKENS_SCHEMA_VERSION = 1
-INPUTS_FILE = "inputs.json"
 ENTITY_MODALITY = "entity"
 
 
@@ -313,11 +288,12 @@ class TileTokensResult:
 IMAGE_TOKENIZERS = ("patch", "vit")
 
 
-def _write_vit_tokens(images: Dataset, shard: dict, tokenizer, path) -> int:
-    """``image-tokens-NNNNN.parquet``: per tile of the shard, the ViT's (1 + 196) x hidden tokens, float16 (null without image)."""
+def _write_vit_tokens(images_path, tokenizer, path) -> int:
+    """One shard of the ``image_tokens`` table: per tile of the chip shard ``images_path``, the ViT's (1 + 196) x hidden
+    tokens, float16 (null without image)."""
     from .imagery import decode_chip
 
-    t = pq.read_table(images.path / shard["images_file"], columns=["tile_id", "has_image", "image"])
+    t = pq.read_table(images_path, columns=["tile_id", "has_image", "image"])
     has = t.column("has_image").to_numpy(zero_copy_only=False)
     chips = np.stack([decode_chip(b) for b, h in zip(t.column("image").to_pylist(), has) if h]) if has.any() else np.zeros((0, 224, 224, 4), np.uint8)
     tokens = tokenizer.encode(chips).astype(np.float16)  # (n_with_image, 197, hidden)
@@ -337,21 +313,16 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
 
     ``image_tokenizer``: ``patch`` (the default) caches nothing for images (GeoJEPA learns the
     patch projection); ``vit`` runs the frozen ViT ``vit_model`` over the region's chips and
-    caches its tokens per shard (``image-tokens-NNNNN.parquet``, aligned with the tile shard).
+    caches its tokens per shard (the ``image_tokens`` table, aligned with the tile shard).
     """
     import shapely
     import torch
 
     from .tokenizers.geometry import geometry_graphs
 
-    tiles = store.current(TILES_KIND, region)
-    if tiles is None:
-        raise GeojepaError(f"region {region!r} has no tile_shards yet; materialize tile_shards[{region}] first")
-    tags_ds = store.current(TAG_KIND, GLOBAL_SCOPE)
-    geom_ds = store.current(GEOMETRY_KIND, GLOBAL_SCOPE)
-    if tags_ds is None or geom_ds is None:
-        missing = [n for n, d in (("tag_embeddings", tags_ds), ("geometry_encoder", geom_ds)) if d is None]
-        raise GeojepaError(f"tile_tokens[{region}] needs {' and '.join(missing)}; materialize them first")
+    tiles = store.require(TILES, region)
+    tags_ds = store.require(TAGS, GLOBAL_SCOPE)
+    geom_ds = store.require(GEOMETRY, GLOBAL_SCOPE)
     if region not in tags_ds.manifest.get("regions", []):
         raise GeojepaError(f"tag_embeddings {tags_ds.data_version} was built without region {region!r}; re-materialize tag_embeddings")
     vocab = load_vocabulary(tags_ds)
@@ -360,13 +331,13 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
     schema = tokens_schema(vocab.vectors.shape[1], encoder.config.dim)
     if image_tokenizer not in IMAGE_TOKENIZERS:
         raise GeojepaError(f"unknown image_tokenizer {image_tokenizer!r}: use one of {', '.join(IMAGE_TOKENIZERS)}")
-    images = store.current("images", region)
+    images = store.current(IMAGES, region)
     vit = None
     if image_tokenizer == "vit":
         if not vit_model:
             raise GeojepaError("image_tokenizer 'vit' needs vit_model: a local path saved with save_pretrained or a hub id")
         if images is None:
-            raise GeojepaError(f"image_tokenizer 'vit' needs tile_images[{region}]; materialize it first")
+            raise missing(IMAGES, region)
         from .tokenizers.image import VitTokenizer
 
         vit = VitTokenizer(vit_model)
@@ -374,16 +345,16 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
               "tile_images": images.data_version if images is not None else None, "image_tokenizer": image_tokenizer,
               "vit_model": vit.model_id if vit is not None else None}
     t0 = time.perf_counter()
-    staging = store.new_staging_dir(TOKENS_KIND, region)
     n_pieces = n_no_tag = 0
     shards = []
     progress = Progress(f"tile_tokens[{region}]", total=tiles.manifest["n_pieces"], log=log)
-    try:
-        (staging / INPUTS_FILE).write_text(json.dumps(inputs, sort_keys=True) + "\n")  # the version follows the inputs
-        for shard in tiles.manifest["shards"]:
-            name = f"tokens-{shard['index']:05d}.parquet"
-            ents = pq.read_table(tiles.path / shard["entities_file"], columns=["tile_id", "osm_type", "osm_id", "tags", "geometry", "minbox"])
-            with pq.ParquetWriter(staging / name, schema, compression="zstd") as writer:
+    with store.writing(TOKENS, region) as staging:
+        staging.file(INPUTS_FILE).write_text(json.dumps(inputs, sort_keys=True) + "\n")  # the version follows the inputs
+        for shard, entities_path in zip(tiles.manifest["shards"], tiles.shards("entities")):
+            path = staging.shard("tokens", shard["index"])
+            name = path.name
+            ents = pq.read_table(entities_path, columns=["tile_id", "osm_type", "osm_id", "tags", "geometry", "minbox"])
+            with pq.ParquetWriter(path, schema, compression="zstd") as writer:
                 for start in range(0, ents.num_rows, batch_pieces):
                     part = ents.slice(start, batch_pieces)
                     tag_tok = vocab.tag_tokens(part.column("tags"))
@@ -401,17 +372,12 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
                     progress.update(n_pieces)
             entry = {"index": shard["index"], "tokens_file": name, "entities_file": shard["entities_file"], "n_pieces": ents.num_rows}
             if vit is not None:
-                image_shard = images.manifest["shards"][len(shards)]
-                entry["image_tokens_file"] = f"image-tokens-{shard['index']:05d}.parquet"
-                entry["n_image_tokens"] = _write_vit_tokens(images, image_shard, vit, staging / entry["image_tokens_file"])
+                vit_path = staging.shard("image_tokens", shard["index"])
+                entry["image_tokens_file"] = vit_path.name
+                entry["n_image_tokens"] = _write_vit_tokens(images.shards("images")[len(shards)], vit, vit_path)
             shards.append(entry)
         progress.finish()
-        manifest = {"schema_version": TOKENS_SCHEMA_VERSION, "inputs": inputs, "n_pieces": n_pieces, "shards": shards,
-                    "tag_dim": int(vocab.vectors.shape[1]), "geometry_dim": int(encoder.config.dim),
-                    "n_without_tag_token": n_no_tag}
-        dataset = store.commit(TOKENS_KIND, region, staging, manifest)
-    except BaseException:
-        store.discard_staging(staging)
-        raise
-    store.set_current(TOKENS_KIND, region, dataset.data_version)
-    return TileTokensResult(dataset, n_pieces, n_no_tag, {"tokens_s": time.perf_counter() - t0})
+        staging.manifest = {"schema_version": TOKENS_SCHEMA_VERSION, "inputs": inputs, "n_pieces": n_pieces, "shards": shards,
+                            "tag_dim": int(vocab.vectors.shape[1]), "geometry_dim": int(encoder.config.dim),
+                            "n_without_tag_token": n_no_tag}
+    return TileTokensResult(staging.dataset, n_pieces, n_no_tag, {"tokens_s": time.perf_counter() - t0})

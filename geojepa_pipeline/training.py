@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import GeojepaError
-from .ingest import OSM_KIND, TILES_KIND
 from .settings import Settings
-from .store import GLOBAL_SCOPE, Dataset, Store
-from .tokens import GEOMETRY_KIND, TOKENS_KIND
+from .store import (
+    CHECKPOINTS, GEOMETRY, GLOBAL_SCOPE, IMAGES, INPUTS_FILE, LAST_WEIGHTS_FILE, OSM, TILES, TOKENS, TRAIN_STATE_FILE,
+    WEIGHTS_FILE, Dataset, Store,
+)
+from .train.checkpoint import MODEL_FILE, STATE_FILE, WorkDir
 from .train.data import ShardSource
 from .train.loop import TrainConfig, train
 
-CHECKPOINT_KIND = "checkpoints"
 CHECKPOINT_SCHEMA_VERSION = 1
 
 
@@ -32,27 +33,25 @@ def training_sources(store: Store, regions: list[str], with_images: bool = False
     """Token shards of ``regions`` (with their chip shards when ``with_images``) and every input's data version."""
     sources, inputs = [], {}
     for name in sorted(regions):
-        tok, tiles = store.current(TOKENS_KIND, name), store.current(TILES_KIND, name)
-        if tok is None or tiles is None:
-            raise GeojepaError(f"region {name!r} has no tile_tokens yet; materialize tile_tokens[{name}] first")
+        tok, tiles = store.require(TOKENS, name), store.require(TILES, name)
         if tok.manifest["inputs"]["tile_shards"] != tiles.data_version:
             raise GeojepaError(f"tile_tokens[{name}] was built from an older tile_shards version; re-materialize tile_tokens[{name}]")
-        images = store.current("images", name)
+        images = store.current(IMAGES, name)
         if with_images and (images is None or images.manifest["inputs"]["tile_shards"] != tiles.data_version):
             raise GeojepaError(f"the image variants need tile_images[{name}] built from the current tile_shards; materialize it first")
-        chips = [images.path / s["images_file"] for s in images.manifest["shards"]] if with_images else [None] * len(tiles.manifest["shards"])
-        sources += [ShardSource(name, tok.path / a["tokens_file"], tiles.path / b["tiles_file"], tiles.path / b["entities_file"], c)
-                    for a, b, c in zip(tok.manifest["shards"], tiles.manifest["shards"], chips)]
+        chips = images.shards("images") if with_images else [None] * len(tiles.manifest["shards"])
+        sources += [ShardSource(name, *files)  # the shards line up: each table has one file per tile shard
+                    for files in zip(tok.shards("tokens"), tiles.shards("tiles"), tiles.shards("entities"), chips, strict=True)]
         inputs[f"tile_tokens/{name}"] = tok.data_version
         inputs[f"tile_shards/{name}"] = tiles.data_version
         # the chips the model saw: the current ones for image variants, else those the tokens were built with
         inputs[f"tile_images/{name}"] = images.data_version if with_images else tok.manifest["inputs"].get("tile_images")
         source = tiles.manifest.get("source") or {}  # the extract these tiles were cut from
-        inputs[f"osm_sha256/{name}"] = source.get("sha256") or store.current_version(OSM_KIND, name)
+        inputs[f"osm_sha256/{name}"] = source.get("sha256") or store.current_version(OSM, name)
         inputs[f"osm_uri/{name}"] = source.get("uri")
         used_images = inputs[f"tile_images/{name}"]
-        if used_images and used_images in store.versions("images", name):
-            inputs[f"naip_scenes/{name}"] = store.dataset("images", name, used_images).manifest["inputs"].get("naip_scenes")
+        if used_images and used_images in store.versions(IMAGES, name):
+            inputs[f"naip_scenes/{name}"] = store.dataset(IMAGES, name, used_images).manifest["inputs"].get("naip_scenes")
         inputs["tag_embeddings"] = tok.manifest["inputs"]["tag_embeddings"]
         inputs["geometry_encoder"] = tok.manifest["inputs"]["geometry_encoder"]
     return sources, inputs
@@ -87,7 +86,7 @@ def train_with_torchrun(cfg: TrainConfig, sources: list[ShardSource], work, proc
             "sources": [{"region": s.region, "tokens_file": str(s.tokens_file), "tiles_file": str(s.tiles_file),
                          "entities_file": str(s.entities_file), "images_file": str(s.images_file) if s.images_file else None}
                         for s in sources]}
-    spec_path = work / "spec.json"
+    spec_path = WorkDir(work).spec
     spec_path.write_text(json.dumps(spec, sort_keys=True) + "\n")
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--standalone", f"--nproc_per_node={processes}",
@@ -119,42 +118,37 @@ def build_checkpoint(
 
     cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
     if regions is None:
-        regions = store.regions(TOKENS_KIND)
+        regions = store.regions(TOKENS)
     holdout = set(holdout_regions or ())
     regions = [r for r in regions if r not in holdout]
     if not regions:
         raise GeojepaError("no region has tile_tokens (outside the held-out ones); materialize the regions first (geojepa materialize)")
     for name in sorted(holdout):
-        tok = store.current(TOKENS_KIND, name)
-        if tok is not None and name in store.dataset(GEOMETRY_KIND, GLOBAL_SCOPE, tok.manifest["inputs"]["geometry_encoder"]).manifest.get("regions", []):
+        tok = store.current(TOKENS, name)
+        if tok is not None and name in store.dataset(GEOMETRY, GLOBAL_SCOPE, tok.manifest["inputs"]["geometry_encoder"]).manifest.get("regions", []):
             raise GeojepaError(f"held-out region {name!r}: its tile_tokens use a geometry encoder pretrained on it; materialize "
                                f"geometry_encoder and tile_tokens with it held out (geojepa materialize --holdout {name})")
     sources, inputs = training_sources(store, regions, with_images="I" in variant)
     trained = {k: v for k, v in cfg.to_dict().items() if k != "compile"}  # how a step runs does not change what it trains
     key = hashlib.sha256(json.dumps({"config": trained, "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
-    work = store.kind_dir(CHECKPOINT_KIND, variant) / f".work-{key}"
+    work = store.work_dir(CHECKPOINTS, variant, key)
     t0 = time.perf_counter()
     if processes > 1:
         result = train_with_torchrun(cfg, sources, work, processes, log=log)
     else:
         result = train(cfg, sources, work, log=log)
-    staging = store.new_staging_dir(CHECKPOINT_KIND, variant)
-    try:
-        shutil.copyfile(result.best / "model.safetensors", staging / "model.safetensors")
-        shutil.copyfile(result.last / "model.safetensors", staging / "last.safetensors")
-        state = json.loads((result.last / "state.json").read_text())
-        (staging / "train_state.json").write_text(json.dumps(
+    with store.writing(CHECKPOINTS, variant) as staging:
+        shutil.copyfile(result.best / MODEL_FILE, staging.file(WEIGHTS_FILE))
+        shutil.copyfile(result.last / MODEL_FILE, staging.file(LAST_WEIGHTS_FILE))
+        state = json.loads((result.last / STATE_FILE).read_text())
+        staging.file(TRAIN_STATE_FILE).write_text(json.dumps(
             {"train_config": state["train_config"], "model_config": state["model_config"], "epochs": state["history"]["epoch"],
              "steps": result.steps, "best_probe": state.get("best_probe"), "losses": state["history"]["loss"]},
             sort_keys=True, default=float) + "\n")
-        (staging / "inputs.json").write_text(json.dumps(inputs, sort_keys=True) + "\n")
-        manifest = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "variant": variant, "regions": sorted(regions),
-                    "inputs": inputs, "steps": result.steps, "train_config": cfg.to_dict()}
-        dataset = store.commit(CHECKPOINT_KIND, variant, staging, manifest)
-    except BaseException:
-        store.discard_staging(staging)
-        raise
-    store.set_current(CHECKPOINT_KIND, variant, dataset.data_version)
+        staging.file(INPUTS_FILE).write_text(json.dumps(inputs, sort_keys=True) + "\n")
+        staging.manifest = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "variant": variant, "regions": sorted(regions),
+                            "inputs": inputs, "steps": result.steps, "train_config": cfg.to_dict()}
+    dataset = staging.dataset
     last_epoch = result.history["epoch"][-1] if result.history["epoch"] else {}
     lineage = {**(tags or {}), "geojepa.data_version": dataset.data_version, "geojepa.git_commit": git_commit(),
                **{f"input.{k}": v for k, v in inputs.items()}}

@@ -19,6 +19,16 @@ ANDORRA = SHARED_DATA / "osm" / "andorra-graphhopper.osm.pbf"
 needs_shared = pytest.mark.skipif(not LIECHTENSTEIN.exists(), reason="../shared/data is not present")
 
 
+def bench_module(name: str):
+    """The module ``bench/<name>.py`` (benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     """An empty GEOJEPA_HOME; DAGSTER_HOME follows it."""

@@ -18,10 +18,10 @@ from rasterio.transform import from_origin
 
 from geojepa_pipeline.errors import GeojepaError
 from geojepa_pipeline.geo.synthetic import colorize, write_cog
-from geojepa_pipeline.imagery import IMAGES_KIND, SCENES_KIND, build_naip_scenes, build_tile_images, decode_chip
+from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images, decode_chip
 from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
 from geojepa_pipeline.regions import Region
-from geojepa_pipeline.store import Store
+from geojepa_pipeline.store import IMAGES, SCENES, Store
 
 from .conftest import visible_datasets
 
@@ -71,7 +71,7 @@ def write_region_cog(path: Path, store: Store, count: int = 4, nodata=None, offs
 
 
 def images_table(store: Store):
-    ds = store.current(IMAGES_KIND, "t")
+    ds = store.current(IMAGES, "t")
     return pq.read_table(ds.path / ds.manifest["shards"][0]["images_file"]), ds
 
 
@@ -155,7 +155,7 @@ def test_corrupt_tiff_gives_clear_error_and_no_partial_shards(store, tmp_path, d
         build_naip_scenes(region, store)
         build_tile_images("t", store, workers=1)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
-    assert visible_datasets(store.root, IMAGES_KIND) == [] and store.current(IMAGES_KIND, "t") is None
+    assert visible_datasets(store.root, IMAGES) == [] and store.current(IMAGES, "t") is None
     assert not list(store.root.rglob("images-*.parquet"))  # nothing half-written, staging included
     if damage == "truncated_pixels":  # the header was fine: naip_scenes committed, tile_images failed reading pixels
         assert "cannot read pixels" in str(err.value)
@@ -173,7 +173,7 @@ def test_scene_changed_after_naip_scenes_is_refused(store, tmp_path):
 def test_empty_glob_is_refused(store, tmp_path):
     with pytest.raises(GeojepaError, match="matches no files"):
         build_naip_scenes(Region.create("t", "pyrosm:test", imagery=str(tmp_path / "nothing" / "*.tif")), store)
-    assert visible_datasets(store.root, SCENES_KIND) == []
+    assert visible_datasets(store.root, SCENES) == []
 
 
 # ---- STAC over real HTTP ------------------------------------------------------------------
@@ -292,4 +292,4 @@ def test_stac_endpoint_down_is_one_line_error(store, closed_port):
     with pytest.raises(GeojepaError) as err:
         build_naip_scenes(region, store, stac_endpoint=f"http://127.0.0.1:{closed_port}/api")
     assert "\n" not in str(err.value) and "127.0.0.1" in str(err.value)
-    assert visible_datasets(store.root, SCENES_KIND) == []
+    assert visible_datasets(store.root, SCENES) == []

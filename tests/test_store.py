@@ -54,3 +54,50 @@ def test_atomic_write_json(tmp_path):
     atomic_write_json(p, {"b": 1, "a": [1, 2]})
     assert json.loads(p.read_text()) == {"a": [1, 2], "b": 1}
     assert [q.name for q in p.parent.iterdir()] == ["m.json"]
+
+
+def test_writing_commits_sets_current_and_discards_on_error(tmp_path):
+    """store.writing: the one stage -> write -> commit -> current sequence; an error (or no manifest) leaves nothing."""
+    import pytest
+
+    from geojepa_pipeline.store import TILES
+
+    store = Store(tmp_path)
+    with store.writing(TILES, "r1") as staging:
+        (staging.scratch / "spill.arrow").write_bytes(b"temporary")  # scratch goes before the commit
+        staging.shard("tiles", 0).write_bytes(b"t0")
+        staging.shard("entities", 0).write_bytes(b"e0")
+        staging.manifest = {"schema_version": 1, "shards": [{"index": 0, "tiles_file": staging.shard_name("tiles", 0),
+                                                             "entities_file": staging.shard_name("entities", 0)}]}
+    ds = staging.dataset
+    assert store.current(TILES, "r1") == ds and sorted(ds.manifest["files"]) == ["entities-00000.parquet", "tiles-00000.parquet"]
+    assert [p.read_bytes() for p in ds.shards("tiles")] == [b"t0"] and ds.shards("entities")[0].name == "entities-00000.parquet"
+    with pytest.raises(ValueError, match="no sharded table 'tokens'"):
+        ds.shards("tokens")
+    with pytest.raises(ValueError, match="no file 'x.json'"):
+        ds.file("x.json")
+    for failing in (lambda s: (_ for _ in ()).throw(OSError("disk full")), lambda s: None):  # an error; no manifest
+        with pytest.raises((OSError, RuntimeError)):
+            with store.writing(TILES, "r1") as staging:
+                staging.shard("tiles", 0).write_bytes(b"half")
+                failing(staging)
+        assert store.current(TILES, "r1") == ds and store.versions(TILES, "r1") == [ds.data_version]
+        assert not [p for p in (tmp_path / TILES / "r1").iterdir() if p.name.startswith(".staging")]
+
+
+def test_require_names_the_asset_to_materialize(tmp_path):
+    import pytest
+
+    from geojepa_pipeline.errors import GeojepaError
+    from geojepa_pipeline.store import CHECKPOINTS, GLOBAL_SCOPE, TAGS, TILES
+
+    store = Store(tmp_path)
+    for kind, scope, message in [
+        (TILES, "li", "region 'li' has no tile_shards yet; materialize tile_shards[li] first (geojepa materialize --select tile_shards --region li)"),
+        (TAGS, GLOBAL_SCOPE, "the store has no tag_embeddings yet; materialize tag_embeddings first"),
+        (CHECKPOINTS, "GT", "variant 'GT' has no geojepa_checkpoint yet; materialize geojepa_checkpoint[GT] first "
+                            "(geojepa materialize --select geojepa_checkpoint --variant GT)"),
+    ]:
+        with pytest.raises(GeojepaError) as err:
+            store.require(kind, scope)
+        assert message in str(err.value)

@@ -5,6 +5,7 @@ import dagster as dg
 
 from ..evaluation import build_report
 from ..geo.render import png_markdown
+from ..store import METRICS_FILE, REPORT_FILE
 from .results import dataset_result
 from .resources import GeojepaResource
 from .training import geojepa_checkpoint, variants_partitions
@@ -33,8 +34,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluationConfi
                           holdout_regions=list(config.holdout_regions), log=context.log.info)
     ds, metrics, pictures = result.dataset, result.metrics, result.pictures
     meta = {
-        "report": dg.MetadataValue.path(str(ds.path / "report.html")),
-        "metrics_json": dg.MetadataValue.path(str(ds.path / "metrics.json")),
+        "report": dg.MetadataValue.path(str(ds.file(REPORT_FILE))),
+        "metrics_json": dg.MetadataValue.path(str(ds.file(METRICS_FILE))),
         "model_version": dg.MetadataValue.text(metrics["model_version"]),
         "table": dg.MetadataValue.md(result.table_md),
         "protocol": dg.MetadataValue.json({k: v for k, v in metrics["protocol"].items() if k != "masked_input"}),

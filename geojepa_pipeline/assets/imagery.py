@@ -10,7 +10,7 @@ import rasterio
 from ..geo.raster import CHIP_PX
 from ..geo.render import png_markdown
 from ..imagery import DEFAULT_BLOCK_TILES, build_naip_scenes, build_tile_images, preview_png
-from ..ingest import TILES_KIND
+from ..store import TILES
 from .osm import tile_shards
 from .automation import on_upstream_data_change
 from .partitions import regions_partitions
@@ -89,15 +89,15 @@ def _alignment_check(tiles_ds, images_ds) -> dg.AssetCheckResult:
     t_shards, i_shards = tiles_ds.manifest["shards"], images_ds.manifest["shards"]
     if [s["index"] for s in t_shards] != [s["index"] for s in i_shards]:
         problems.append("shard indices differ")
-    for ts, is_ in zip(t_shards, i_shards):
-        t_ids = pq.read_table(tiles_ds.path / ts["tiles_file"], columns=["tile_id"]).column("tile_id")
-        img = pq.read_table(images_ds.path / is_["images_file"], columns=["tile_id", "has_image", "image"])
+    for tiles_path, images_path in zip(tiles_ds.shards("tiles"), images_ds.shards("images")):
+        t_ids = pq.read_table(tiles_path, columns=["tile_id"]).column("tile_id")
+        img = pq.read_table(images_path, columns=["tile_id", "has_image", "image"])
         if not img.column("tile_id").equals(t_ids):
-            problems.append(f"{is_['images_file']}: tile ids differ from {ts['tiles_file']}")
+            problems.append(f"{images_path.name}: tile ids differ from {tiles_path.name}")
         with_image = pc.filter(img.column("image"), img.column("has_image"))
         sizes = set(pc.unique(pc.binary_length(with_image)).to_pylist())  # no Python copy of the chips
         if sizes - {CHIP_PX * CHIP_PX * 4}:
-            problems.append(f"{is_['images_file']}: chip byte sizes {sorted(sizes)}")
+            problems.append(f"{images_path.name}: chip byte sizes {sorted(sizes)}")
     return dg.AssetCheckResult(
         check_name="aligned_with_tiles", passed=not problems,
         metadata={"n_shards": len(i_shards), "problems": dg.MetadataValue.json(problems[:20])},
@@ -122,7 +122,7 @@ def tile_images(context: dg.AssetExecutionContext, config: TileImagesConfig, geo
     for w in result.warnings:
         context.log.warning(w)
     ds = result.dataset
-    tiles_ds = store.current(TILES_KIND, region)
+    tiles_ds = store.current(TILES, region)
     chip_s = result.timings_s["chip_s"]
     metadata = {
         "n_tiles": dg.MetadataValue.int(result.n_tiles),

@@ -52,15 +52,15 @@ class TileShardsConfig(dg.Config):
 
 def _schema_check(dataset) -> dg.AssetCheckResult:
     problems = []
-    for shard in dataset.manifest["shards"]:
-        tiles = pq.read_schema(dataset.path / shard["tiles_file"])
-        ents = pq.read_schema(dataset.path / shard["entities_file"])
+    for tiles_path, entities_path in zip(dataset.shards("tiles"), dataset.shards("entities")):
+        tiles = pq.read_schema(tiles_path)
+        ents = pq.read_schema(entities_path)
         if not tiles.remove_metadata().equals(TILES_SCHEMA):
-            problems.append(f"{shard['tiles_file']}: schema differs")
+            problems.append(f"{tiles_path.name}: schema differs")
         if not ents.remove_metadata().equals(ENTITIES_SCHEMA):
-            problems.append(f"{shard['entities_file']}: schema differs")
+            problems.append(f"{entities_path.name}: schema differs")
         if b"geo" not in (ents.metadata or {}):
-            problems.append(f"{shard['entities_file']}: no GeoParquet metadata")
+            problems.append(f"{entities_path.name}: no GeoParquet metadata")
     return dg.AssetCheckResult(
         check_name="schema", passed=not problems,
         metadata={"n_shards": len(dataset.manifest["shards"]), "problems": dg.MetadataValue.json(problems[:20])},

@@ -3,10 +3,9 @@
 
 import dagster as dg
 
-from ..ingest import TILES_KIND
 from ..regions import RegionRegistry
 from ..settings import get_settings
-from ..store import Store
+from ..store import TILES, Store
 
 
 class GeojepaResource(dg.ConfigurableResource):
@@ -28,5 +27,5 @@ class GeojepaResource(dg.ConfigurableResource):
         """(registered regions that have tile_shards, registered regions that do not), sorted."""
         store = self.store()
         registered = sorted(self.registry().load())
-        with_tiles = [r for r in registered if store.current_version(TILES_KIND, r)]
+        with_tiles = [r for r in registered if store.current_version(TILES, r)]
         return with_tiles, [r for r in registered if r not in with_tiles]

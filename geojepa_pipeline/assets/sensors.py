@@ -8,6 +8,7 @@ import dagster as dg
 
 from ..errors import GeojepaError
 from ..ingest import check_source
+from ..store import OSM
 from .osm import osm_extract
 from .partitions import partition_requests, regions_partitions
 from .resources import GeojepaResource
@@ -66,7 +67,7 @@ def region_source_sensor(context: dg.SensorEvaluationContext, geojepa: GeojepaRe
         if check.changed and not check.never_ingested:  # a source that changed since it was ingested
             context.log.info(f"region {name}: {check.reason}; requesting osm_extract[{name}]")
             requests.append(dg.RunRequest(
-                run_key=_run_key(name, store.current_version("osm", name), check.fingerprint),
+                run_key=_run_key(name, store.current_version(OSM, name), check.fingerprint),
                 partition_key=name, asset_selection=[osm_extract.key],
                 tags={"geojepa/trigger": "source_sensor", "geojepa/region": name, "geojepa/reason": check.reason[:200]},
             ))

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..geo.render import curve_png, png_markdown
-from ..ingest import TILES_KIND
+from ..store import TILES
 from ..tokenizers.tags import DEFAULT_TAG_MODEL
 from ..tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
 from .imagery import tile_images
@@ -120,13 +120,13 @@ def tile_tokens(context: dg.AssetExecutionContext, config: TileTokensConfig, geo
     result = build_tile_tokens(region, store, log=context.log.info, image_tokenizer=config.image_tokenizer,
                                vit_model=config.vit_model or None)
     ds = result.dataset
-    tiles = store.current(TILES_KIND, region)
+    tiles = store.current(TILES, region)
     problems = []
-    for t_shard, k_shard in zip(tiles.manifest["shards"], ds.manifest["shards"]):
-        ents = pq.read_table(tiles.path / t_shard["entities_file"], columns=["tile_id", "osm_id"])
-        toks = pq.read_table(ds.path / k_shard["tokens_file"], columns=["tile_id", "osm_id"])
+    for entities_path, tokens_path in zip(tiles.shards("entities"), ds.shards("tokens")):
+        ents = pq.read_table(entities_path, columns=["tile_id", "osm_id"])
+        toks = pq.read_table(tokens_path, columns=["tile_id", "osm_id"])
         if not (ents.column("tile_id").equals(toks.column("tile_id")) and ents.column("osm_id").equals(toks.column("osm_id"))):
-            problems.append(f"{k_shard['tokens_file']} differs from {t_shard['entities_file']}")
+            problems.append(f"{tokens_path.name} differs from {entities_path.name}")
     if len(tiles.manifest["shards"]) != len(ds.manifest["shards"]):
         problems.append("shard counts differ")
     return dataset_result(

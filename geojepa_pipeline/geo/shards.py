@@ -1,8 +1,8 @@
 """Write tiled tables as Parquet shards (zstd) with GeoParquet metadata on the geometry column.
 
 A shard is a run of consecutive tiles in the spatially blocked tile order, at most
-``shard_tiles`` of them, written as two files with the same index: ``tiles-NNNNN.parquet``
-and ``entities-NNNNN.parquet``. ``geopandas.read_parquet`` opens an entity shard directly
+``shard_tiles`` of them, written as two files with the same index, one of the ``tiles`` table and
+one of the ``entities`` table (the caller names them: ``store.Staging.shard``). ``geopandas.read_parquet`` opens an entity shard directly
 (geometry in tile-local metres, so its CRS is unset).
 """
 
@@ -12,12 +12,12 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..store import shard_filename
 from .tiling import SCHEMA_VERSION, TiledRegion
 
 DEFAULT_SHARD_TILES = 4096
@@ -74,23 +74,26 @@ def _write(table: pa.Table, path: Path) -> None:
                    write_statistics=statistics_columns(table.schema), use_dictionary=dictionary_columns(table.schema))
 
 
-def _write_shard(shard_index: int, tiles_part: pa.Table, ent_part: pa.Table, out_dir: Path) -> dict:
+ShardPath = Callable[[str, int], Path]  # (table, shard index) -> where that shard's file goes
+
+
+def _write_shard(shard_index: int, tiles_part: pa.Table, ent_part: pa.Table, shard_path: ShardPath) -> dict:
     # one contiguous chunk per column: the bytes do not depend on how the pieces were batched
     tiles_part, ent_part = tiles_part.combine_chunks(), ent_part.combine_chunks()
     geom_types = sorted(set(ent_part.column("geom_type").unique().to_pylist()))
     ent_part = ent_part.replace_schema_metadata({b"geo": geoparquet_metadata(geom_types)})
-    tiles_name, ent_name = shard_filename("tiles", shard_index), shard_filename("entities", shard_index)
-    _write(tiles_part, out_dir / tiles_name)
-    _write(ent_part, out_dir / ent_name)
+    tiles_path, ent_path = shard_path("tiles", shard_index), shard_path("entities", shard_index)
+    _write(tiles_part, tiles_path)
+    _write(ent_part, ent_path)
     return {
-        "index": shard_index, "tiles_file": tiles_name, "entities_file": ent_name,
+        "index": shard_index, "tiles_file": tiles_path.name, "entities_file": ent_path.name,
         "n_tiles": tiles_part.num_rows, "n_pieces": ent_part.num_rows,
         "first_tile": tiles_part.column("tile_id")[0].as_py(), "last_tile": tiles_part.column("tile_id")[-1].as_py(),
     }
 
 
-def write_tile_shards(tiled: TiledRegion, out_dir: Path, shard_tiles: int = DEFAULT_SHARD_TILES, log=None) -> dict:
-    """Write the shards of ``tiled`` into ``out_dir``; return the manifest body (without files/version).
+def write_tile_shards(tiled: TiledRegion, shard_path: ShardPath, shard_tiles: int = DEFAULT_SHARD_TILES, log=None) -> dict:
+    """Write the shards of ``tiled`` where ``shard_path`` says; return the manifest body (without files/version).
 
     Pieces stream in (``TiledRegion.entity_chunks``) and leave as shards of ``shard_tiles``
     consecutive tiles; two threads encode (Parquet and zstd run in C++ without the GIL), and
@@ -116,7 +119,7 @@ def write_tile_shards(tiled: TiledRegion, out_dir: Path, shard_tiles: int = DEFA
         def flush() -> None:
             nonlocal pending_tiles, pending_ents, n_pending
             futures.append(pool.submit(_write_shard, len(shards) + len(futures),
-                                       pa.concat_tables(pending_tiles), pa.concat_tables(pending_ents), out_dir))
+                                       pa.concat_tables(pending_tiles), pa.concat_tables(pending_ents), shard_path))
             pending_tiles, pending_ents, n_pending = [], [], 0
             collect(block=False)
 

@@ -329,18 +329,11 @@ def shape_targets(geoms: np.ndarray) -> dict[str, np.ndarray]:
 
 def ridge_r2(features: np.ndarray, target: np.ndarray, seed: int = 0, alpha: float = 1.0) -> float:
     """Test R² of a ridge regression (70/30 split): 0 is chance (predicting the mean), 1 is perfect."""
-    rng = np.random.default_rng(seed)
-    n = len(target)
-    order = rng.permutation(n)
-    tr, te = order[: int(0.7 * n)], order[int(0.7 * n):]
-    mu, sd = features[tr].mean(0), features[tr].std(0) + 1e-6
-    X = (features - mu) / sd
-    Xtr = np.column_stack([X[tr], np.ones(len(tr))])
-    w = np.linalg.solve(Xtr.T @ Xtr + alpha * np.eye(Xtr.shape[1]), Xtr.T @ target[tr])
-    pred = np.column_stack([X[te], np.ones(len(te))]) @ w
-    ss_res = ((target[te] - pred) ** 2).sum()
-    ss_tot = ((target[te] - target[tr].mean()) ** 2).sum()
-    return float(1 - ss_res / max(ss_tot, 1e-12))
+    from ..evaluate.probes import ridge_r2 as fit_and_score
+
+    order = np.random.default_rng(seed).permutation(len(target))
+    tr, te = order[: int(0.7 * len(target))], order[int(0.7 * len(target)):]
+    return fit_and_score(features[tr], target[tr], features[te], target[te], alpha)
 
 
 def probe(model: PolygonGNN, geoms: np.ndarray, seed: int = 0) -> dict[str, dict[str, float]]:

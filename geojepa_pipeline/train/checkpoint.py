@@ -7,6 +7,10 @@ A checkpoint is a directory ``step-NNNNNNNN`` written as ``.tmp-…`` and rename
     state.json             step, epoch, batches done in the epoch, optimizer hyperparameters,
                            history (losses, monitoring), the train config
 Loading uses ``safetensors`` and ``json`` only.
+
+A training work directory (``WorkDir``) holds ``steps/`` (the newest step checkpoints), ``best/``
+and ``last/`` (checkpoints of the same layout), and, under torchrun, ``spec.json`` and each
+rank's ``params-rank<R>.txt``.
 """
 
 from __future__ import annotations
@@ -15,12 +19,41 @@ import json
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 STEP_PREFIX = "step-"
+MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """The layout of one training work directory (see the module docstring)."""
+
+    root: Path
+
+    @property
+    def steps(self) -> Path:
+        return self.root / "steps"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best"
+
+    @property
+    def last(self) -> Path:
+        return self.root / "last"
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.json"
+
+    def params(self, rank: int) -> Path:
+        """Rank ``rank``'s parameter checksum at the end of training (torchrun)."""
+        return self.root / f"params-rank{rank}.txt"
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -47,13 +80,13 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.op
     tmp = root / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / MODEL_FILE))
         opt_tensors, opt_scalars = _optimizer_tensors(opt)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        save_file(_rng_states(), str(tmp / "rng.safetensors"))
+        save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        save_file(_rng_states(), str(tmp / RNG_FILE))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.state_dict()["param_groups"]]
         body = {**state, "step": step, "optimizer_groups": groups, "optimizer_scalars": opt_scalars}
-        (tmp / "state.json").write_text(json.dumps(body, default=float) + "\n")
+        (tmp / STATE_FILE).write_text(json.dumps(body, default=float) + "\n")
         final = root / f"{STEP_PREFIX}{step:08d}"
         if final.exists():
             shutil.rmtree(final)
@@ -67,16 +100,16 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.op
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    found = sorted(p for p in root.glob(STEP_PREFIX + "*") if (p / "state.json").exists()) if root.exists() else []
+    found = sorted(p for p in root.glob(STEP_PREFIX + "*") if (p / STATE_FILE).exists()) if root.exists() else []
     return found[-1] if found else None
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer | None) -> dict:
     """Restore model (and optimizer, RNG) from ``path``; returns the JSON state."""
-    state = json.loads((path / "state.json").read_text())
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    state = json.loads((path / STATE_FILE).read_text())
+    model.load_state_dict(load_file(str(path / MODEL_FILE)))
     if opt is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
+        tensors = load_file(str(path / OPTIMIZER_FILE))
         sd = opt.state_dict()
         new_state: dict = {}
         for key, value in {**tensors, **state["optimizer_scalars"]}.items():
@@ -84,7 +117,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
             new_state.setdefault(int(idx), {})[name] = value
         groups = [{**g, "params": old["params"]} for g, old in zip(state["optimizer_groups"], sd["param_groups"])]
         opt.load_state_dict({"state": new_state, "param_groups": groups})
-    rng = load_file(str(path / "rng.safetensors"))
+    rng = load_file(str(path / RNG_FILE))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -33,11 +33,12 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from ..evaluate.probes import ridge_r2
 from ..model.config import model_config
 from ..model.geojepa import MODEL_INPUTS, GeoJEPA, draw_masks
 from ..model.losses import covariance_term, effective_rank
 from ..model.schedules import ema_momentum, learning_rate, weight_decay
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import WorkDir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import ShardSource, TileSequences, bucketed_batches, prefetch
 
 COMPILE_MODES = ("none", "default", "reduce-overhead")
@@ -179,12 +180,7 @@ def _ridge_fit_eval(xtr, ytr, xva, yva, alpha: float = 1.0) -> float:
     """R² on (xva, yva) of a ridge regression fitted on (xtr, ytr); 0 is the train mean."""
     if len(ytr) < 3 or len(yva) < 2:
         return float("nan")
-    mu, sd = xtr.mean(0), xtr.std(0)
-    sd = np.where(sd > 1e-6, sd, 1.0)  # constant in train: centre only
-    a = np.column_stack([(xtr - mu) / sd, np.ones(len(xtr))])
-    w = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ ytr)
-    pred = np.column_stack([(xva - mu) / sd, np.ones(len(xva))]) @ w
-    return float(1 - ((yva - pred) ** 2).sum() / max(((yva - ytr.mean()) ** 2).sum(), 1e-12))
+    return ridge_r2(xtr, ytr, xva, yva, alpha)
 
 
 @torch.no_grad()
@@ -241,8 +237,8 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     history: dict = {"loss": [], "smooth_l1": [], "epoch": []}
     step, epoch, skip, best_probe = 0, 0, 0, -math.inf
-    work_dir = Path(work_dir)
-    ckpt_root = work_dir / "steps"
+    work = WorkDir(Path(work_dir))
+    ckpt_root = work.steps
     found = latest_checkpoint(ckpt_root)
     if found is not None:
         state = load_checkpoint(found, model, opt)
@@ -325,9 +321,9 @@ def train(cfg: TrainConfig, sources: list[ShardSource], work_dir: Path, log: Cal
             best_probe = probe
         path = checkpoint(0 if step < total else -1)
         if path is not None and is_best:
-            checkpoint(0 if step < total else -1, work_dir / "best")
-    last = checkpoint(-1, work_dir / "last") and work_dir / "last"
-    best = work_dir / "best" if (work_dir / "best").exists() else last
+            checkpoint(0 if step < total else -1, work.best)
+    last = checkpoint(-1, work.last) and work.last
+    best = work.best if work.best.exists() else last
     import hashlib
 
     checksum = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()

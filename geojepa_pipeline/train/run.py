@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import WorkDir
 from .data import ShardSource
 from .loop import TrainConfig, train
 
@@ -28,15 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1 if distributed else max(1, min(2, torch.get_num_threads())))
     sources = [ShardSource(s["region"], Path(s["tokens_file"]), Path(s["tiles_file"]), Path(s["entities_file"]),
                            Path(s["images_file"]) if s.get("images_file") else None) for s in spec["sources"]]
-    work = Path(spec["work_dir"])
+    work = WorkDir(Path(spec["work_dir"]))
     rank = torch.distributed.get_rank() if distributed else 0
     def log(message: str) -> None:  # one write per line: print() writes text and newline apart, and ranks share a pipe
         sys.stdout.write(f"[rank {rank}] {message}\n")
         sys.stdout.flush()
 
-    result = train(TrainConfig(**spec["config"]), sources, work, log=log)
-    work.mkdir(parents=True, exist_ok=True)  # only rank 0 writes checkpoints: the directory may not exist here yet
-    (work / f"params-rank{rank}.txt").write_text(result.param_checksum + "\n")
+    result = train(TrainConfig(**spec["config"]), sources, work.root, log=log)
+    work.root.mkdir(parents=True, exist_ok=True)  # only rank 0 writes checkpoints: the directory may not exist here yet
+    work.params(rank).write_text(result.param_checksum + "\n")
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

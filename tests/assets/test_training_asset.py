@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from geojepa_pipeline.cli import main
+from geojepa_pipeline.train.checkpoint import WorkDir
 
 UP_TO_TOKENS = "group:ingest or group:imagery or group:tokens"
 
@@ -151,7 +152,7 @@ def test_checkpoint_trained_by_two_torchrun_processes(tokens_home):
     assert any(line.startswith("launching: ") and "--nproc_per_node=2" in line for line in logs)
     assert any(line.startswith("[rank 0] training GeoJEPA-T") and line.endswith("on 2 process(es)") for line in logs)
     work = next((tokens_home / "store" / "checkpoints" / "T").glob(".work-*"))
-    ranks = [(work / f"params-rank{r}.txt").read_text() for r in (0, 1)]
+    ranks = [WorkDir(work).params(r).read_text() for r in (0, 1)]
     assert ranks[0] == ranks[1]
     assert result.steps > 0 and result.resumed_from == result.steps  # the in-process pass only collects the result
     assert result.mlflow.version == "1" and (result.dataset.path / "model.safetensors").exists()

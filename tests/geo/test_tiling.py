@@ -9,9 +9,10 @@ import shapely
 
 from geojepa_pipeline.geo.osm_read import read_osm
 from geojepa_pipeline.geo.shards import write_tile_shards
+from geojepa_pipeline.store import shard_filename
 from geojepa_pipeline.geo.tiling import ENTITIES_SCHEMA, TILES_SCHEMA, tile_osm
 
-from ..conftest import LIECHTENSTEIN, needs_shared
+from ..conftest import LIECHTENSTEIN, bench_module, needs_shared
 from ..osm_fixtures import rules_fixture
 
 
@@ -70,12 +71,17 @@ def test_liechtenstein_tiles_pinned():
     assert int(np.sum(tiled.tiles.column("n_entities"))) == tiled.entities.num_rows
 
 
+def into(folder):
+    """write_tile_shards' shard_path for plain files in ``folder``, named as the store names them."""
+    return lambda table, index: folder / shard_filename(table, index)
+
+
 def test_shards_geoparquet_and_determinism(tmp_path, pyrosm_test_pbf):
     tiled = tile_osm(read_osm(pyrosm_test_pbf), "t")
     out1, out2 = tmp_path / "a", tmp_path / "b"
     out1.mkdir(), out2.mkdir()
-    m1 = write_tile_shards(tiled, out1, shard_tiles=7)
-    write_tile_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), out2, shard_tiles=7)
+    m1 = write_tile_shards(tiled, into(out1), shard_tiles=7)
+    write_tile_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), into(out2), shard_tiles=7)
     assert len(m1["shards"]) == -(-tiled.tiles.num_rows // 7)
     for f in sorted(p.name for p in out1.iterdir()):
         assert (out1 / f).read_bytes() == (out2 / f).read_bytes(), f"{f} differs between identical runs"
@@ -94,15 +100,13 @@ def test_shards_geoparquet_and_determinism(tmp_path, pyrosm_test_pbf):
 
 def test_shard_size_must_be_positive(tmp_path, pyrosm_test_pbf):
     with pytest.raises(ValueError, match="shard_tiles"):
-        write_tile_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), tmp_path, shard_tiles=0)
+        write_tile_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), into(tmp_path), shard_tiles=0)
 
 
 @pytest.fixture(scope="module")
 def wide_pbf(tmp_path_factory, pyrosm_test_pbf):
     """pyrosm's test extract copied 4 x 1: wide enough for several 16-tile block columns."""
-    from geojepa_pipeline.geo.replicate import replicate
-
-    return replicate(pyrosm_test_pbf, tmp_path_factory.mktemp("wide") / "wide.osm.pbf", 4, 1)
+    return bench_module("replicate").replicate(pyrosm_test_pbf, tmp_path_factory.mktemp("wide") / "wide.osm.pbf", 4, 1)
 
 
 def test_bands_workers_and_spill_agree(tmp_path, wide_pbf):
@@ -128,7 +132,7 @@ def test_shards_stream_across_band_boundaries(tmp_path, wide_pbf):
     assert tiled.n_bands >= 2
     out = tmp_path / "out"
     out.mkdir()
-    manifest = write_tile_shards(tiled, out, shard_tiles=4)
+    manifest = write_tile_shards(tiled, into(out), shard_tiles=4)
     assert [s["n_tiles"] for s in manifest["shards"]] == [4] * (tiled.tiles.num_rows // 4) + ([tiled.tiles.num_rows % 4] if tiled.tiles.num_rows % 4 else [])
     tiles = pa.concat_tables([pq.read_table(out / s["tiles_file"]) for s in manifest["shards"]])
     ents = pa.concat_tables([pq.read_table(out / s["entities_file"]) for s in manifest["shards"]])
@@ -144,7 +148,7 @@ def test_shards_stream_across_band_boundaries(tmp_path, wide_pbf):
 def test_shard_statistics_only_on_flat_columns(tmp_path):
     tiled = tile_osm(read_osm(rules_fixture(tmp_path / "r.osm.pbf")), "r")
     (tmp_path / "out").mkdir()
-    manifest = write_tile_shards(tiled, tmp_path / "out")
+    manifest = write_tile_shards(tiled, into(tmp_path / "out"))
     meta = pq.ParquetFile(tmp_path / "out" / manifest["shards"][0]["entities_file"]).metadata.row_group(0)
     stats = {meta.column(i).path_in_schema: meta.column(i).is_stats_set for i in range(meta.num_columns)}
     assert stats["tile_id"] and stats["osm_id"]  # min/max prune reads by tile and entity

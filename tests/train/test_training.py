@@ -19,21 +19,15 @@ from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import Store
 from geojepa_pipeline.geo.splits import SPLIT_BLOCK_TILES
+from geojepa_pipeline.train.checkpoint import WorkDir
 from geojepa_pipeline.train.data import ShardSource, TileSequences, bucketed_batches
 from geojepa_pipeline.train.loop import TrainConfig, train
 
+from ..conftest import bench_module
+
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _bench(name: str):
-    """The module ``bench/<name>.py`` (benchmarks are scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_bench = bench_module
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +42,7 @@ def sources(tmp_path_factory):
     build_geometry_encoder(store, ["t"], steps=5, max_pieces=500)
     build_tile_tokens("t", store)
     tok, tiles = store.current("tokens", "t"), store.current("tiles", "t")
-    return [ShardSource("t", tok.path / a["tokens_file"], tiles.path / b["tiles_file"], tiles.path / b["entities_file"])
-            for a, b in zip(tok.manifest["shards"], tiles.manifest["shards"])]
+    return [ShardSource("t", *files) for files in zip(tok.shards("tokens"), tiles.shards("tiles"), tiles.shards("entities"))]
 
 
 def test_split_is_by_spatial_blocks_and_batches_by_length(sources):
@@ -216,11 +209,11 @@ def test_kill_9_mid_training_resumes_from_the_last_checkpoint(sources, tmp_path)
     cmd = [sys.executable, "-m", "geojepa_pipeline.train.run", str(spec)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list((work / "steps").glob("step-*"))) < 2:
+    while time.time() < deadline and len(list(WorkDir(work).steps.glob("step-*"))) < 2:
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    done = sorted((work / "steps").glob("step-*"))
+    done = sorted(WorkDir(work).steps.glob("step-*"))
     assert done, "no checkpoint was written before the kill"
     killed_at = int(done[-1].name.split("-")[1])
     assert killed_at > 0
@@ -240,7 +233,7 @@ def test_ddp_two_cpu_ranks_end_with_identical_parameters(sources, tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "geojepa_pipeline.train.run", str(spec)], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    ranks = [(work / f"params-rank{r}.txt").read_text().strip() for r in (0, 1)]
+    ranks = [WorkDir(work).params(r).read_text().strip() for r in (0, 1)]
     assert ranks[0] == ranks[1] and len(ranks[0]) == 64
     assert "on 2 process(es)" in out.stdout
 

@@ -3,7 +3,7 @@ extract's width/height and with ids offset by a large constant per copy (the sca
 of ``../shared/data/README.md``). Used by ``bench/ingest.py`` and by tests that need an
 extract wider than one block of tiles.
 
-    python -m geojepa_pipeline.geo.replicate SRC.osm.pbf OUT.osm.pbf --n 8
+    python bench/replicate.py SRC.osm.pbf OUT.osm.pbf --n 8
 """
 
 from __future__ import annotations
