@@ -48,8 +48,8 @@ def tile_grid(bounds, size=300.0):
 
 
 def bench_synthetic(store, region_name: str, osm: str):
-    from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images
-    from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+    from geojepa_pipeline.stages.imagery import build_naip_scenes, build_tile_images
+    from geojepa_pipeline.stages.osm import build_tile_shards, fetch_extract
     from geojepa_pipeline.regions import Region
 
     region = Region.create(region_name, osm)
@@ -71,7 +71,7 @@ def bench_synthetic(store, region_name: str, osm: str):
 
 def bench_file(tmp: Path):
     from geojepa_pipeline.geo.raster import inspect_scene
-    from geojepa_pipeline.imagery import chip_tiles
+    from geojepa_pipeline.stages.imagery import chip_tiles
     from geojepa_pipeline.store import sha256_file
 
     info = inspect_scene(HAITI, sha256_file(HAITI))

@@ -79,7 +79,7 @@ def run_baseline(path: str) -> dict:
 def run_ours(path: str) -> dict:
     import pyrosm.pbfreader  # noqa: F401  (imported before the clock starts, like the baseline's imports)
 
-    from geojepa_pipeline.ingest import build_tile_shards
+    from geojepa_pipeline.stages.osm import build_tile_shards
     from geojepa_pipeline.store import Store
 
     with tempfile.TemporaryDirectory() as tmp:

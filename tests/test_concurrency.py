@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from geojepa_pipeline.cli import main
-from geojepa_pipeline.ingest import build_tile_shards
+from geojepa_pipeline.stages.osm import build_tile_shards
 from geojepa_pipeline.store import Store, sha256_file
 
 from .osm_fixtures import copy_with_extra_nodes

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from geojepa_pipeline.errors import GeojepaError
-from geojepa_pipeline.ingest import check_source, current_source_stamp, fetch_extract
+from geojepa_pipeline.stages.osm import check_source, current_source_stamp, fetch_extract
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import Store
 

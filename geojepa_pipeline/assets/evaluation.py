@@ -1,11 +1,13 @@
-"""``evaluation_report[variant]``: probes, baselines and kNN on the checkpoint; a thin wrapper over ``evaluation``."""
+"""``evaluation_report[variant]``: probes, baselines and kNN on the checkpoint; a thin wrapper over ``stages.evaluation``."""
 
 
 import dagster as dg
 
-from ..evaluation import build_report
+from ..geo.splits import Holdout
+from ..stages.evaluation import ReportOptions, build_report
 from ..geo.render import png_markdown
 from ..store import METRICS_FILE, REPORT_FILE
+from .config import config_from
 from .results import dataset_result
 from .resources import GeojepaResource
 from .training import geojepa_checkpoint, variants_partitions
@@ -13,9 +15,7 @@ from .training import geojepa_checkpoint, variants_partitions
 EVALUATION_REPORT_CODE_VERSION = "2"  # 2: entity masking, one split, controls, transfer
 
 
-class EvaluationConfig(dg.Config):
-    seeds: list[int] = [0, 1, 2]  # probes and zero-label subsampling are repeated per seed (mean ± std)
-    holdout_regions: list[str] = []  # regions pretraining never saw: the transfer rows are tested on them
+EvaluationConfig = config_from("EvaluationConfig", ReportOptions, Holdout)
 
 
 @dg.asset(

@@ -1,4 +1,4 @@
-"""``naip_scenes[region]`` and ``tile_images[region]``: thin wrappers over ``imagery``."""
+"""``naip_scenes[region]`` and ``tile_images[region]``: thin wrappers over ``stages.imagery``."""
 
 
 import dagster as dg
@@ -9,7 +9,7 @@ import rasterio
 
 from ..geo.raster import CHIP_PX
 from ..geo.render import png_markdown
-from ..imagery import DEFAULT_BLOCK_TILES, build_naip_scenes, build_tile_images, preview_png
+from ..stages.imagery import DEFAULT_BLOCK_TILES, build_naip_scenes, build_tile_images, preview_png
 from ..store import TILES
 from .osm import tile_shards
 from .automation import on_upstream_data_change

@@ -1,4 +1,4 @@
-"""``osm_extract[region]`` and ``tile_shards[region]``: thin wrappers over ``ingest``."""
+"""``osm_extract[region]`` and ``tile_shards[region]``: thin wrappers over ``stages.osm``."""
 
 
 import dagster as dg
@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 from ..geo.render import png_markdown, tile_density_png
 from ..geo.shards import DEFAULT_SHARD_TILES
 from ..geo.tiling import ENTITIES_SCHEMA, TILE_SIZE_M, TILES_SCHEMA
-from ..ingest import build_tile_shards, current_extract, fetch_extract
+from ..stages.osm import build_tile_shards, current_extract, fetch_extract
 from ..tables import count_distinct_entities
 from .automation import on_upstream_data_change
 from .partitions import regions_partitions

@@ -7,7 +7,7 @@ import json
 import dagster as dg
 
 from ..errors import GeojepaError
-from ..ingest import check_source
+from ..stages.osm import check_source
 from ..store import OSM
 from .osm import osm_extract
 from .partitions import partition_requests, regions_partitions

@@ -1,5 +1,6 @@
-"""``tag_embeddings``, ``geometry_encoder`` (over all regions) and ``tile_tokens[region]``: thin wrappers over ``tokens``."""
+"""``tag_embeddings``, ``geometry_encoder`` (over all regions) and ``tile_tokens[region]``: thin wrappers over ``stages.tokens``."""
 
+import dataclasses
 import math
 
 import dagster as dg
@@ -9,10 +10,12 @@ import pyarrow.parquet as pq
 from ..geo.render import curve_png, png_markdown
 from ..store import TILES
 from ..tokenizers.tags import DEFAULT_TAG_MODEL
-from ..tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
+from ..geo.splits import Holdout
+from ..stages.tokens import GeometryEncoderOptions, build_geometry_encoder, build_tag_embeddings, build_tile_tokens
 from .imagery import tile_images
 from .osm import tile_shards
 from .automation import on_upstream_data_change
+from .config import config_from, values_for
 from .partitions import regions_partitions
 from .results import dataset_result
 from .resources import GeojepaResource
@@ -59,12 +62,7 @@ def tag_embeddings(context: dg.AssetExecutionContext, config: TagEmbeddingsConfi
     )
 
 
-class GeometryEncoderConfigDg(dg.Config):
-    steps: int = 300  # contrastive pretraining steps (batch 256)
-    max_pieces: int = 20000  # pieces sampled from all regions (15 % held out for the probe)
-    dim: int = 64  # geometry token size
-    seed: int = 0
-    holdout_regions: list[str] = []  # regions left out of its pretraining (evaluation_report's transfer rows)
+GeometryEncoderConfigDg = config_from("GeometryEncoderConfigDg", GeometryEncoderOptions, Holdout)
 
 
 @dg.asset(
@@ -79,8 +77,8 @@ def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderC
     store = geojepa.store()
     regions, _ = geojepa.regions_with_tiles()
     regions = [r for r in regions if r not in set(config.holdout_regions)]
-    result = build_geometry_encoder(store, regions, steps=config.steps, seed=config.seed, max_pieces=config.max_pieces,
-                                    dim=config.dim, log=context.log.info)
+    options = dataclasses.asdict(values_for(GeometryEncoderOptions, config))
+    result = build_geometry_encoder(store, regions, log=context.log.info, **options)
     ds = result.dataset
     chance = math.log(min(256, result.n_train))
     return dataset_result(

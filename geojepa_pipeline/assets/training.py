@@ -1,4 +1,4 @@
-"""``geojepa_checkpoint[variant]``: train GeoJEPA on the registered regions' tokens; a thin wrapper over ``training``."""
+"""``geojepa_checkpoint[variant]``: train GeoJEPA on the registered regions' tokens; a thin wrapper over ``stages.training``."""
 
 
 import dagster as dg
@@ -7,8 +7,10 @@ import numpy as np
 from ..geo.render import curve_png, png_markdown
 from ..model.config import VARIANTS
 from ..train.loop import TrainConfig
-from ..training import build_checkpoint
+from ..geo.splits import Holdout
+from ..stages.training import CheckpointOptions, build_checkpoint
 from .imagery import tile_images
+from .config import config_from, values_for
 from .results import dataset_result
 from .resources import GeojepaResource
 from .tokens import geometry_encoder, tag_embeddings, tile_tokens
@@ -17,19 +19,9 @@ GEOJEPA_CHECKPOINT_CODE_VERSION = "2"  # 2: one split with evaluation (train til
 variants_partitions = dg.StaticPartitionsDefinition(list(VARIANTS))
 
 
-class CheckpointConfig(dg.Config):
-    preset: str = "tiny"  # tiny (2 CPU cores, minutes) or thesis (d 384, depth 12)
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    max_tokens: int = 128  # entity tokens per tile
-    ckpt_every: int = 50  # steps between resumable checkpoints
-    regions: list[str] = []  # empty: every region with tile_tokens
-    holdout_regions: list[str] = []  # never trained on (evaluation_report's transfer rows test on them)
-    split_seed: int = 0  # the train / validation / test split (geo.splits), shared with evaluation
-    seed: int = 0
-    compile: str = "none"  # none | default (torch.compile) | reduce-overhead (compiled + CUDA graphs per length bucket, on a GPU)
-    processes: int = 1  # > 1: DDP under `torchrun --nproc_per_node` (one per GPU; the run's host needs that many)
+# the variant is the partition; gradient clipping, step caps and the device stay TrainConfig's defaults
+CheckpointConfig = config_from("CheckpointConfig", TrainConfig, CheckpointOptions, Holdout,
+                               exclude=("variant", "grad_clip", "max_steps", "device"))
 
 
 @dg.asset(
@@ -47,9 +39,7 @@ class CheckpointConfig(dg.Config):
 def geojepa_checkpoint(context: dg.AssetExecutionContext, config: CheckpointConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
     variant = context.partition_key
     settings = geojepa._settings()
-    cfg = TrainConfig(preset=config.preset, variant=variant, epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                      max_tokens=config.max_tokens, ckpt_every=config.ckpt_every, seed=config.seed, compile=config.compile,
-                      split_seed=config.split_seed)
+    cfg = values_for(TrainConfig, config, variant=variant)
     result = build_checkpoint(
         variant, geojepa.store(), settings, cfg, regions=list(config.regions) or None, log=context.log.info,
         holdout_regions=list(config.holdout_regions),

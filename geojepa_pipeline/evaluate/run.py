@@ -1,6 +1,6 @@
 """Evaluate a checkpoint under the masked protocol: probes, controls and baselines on the one split, measured kNN.
 
-Pure: takes arrays (``RegionData``, loaded by ``evaluation.py``), models and a tag vocabulary.
+Pure: takes arrays (``RegionData``, loaded by ``stages.evaluation``), models and a tag vocabulary.
 
 Protocol, per task (``labels.py``): the task's input is each tile's entity pieces with the label's
 entities removed (every piece, so every modality) and its label tags stripped from the rest;
@@ -34,6 +34,7 @@ import pyarrow as pa
 import torch
 
 from ..geo.splits import TEST, TRAIN, VAL, split_counts, tile_split
+from ..model.config import VARIANTS
 from .knn import agreement_ratio, cosine_knn, numeric_ratio
 from .labels import TASKS, Pieces, TaskInput, landuse_class, subsample_zero_labels, task_input, tile_labels, unmasked_input
 from .probes import dummy_metric, train_probe
@@ -354,7 +355,7 @@ def evaluate(models: dict, vocab, regions: list[RegionData], variant: str, model
 
 def _modalities(method: str, variant: str) -> list[str]:
     if method.startswith(("geojepa", "random_init")):
-        return [name for letter, name in (("T", "tags"), ("G", "geometry"), ("I", "image")) if letter in variant]
+        return [name for fed, name in zip(VARIANTS[variant], ("tags", "geometry", "image")) if fed]
     return {"tagpool_mlp": ["tags"], "tagcount_mlp": ["tags"], "dummy": []}[method]
 
 

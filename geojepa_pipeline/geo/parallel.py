@@ -4,7 +4,7 @@
   (tile pieces) keeps triggering full collections that walk every live object and find
   nothing: our geometry code makes no reference cycles. Measured on the 8x8 replicated
   Liechtenstein (1.77 M pieces): one band went from 1.45 s to 1.17 s, and the whole
-  ingestion (``ingest.build_tile_shards``, as ``bench/ingest.py`` times it) from 15.7 s
+  ingestion (``stages.osm.build_tile_shards``, as ``bench/ingest.py`` times it) from 15.7 s
   to 12.1 s, with the collector paused.
   Reference counting still frees everything as usual.
 * ``default_workers`` / ``fork_worker_init``: forked process pools (bands, chips).

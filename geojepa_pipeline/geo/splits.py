@@ -24,6 +24,7 @@ first block.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +34,14 @@ CELL_SLOTS = (14, 3, 3)  # of a super-cell's 20 blocks: train, validation, test 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")
 DEFAULT_SPLIT_SEED = 0
+
+
+@dataclass
+class Holdout:
+    """Regions kept out of every pretraining (the geometry encoder and the checkpoint); evaluation_report's
+    transfer rows test on them. One setting, shared by the three assets that read it."""
+
+    holdout_regions: list[str] = field(default_factory=list)
 
 
 def _cell_seed(epsg: int, split_seed: int) -> int:

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
-VARIANTS = {  # variant -> (tags, geometry, images)
-    "T": (True, False, False),
-    "GT": (True, True, False),
-    "TI": (True, False, True),
-    "GTI": (True, True, True),
+
+class Modalities(NamedTuple):
+    """Which inputs a variant feeds the model."""
+
+    tags: bool
+    geometry: bool
+    images: bool
+
+
+VARIANTS = {  # variant -> the modalities it feeds
+    "T": Modalities(tags=True, geometry=False, images=False),
+    "GT": Modalities(tags=True, geometry=True, images=False),
+    "TI": Modalities(tags=True, geometry=False, images=True),
+    "GTI": Modalities(tags=True, geometry=True, images=True),
 }
+
+DEFAULT_PRESET = "tiny"
+# how a training step runs: eager, torch.compile, or compiled + CUDA graphs per length bucket (a GPU's fast path)
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 
 # masking mixes (probability of each strategy per batch), from the method note
 MASK_MIX_OSM = {"random": 0.31, "area": 0.69, "modality": 0.0}
@@ -41,7 +55,8 @@ class ModelConfig:
     mask_mix: dict = field(default_factory=lambda: dict(MASK_MIX_OSM))
 
     @property
-    def uses(self) -> tuple[bool, bool, bool]:
+    def uses(self) -> Modalities:
+        """The variant's modalities: ``cfg.uses.geometry``, ``cfg.uses.images``."""
         return VARIANTS[self.variant]
 
     def to_dict(self) -> dict:
@@ -64,5 +79,5 @@ def model_config(preset: str, variant: str, **overrides) -> ModelConfig:
         raise GeojepaError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
     if variant not in VARIANTS:
         raise GeojepaError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
-    mix = dict(MASK_MIX_WITH_IMAGES if VARIANTS[variant][2] else MASK_MIX_OSM)
+    mix = dict(MASK_MIX_WITH_IMAGES if VARIANTS[variant].images else MASK_MIX_OSM)
     return replace(PRESETS[preset], variant=variant, mask_mix=mix, **overrides)

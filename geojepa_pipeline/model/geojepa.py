@@ -23,9 +23,7 @@ from torch import nn
 from ..tokenizers.image import GRID, PatchTokenizer, patch_positions
 from .config import ModelConfig
 from .losses import jepa_loss
-from .masking import min_box_centroid, sample_masks
-
-PAD, OSM, IMG = 0, 1, 2  # modality ids
+from .masking import IMG, OSM, PAD, min_box_centroid, sample_masks
 MODEL_INPUTS = ("tag", "geometry", "position", "valid", "images", "has_image", "context", "targets")  # the batch keys a step reads
 
 
@@ -47,13 +45,13 @@ class TokenEmbedding(nn.Module):
         self.tag = nn.Sequential(nn.Linear(cfg.tag_dim, d), nn.LayerNorm(d))
         self.geometry = nn.Sequential(nn.Linear(cfg.geometry_dim, d), nn.LayerNorm(d))
         self.fuse = mlp(2 * d, 2 * d, d)
-        self.patches = PatchTokenizer(d) if cfg.uses[2] else None
+        self.patches = PatchTokenizer(d) if cfg.uses.images else None
 
     def forward(self, tag: torch.Tensor, geometry: torch.Tensor, stochastic: bool = True) -> torch.Tensor:
         """(B, L, tag_dim), (B, L, geometry_dim) -> (B, L, d). ``stochastic=False``: no modality dropout."""
         t = self.tag(tag)
-        g = self.geometry(geometry) if self.cfg.uses[1] else torch.zeros_like(t)
-        if stochastic and self.training and self.cfg.modality_dropout > 0 and self.cfg.uses[1]:
+        g = self.geometry(geometry) if self.cfg.uses.geometry else torch.zeros_like(t)
+        if stochastic and self.training and self.cfg.modality_dropout > 0 and self.cfg.uses.geometry:
             drop = torch.rand(t.shape[0], t.shape[1], 1, device=t.device) < self.cfg.modality_dropout
             which = torch.rand(t.shape[0], t.shape[1], 1, device=t.device) < 0.5
             t = torch.where(drop & which, 0.0, t)
@@ -155,36 +153,39 @@ class Predictor(nn.Module):
         return self.out(self.norm(x[:, reg.shape[1]:]))
 
 
+def _layout(xp, valid, position, has_image, patch_position):
+    """The token layout, in torch or numpy (``xp``): the entity tokens, then, when ``has_image`` (B,) is given,
+    each tile's 196 patch tokens at ``patch_position`` (196, 8). Returns (valid, position, modality (int64))."""
+    modality = xp.where(valid, OSM, PAD)
+    if has_image is None:
+        return valid, position, modality
+    b = valid.shape[0]
+    has = xp.broadcast_to(has_image[:, None], (b, GRID * GRID))
+    patches = xp.broadcast_to(patch_position, (b, GRID * GRID, 8))
+    return (xp.concatenate([valid, has], axis=1), xp.concatenate([position, patches], axis=1),
+            xp.concatenate([modality, xp.where(has, IMG, PAD)], axis=1))
+
+
 def token_layout(batch: dict, uses_images: bool, patch_position: torch.Tensor | None = None):
     """(valid (B, L'), position (B, L', 8), modality (B, L') long) of a batch's tokens as the model lays them out:
     the entity tokens, then (image variants, when the batch has chips) each tile's 196 patch tokens."""
     valid, position = batch["valid"], batch["position"]
-    modality = torch.where(valid, OSM, PAD)
-    if uses_images and "images" in batch:
-        b = valid.shape[0]
-        has = batch["has_image"][:, None].expand(b, GRID * GRID)
-        if patch_position is None:
-            patch_position = torch.as_tensor(patch_positions())
-        pos = patch_position.to(position.device, position.dtype).expand(b, -1, -1)
-        valid = torch.cat([valid, has], dim=1)
-        position = torch.cat([position, pos], dim=1)
-        modality = torch.cat([modality, torch.where(has, IMG, PAD)], dim=1)
-    return valid, position, modality
+    if not (uses_images and "images" in batch):
+        return _layout(torch, valid, position, None, None)
+    if patch_position is None:
+        patch_position = torch.as_tensor(patch_positions())
+    return _layout(torch, valid, position, batch["has_image"], patch_position.to(position.device, position.dtype))
 
 
 def draw_masks(batch: dict, cfg: ModelConfig, rng: np.random.Generator | int | None = None) -> dict:
     """The batch (CPU tensors) plus ``strategy`` (str), ``context`` (B, L') bool and ``targets`` (B, K, L') bool.
 
-    Numpy only (no torch kernels), laid out as ``token_layout``: run where the batch is collated (the
-    loader's thread), so the training step needs no host work. ``rng``: a generator or a seed."""
-    valid, position = batch["valid"].numpy(), batch["position"].numpy()
-    modality = np.where(valid, OSM, PAD)
-    if cfg.uses[2] and "images" in batch:
-        b = valid.shape[0]
-        has = np.broadcast_to(batch["has_image"].numpy()[:, None], (b, GRID * GRID))
-        valid = np.concatenate([valid, has], 1)
-        position = np.concatenate([position, np.broadcast_to(patch_positions(), (b, GRID * GRID, 8))], 1)
-        modality = np.concatenate([modality, np.where(has, IMG, PAD)], 1)
+    Numpy only (no torch kernels: see ``masking``), laid out as ``token_layout`` lays them out (the same
+    ``_layout``): run where the batch is collated (the loader's thread), so the training step needs no host
+    work. ``rng``: a generator or a seed."""
+    images = cfg.uses.images and "images" in batch
+    valid, position, modality = _layout(np, batch["valid"].numpy(), batch["position"].numpy(),
+                                        batch["has_image"].numpy() if images else None, patch_positions() if images else None)
     strategy, context, targets = sample_masks(cfg.mask_mix, valid, min_box_centroid(position), modality, cfg.n_targets,
                                               cfg.target_fraction, cfg.min_context, np.random.default_rng(rng))
     return {**batch, "strategy": strategy, "context": torch.from_numpy(context), "targets": torch.from_numpy(targets)}
@@ -203,7 +204,7 @@ class GeoJEPA(nn.Module):
         for p in self.target_encoder.parameters():
             p.requires_grad_(False)
         self.predictor = Predictor(cfg)
-        if cfg.uses[2]:  # a constant: a buffer moves with the model and needs no copy per step
+        if cfg.uses.images:  # a constant: a buffer moves with the model and needs no copy per step
             self.register_buffer("patch_position", torch.as_tensor(patch_positions()), persistent=False)
 
     def train(self, mode: bool = True) -> "GeoJEPA":
@@ -218,7 +219,7 @@ class GeoJEPA(nn.Module):
         Image variants append each tile's 196 patch tokens (L' = L + 196). ``stochastic=False``: without
         modality dropout, position noise and dropout even in training mode (the target encoder's input)."""
         x = self.embed(batch["tag"], batch["geometry"], stochastic)
-        valid, position, modality = token_layout(batch, self.cfg.uses[2], getattr(self, "patch_position", None))
+        valid, position, modality = token_layout(batch, self.cfg.uses.images, getattr(self, "patch_position", None))
         if valid.shape[1] > x.shape[1]:
             x = torch.cat([x, self.embed.patches(batch["images"])], dim=1)  # (B, 196, d) patch tokens
         prior = self.prior(position, modality, stochastic)

@@ -1,7 +1,7 @@
 """Masking strategies: which tokens are context and which are prediction targets.
 
 Shapes: ``valid`` (B, L) bool marks real tokens (not padding); ``centroid`` (B, L, 2) is the
-min-box centre of each token in tile units; ``modality`` (B, L) int (1 OSM, 2 image).
+min-box centre of each token in tile units; ``modality`` (B, L) int (``OSM`` 1, ``IMG`` 2).
 Every strategy returns ``targets`` (B, K, L) bool; ``context_from_targets`` gives the context
 (B, L) bool. One strategy is drawn per batch (``sample_masks``).
 
@@ -14,6 +14,8 @@ loader's thread spin-waits against the step's own threads; measured: ~17 % of a 
 from __future__ import annotations
 
 import numpy as np
+
+PAD, OSM, IMG = 0, 1, 2  # modality ids: padding, an OSM entity token, an image patch token
 
 
 def random_targets(valid: np.ndarray, n_targets: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -46,9 +48,9 @@ def modality_targets(valid: np.ndarray, modality: np.ndarray, rng: np.random.Gen
     """One target (K = 1): per sample, one present modality is the context, all other valid tokens are targets.
     A sample with a single modality gets random targets instead."""
     b, _ = valid.shape
-    present = np.stack([(valid & (modality == m)).any(1) for m in (1, 2)], 1)  # (B, 2)
+    present = np.stack([(valid & (modality == m)).any(1) for m in (OSM, IMG)], 1)  # (B, 2)
     pick = rng.random(b) < 0.5
-    ctx_mod = np.where(present.all(1), np.where(pick, 1, 2), np.where(present[:, 0], 1, 2))
+    ctx_mod = np.where(present.all(1), np.where(pick, OSM, IMG), np.where(present[:, 0], OSM, IMG))
     targets = valid & (modality != ctx_mod[:, None])
     single = ~present.all(1, keepdims=True)
     targets = np.where(single, random_targets(valid, 1, 0.45, rng)[:, 0], targets)

@@ -34,14 +34,13 @@ import numpy as np
 import torch
 
 from ..evaluate.probes import ridge_r2
-from ..model.config import model_config
+from ..model.config import COMPILE_MODES, DEFAULT_PRESET, model_config
 from ..model.geojepa import MODEL_INPUTS, GeoJEPA, draw_masks
 from ..model.losses import covariance_term, effective_rank
 from ..model.schedules import ema_momentum, learning_rate, weight_decay
 from .checkpoint import WorkDir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import ShardSource, TileSequences, bucketed_batches, prefetch
 
-COMPILE_MODES = ("none", "default", "reduce-overhead")
 EMBED_BATCH = 256  # tiles per forward pass of the epoch-end probe (eager: fewer, larger launches)
 STEP_STATS = ("loss", "smooth_l1", "variance", "covariance")  # the scalars a step returns in ``stats``
 LENGTH_DIM = {"tag": 1, "geometry": 1, "position": 1, "valid": 1, "context": 1, "targets": 2}  # each input's token axis
@@ -49,7 +48,7 @@ LENGTH_DIM = {"tag": 1, "geometry": 1, "position": 1, "valid": 1, "context": 1, 
 
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET  # tiny (2 CPU cores, minutes) or thesis (d 384, depth 12)
     variant: str = "GT"
     epochs: int = 20
     batch_size: int = 32
@@ -108,7 +107,7 @@ def epoch_batches(sources: list[ShardSource], cfg: TrainConfig, model_cfg, epoch
     (``n_tiles`` counts the real ones), so every batch of a bucket has one shape. The first ``skip`` batches come unmasked (a resume skips them).
     """
     seqs = TileSequences(sources, "train", cfg.max_tokens, rank, world, cfg.split_seed,
-                         shuffle=cfg.seed * 100_003 + epoch, with_images=model_cfg.uses[2])
+                         shuffle=cfg.seed * 100_003 + epoch, with_images=model_cfg.uses.images)
 
     def masked():
         for i, batch in enumerate(bucketed_batches(seqs, cfg.batch_size, cfg.max_tokens, pad=True)):
@@ -194,7 +193,7 @@ def embed_tiles(model: GeoJEPA, sources, split: str, cfg: TrainConfig, limit: in
     """
     model.eval()
     xs, ys = [], []
-    seqs = TileSequences(sources, split, cfg.max_tokens, split_seed=cfg.split_seed, with_images=model.cfg.uses[2],
+    seqs = TileSequences(sources, split, cfg.max_tokens, split_seed=cfg.split_seed, with_images=model.cfg.uses.images,
                          sample=limit)
     device = next(model.parameters()).device
     for batch in bucketed_batches(seqs, batch_size, cfg.max_tokens):

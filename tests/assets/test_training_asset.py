@@ -144,7 +144,7 @@ def test_checkpoint_trained_by_two_torchrun_processes(tokens_home):
     from geojepa_pipeline.settings import get_settings
     from geojepa_pipeline.store import default_store
     from geojepa_pipeline.train.loop import TrainConfig
-    from geojepa_pipeline.training import build_checkpoint
+    from geojepa_pipeline.stages.training import build_checkpoint
 
     logs = []
     result = build_checkpoint("T", default_store(), get_settings(), TrainConfig(preset="tiny", epochs=2, batch_size=16),

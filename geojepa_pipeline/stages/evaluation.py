@@ -15,17 +15,17 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .columns import fixed_list_to_numpy, numpy_to_fixed_list
-from .errors import GeojepaError
-from .settings import Settings
-from .store import (
+from ..columns import fixed_list_to_numpy, numpy_to_fixed_list
+from ..errors import GeojepaError
+from ..settings import Settings
+from ..store import (
     CHECKPOINTS, EMBEDDINGS_FILE, GEOMETRY, GLOBAL_SCOPE, IMAGES, METRICS_FILE, RELATION_MEMBERS_FILE, REPORT_FILE, REPORTS,
     SCENES, TAGS, TILES, TOKENS, TRAIN_STATE_FILE, WEIGHTS_FILE, Dataset, Store, missing,
 )
@@ -33,11 +33,18 @@ from .store import (
 REPORT_SCHEMA_VERSION = 2
 
 
+@dataclass
+class ReportOptions:
+    """How evaluation_report scores a checkpoint (the asset's config, beside ``geo.splits.Holdout``)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # probes and zero-label subsampling repeated per seed (mean ± std)
+
+
 def load_checkpoint_model(ck: Dataset):
     from safetensors.torch import load_file
 
-    from .model.config import ModelConfig
-    from .model.geojepa import GeoJEPA
+    from ..model.config import ModelConfig
+    from ..model.geojepa import GeoJEPA
 
     state = json.loads(ck.file(TRAIN_STATE_FILE).read_text())
     model = GeoJEPA(ModelConfig(**state["model_config"]))
@@ -49,8 +56,8 @@ def untrained_model(state: dict):
     """The control: the checkpoint's architecture with the weights training started from (same seed), eval mode."""
     import torch
 
-    from .model.config import ModelConfig
-    from .model.geojepa import GeoJEPA
+    from ..model.config import ModelConfig
+    from ..model.geojepa import GeoJEPA
 
     torch.manual_seed(state["train_config"]["seed"])  # as train() does before building the model
     return GeoJEPA(ModelConfig(**state["model_config"])).eval()
@@ -59,7 +66,7 @@ def untrained_model(state: dict):
 def _mlflow_version(settings: Settings, variant: str, data_version: str):
     from mlflow.tracking import MlflowClient
 
-    from .train.tracking import tracking_uri
+    from ..train.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(settings.mlflow_dir))
     try:
@@ -85,8 +92,8 @@ def imagery_kind(store: Store, region: str, images_version: str | None) -> str:
 def load_region_data(store: Store, region: str, tiles_version: str, tokens_version: str,
                      images_version: str | None = None, with_chips: bool = False):
     """``evaluate.run.RegionData`` of one region at the given data versions (shard order, every piece)."""
-    from .evaluate.labels import Pieces
-    from .evaluate.run import RegionData
+    from ..evaluate.labels import Pieces
+    from ..evaluate.run import RegionData
 
     tiles, toks = store.dataset(TILES, region, tiles_version), store.dataset(TOKENS, region, tokens_version)
     ids, tx, ty, tile_of, types, osm_ids, tags, geom, pos = [], [], [], [], [], [], [], [], []
@@ -161,7 +168,7 @@ def _tile_picture(store: Store, region: str, tile_id: str, px: int = 112) -> byt
     import shapely
     from PIL import Image
 
-    from .geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
+    from ..geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
 
     from .imagery import decode_chip
 
@@ -213,7 +220,7 @@ class ReportResult:
 
 def report_pictures(ev, ck: Dataset) -> dict[str, bytes]:
     """The report's PNGs: training curves, the PaCMAP map coloured by building count, each region's split."""
-    from .evaluate.report import project_2d, scatter_png, split_map_png, training_curves
+    from ..evaluate.report import project_2d, scatter_png, split_map_png, training_curves
 
     state = json.loads(ck.file(TRAIN_STATE_FILE).read_text())
     pictures = training_curves(state.get("epochs", []), state.get("losses", []))
@@ -230,9 +237,9 @@ def report_pictures(ev, ck: Dataset) -> dict[str, bytes]:
 def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2), holdout_regions: list[str] | tuple = (),
                  log: Callable[[str], None] = print) -> ReportResult:
     """Evaluate the current checkpoint of ``variant``; commit ``reports/<variant>/<dv>``; log it to MLflow."""
-    from .evaluate.knn import cosine_knn
-    from .evaluate.report import render_html
-    from .evaluate.run import evaluate, metrics_table_markdown
+    from ..evaluate.knn import cosine_knn
+    from ..evaluate.report import render_html
+    from ..evaluate.run import evaluate, metrics_table_markdown
     from .tokens import load_vocabulary
 
     ck = store.require(CHECKPOINTS, variant)
@@ -240,7 +247,7 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
     vocab = load_vocabulary(store.dataset(TAGS, GLOBAL_SCOPE, ck.manifest["inputs"]["tag_embeddings"]))
     client, version = _mlflow_version(settings, variant, ck.data_version)
     model_version = f"geojepa-{variant}:{version.version}" if version is not None else f"geojepa-{variant}@{ck.data_version}"
-    uses_images = model.cfg.uses[2]
+    uses_images = model.cfg.uses.images
     regions, held = evaluation_regions(store, ck, sorted(holdout_regions), uses_images, log)
     ev = evaluate({"geojepa": model, "random_init": untrained_model(state)}, vocab, regions, variant, model_version, held,
                   seeds=seeds, split_seed=state["train_config"].get("split_seed", 0), uses_images=uses_images, log=log)

@@ -5,7 +5,7 @@ import sys
 import textwrap
 import time
 
-from geojepa_pipeline.ingest import build_tile_shards
+from geojepa_pipeline.stages.osm import build_tile_shards
 from geojepa_pipeline.store import Store
 
 KILLED_WRITER = textwrap.dedent("""
@@ -20,7 +20,7 @@ KILLED_WRITER = textwrap.dedent("""
             print("WRITING", flush=True)
             time.sleep(120)
     shards._write = write_then_hang
-    from geojepa_pipeline.ingest import build_tile_shards
+    from geojepa_pipeline.stages.osm import build_tile_shards
     from geojepa_pipeline.store import Store
     build_tile_shards("r", Store(sys.argv[1]), extract_path=Path(sys.argv[2]), source={}, shard_tiles=8)
 """)

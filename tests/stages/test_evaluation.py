@@ -14,16 +14,16 @@ import torch
 
 from geojepa_pipeline.evaluate.labels import TASKS, task_input, tile_labels, unmasked_input
 from geojepa_pipeline.evaluate.run import _length_batches, embed_tiles
-from geojepa_pipeline.evaluation import load_region_data
-from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images
-from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+from geojepa_pipeline.stages.evaluation import load_region_data
+from geojepa_pipeline.stages.imagery import build_naip_scenes, build_tile_images
+from geojepa_pipeline.stages.osm import build_tile_shards, fetch_extract
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import Store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from geojepa_pipeline.tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
+    from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tag_embeddings, build_tile_tokens
 
     store = Store(tmp_path_factory.mktemp("store"))
     region = Region.create("t", "pyrosm:test", imagery="synthetic")
@@ -145,10 +145,10 @@ def test_building_count_correlates_with_the_masked_input_only_as_much_as_the_unl
 def test_an_image_variant_is_scored_with_its_chips_re_rendered_from_the_masked_entities(store, tmp_path):
     """TI through build_checkpoint and build_report: the report says the GeoJEPA rows read tags and image, and that
     this region's imagery is synthetic (so every task's chips were re-rendered from its masked entities)."""
-    from geojepa_pipeline.evaluation import build_report
+    from geojepa_pipeline.stages.evaluation import build_report
     from geojepa_pipeline.settings import get_settings
     from geojepa_pipeline.train.loop import TrainConfig
-    from geojepa_pipeline.training import build_checkpoint
+    from geojepa_pipeline.stages.training import build_checkpoint
 
     settings = get_settings(tmp_path / "home")
     build_checkpoint("TI", store, settings, TrainConfig(epochs=1, batch_size=8, max_tokens=32, max_steps=2), log=lambda m: None)

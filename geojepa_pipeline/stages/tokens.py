@@ -20,15 +20,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .columns import fixed_list_to_numpy, numpy_to_fixed_list
-from .errors import GeojepaError
-from .progress import Progress
-from .store import (
+from ..columns import fixed_list_to_numpy, numpy_to_fixed_list
+from ..errors import GeojepaError
+from ..progress import Progress
+from ..store import (
     CONFIG_FILE, GEOMETRY, GLOBAL_SCOPE, HISTORY_FILE, IMAGES, INPUTS_FILE, PAIRS_FILE, POLICY_FILE, TAGS, TILES, TOKENS,
     WEIGHTS_FILE, Dataset, Store, missing,
 )
-from .tables import _sql_list
-from .tokenizers.tags import (
+from ..tables import _sql_list
+from ..tokenizers.tags import (
     DEFAULT_TAG_MODEL,
     OPEN_MIN_DISTINCT,
     OPEN_MIN_NUMERIC_FRACTION,
@@ -180,6 +180,16 @@ def build_tag_embeddings(
 GEOMETRY_SCHEMA_VERSION = 1
 
 
+@dataclass
+class GeometryEncoderOptions:
+    """How the geometry encoder is pretrained (``build_geometry_encoder``; the geometry_encoder asset's config)."""
+
+    steps: int = 300  # contrastive pretraining steps (batch 256)
+    max_pieces: int = 20000  # pieces sampled from all regions (15 % held out for the probe)
+    dim: int = 64  # geometry token size
+    seed: int = 0
+
+
 def sample_pieces(store: Store, regions: list[str], max_pieces: int, seed: int) -> np.ndarray:
     """Up to ``max_pieces`` piece geometries (tile-local metres) drawn evenly from the regions' CURRENT shards."""
     import shapely
@@ -206,21 +216,22 @@ class GeometryEncoderResult:
     timings_s: dict
 
 
-def build_geometry_encoder(
-    store: Store, regions: list[str], steps: int = 300, seed: int = 0, max_pieces: int = 20000,
-    dim: int = 64, log: Log | None = None,
-) -> GeometryEncoderResult:
-    """Pretrain the PolygonGNN on the regions' pieces; save weights (safetensors) + config + history."""
+def build_geometry_encoder(store: Store, regions: list[str], log: Log | None = None, **options) -> GeometryEncoderResult:
+    """Pretrain the PolygonGNN on the regions' pieces; save weights (safetensors) + config + history.
+
+    ``options``: fields of ``GeometryEncoderOptions`` (steps, max_pieces, dim, seed)."""
     import torch
     from safetensors.torch import save_file
 
-    from .tokenizers.geometry import (
+    from ..tokenizers.geometry import (
         GeometryEncoderConfig,
         PretrainConfig,
         pretrain,
         probe,
     )
 
+    opts = GeometryEncoderOptions(**options)
+    steps, max_pieces, dim, seed = opts.steps, opts.max_pieces, opts.dim, opts.seed
     t0 = time.perf_counter()
     geoms = sample_pieces(store, regions, max_pieces, seed)
     order = np.random.default_rng(seed).permutation(len(geoms))
@@ -250,7 +261,7 @@ def load_geometry_encoder(ds: Dataset):
     """The PolygonGNN of a committed ``geometry_encoder`` version, in eval mode."""
     from safetensors.torch import load_file
 
-    from .tokenizers.geometry import GeometryEncoderConfig, PolygonGNN
+    from ..tokenizers.geometry import GeometryEncoderConfig, PolygonGNN
 
     config = json.loads(ds.file(CONFIG_FILE).read_text())
     model = PolygonGNN(GeometryEncoderConfig(**config["encoder"]))
@@ -318,7 +329,7 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
     import shapely
     import torch
 
-    from .tokenizers.geometry import geometry_graphs
+    from ..tokenizers.geometry import geometry_graphs
 
     tiles = store.require(TILES, region)
     tags_ds = store.require(TAGS, GLOBAL_SCOPE)
@@ -338,7 +349,7 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
             raise GeojepaError("image_tokenizer 'vit' needs vit_model: a local path saved with save_pretrained or a hub id")
         if images is None:
             raise missing(IMAGES, region)
-        from .tokenizers.image import VitTokenizer
+        from ..tokenizers.image import VitTokenizer
 
         vit = VitTokenizer(vit_model)
     inputs = {"tile_shards": tiles.data_version, "tag_embeddings": tags_ds.data_version, "geometry_encoder": geom_ds.data_version,

@@ -13,13 +13,13 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
-from .geo.osm_read import PbfSummary, read_osm, validate_pbf
-from .geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
-from .geo.parallel import default_workers
-from .geo.tiling import TILE_SIZE_M, TiledRegion, tile_osm
-from .regions import Region
+from ..geo.osm_read import PbfSummary, read_osm, validate_pbf
+from ..geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
+from ..geo.parallel import default_workers
+from ..geo.tiling import TILE_SIZE_M, TiledRegion, tile_osm
+from ..regions import Region
 from .sources import fetch_osm_source, local_source_path, source_fingerprint
-from .store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, missing, sha256_file
+from ..store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, missing, sha256_file
 
 Log = Callable[[str], None]
 

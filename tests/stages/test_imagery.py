@@ -18,12 +18,12 @@ from rasterio.transform import from_origin
 
 from geojepa_pipeline.errors import GeojepaError
 from geojepa_pipeline.geo.synthetic import colorize, write_cog
-from geojepa_pipeline.imagery import build_naip_scenes, build_tile_images, decode_chip
-from geojepa_pipeline.ingest import build_tile_shards, fetch_extract
+from geojepa_pipeline.stages.imagery import build_naip_scenes, build_tile_images, decode_chip
+from geojepa_pipeline.stages.osm import build_tile_shards, fetch_extract
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.store import IMAGES, SCENES, Store
 
-from .conftest import visible_datasets
+from ..conftest import visible_datasets
 
 
 @pytest.fixture(scope="module")

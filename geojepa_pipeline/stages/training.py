@@ -13,20 +13,29 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import GeojepaError
-from .settings import Settings
-from .store import (
+from ..errors import GeojepaError
+from ..settings import Settings
+from ..store import (
     CHECKPOINTS, GEOMETRY, GLOBAL_SCOPE, IMAGES, INPUTS_FILE, LAST_WEIGHTS_FILE, OSM, TILES, TOKENS, TRAIN_STATE_FILE,
     WEIGHTS_FILE, Dataset, Store,
 )
-from .train.checkpoint import MODEL_FILE, STATE_FILE, WorkDir
-from .train.data import ShardSource
-from .train.loop import TrainConfig, train
+from ..model.config import VARIANTS
+from ..train.checkpoint import MODEL_FILE, STATE_FILE, WorkDir
+from ..train.data import ShardSource
+from ..train.loop import TrainConfig, train
 
 CHECKPOINT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class CheckpointOptions:
+    """What geojepa_checkpoint trains on and how it runs, beside ``TrainConfig`` (how it trains) and ``Holdout``."""
+
+    regions: list[str] = field(default_factory=list)  # empty: every region with tile_tokens
+    processes: int = 1  # > 1: DDP under `torchrun --nproc_per_node` (one per GPU; the run's host needs that many)
 
 
 def training_sources(store: Store, regions: list[str], with_images: bool = False) -> tuple[list[ShardSource], dict]:
@@ -114,7 +123,7 @@ def build_checkpoint(
     ``regions`` (default: every region with tile_tokens) minus ``holdout_regions``, which pretraining never
     reads. ``processes`` > 1 trains with DDP under torchrun (one process per GPU, or CPU ranks with gloo).
     """
-    from .train.tracking import git_commit, log_training, tracking_uri
+    from ..train.tracking import git_commit, log_training, tracking_uri
 
     cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
     if regions is None:
@@ -128,7 +137,7 @@ def build_checkpoint(
         if tok is not None and name in store.dataset(GEOMETRY, GLOBAL_SCOPE, tok.manifest["inputs"]["geometry_encoder"]).manifest.get("regions", []):
             raise GeojepaError(f"held-out region {name!r}: its tile_tokens use a geometry encoder pretrained on it; materialize "
                                f"geometry_encoder and tile_tokens with it held out (geojepa materialize --holdout {name})")
-    sources, inputs = training_sources(store, regions, with_images="I" in variant)
+    sources, inputs = training_sources(store, regions, with_images=VARIANTS[variant].images)
     trained = {k: v for k, v in cfg.to_dict().items() if k != "compile"}  # how a step runs does not change what it trains
     key = hashlib.sha256(json.dumps({"config": trained, "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
     work = store.work_dir(CHECKPOINTS, variant, key)

@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 import shapely
 from shapely.geometry import box, shape
 
-from .errors import GeojepaError
-from .progress import Progress
+from ..errors import GeojepaError
+from ..progress import Progress
 
 PLANETARY_COMPUTER_STAC = "https://planetarycomputer.microsoft.com/api/stac/v1"
 NAIP_COLLECTION = "naip"

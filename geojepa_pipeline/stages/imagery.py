@@ -30,12 +30,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
-from .errors import GeojepaError
-from .geo.parallel import default_workers, fork_worker_init
-from .geo.raster import BANDS, CHIP_PX, SceneChipper, SceneInfo, inspect_scene
-from .progress import Progress
-from .regions import Region
-from .store import IMAGES, SCENES, SCENES_FILE, TILES, Dataset, Store, sha256_file
+from ..errors import GeojepaError
+from ..geo.parallel import default_workers, fork_worker_init
+from ..geo.raster import BANDS, CHIP_PX, SceneChipper, SceneInfo, inspect_scene
+from ..progress import Progress
+from ..regions import Region
+from ..store import IMAGES, SCENES, SCENES_FILE, TILES, Dataset, Store, sha256_file
 
 SCENES_SCHEMA_VERSION = 1
 IMAGES_SCHEMA_VERSION = 1
@@ -94,7 +94,7 @@ class ScenesResult:
 
 def _synthetic_scenes(tiles: Dataset, staging: Path, seed: int, res_m: float, block_tiles: int, log: Log | None) -> list[SceneInfo]:
     """Render one COG per block of tiles that holds any tile, from the tiles' own entity pieces."""
-    from .geo.synthetic import classify
+    from ..geo.synthetic import classify
 
     epsg = int(tiles.manifest["epsg"])
     size = float(tiles.manifest["tile_size_m"])
@@ -151,7 +151,7 @@ _SYNTH: dict | None = None  # the synthetic render job, set before forking worke
 
 def _render_synthetic_block(key: tuple[int, int], job: dict | None = None) -> SceneInfo:
     """Render and write one synthetic scene; returns its SceneInfo (runs in a worker process)."""
-    from .geo.synthetic import SYNTHETIC_ACQUIRED, SyntheticBlock, render_block, write_cog
+    from ..geo.synthetic import SYNTHETIC_ACQUIRED, SyntheticBlock, render_block, write_cog
 
     job = job or _SYNTH
     bx, by = key
@@ -382,8 +382,8 @@ def preview_png(tiles: Dataset, images: Dataset, n: int = 3) -> bytes:
     """A few chips (those with image and the most entities) beside their rendered OSM entities."""
     import pyarrow.compute as pc
 
-    from .geo.render import chip_preview_png
-    from .geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
+    from ..geo.render import chip_preview_png
+    from ..geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
 
     candidates = []
     for tiles_path, entities_path, images_path in zip(tiles.shards("tiles"), tiles.shards("entities"), images.shards("images")):
@@ -473,7 +473,7 @@ class SyntheticChips:
     """
 
     def __init__(self, store: Store, region: str, tiles: Dataset, images: Dataset, pieces, stored: StoredChips):
-        from .geo.synthetic import classify
+        from ..geo.synthetic import classify
 
         self.kind, self.stored = "synthetic", stored
         scenes_ds = store.dataset(SCENES, region, images.manifest["inputs"]["naip_scenes"])
@@ -496,7 +496,7 @@ class SyntheticChips:
         self._task, self._rendered = None, {}
 
     def _classes(self, inp) -> tuple[np.ndarray, np.ndarray]:
-        from .geo.synthetic import NO_CLASS, classify
+        from ..geo.synthetic import NO_CLASS, classify
 
         if inp.task == "none":
             return self.classes, self.widths
@@ -517,7 +517,7 @@ class SyntheticChips:
         """{region row: chip (224, 224, 4) or None} of the tiles of ``blocks[block]``, rendered from ``inp``'s pieces."""
         import tempfile
 
-        from .geo.synthetic import SYNTHETIC_ACQUIRED, SyntheticBlock, render_block, write_cog
+        from ..geo.synthetic import SYNTHETIC_ACQUIRED, SyntheticBlock, render_block, write_cog
 
         classes, widths = self._classes(inp)
         rows = np.flatnonzero(self.tile_block == block)
