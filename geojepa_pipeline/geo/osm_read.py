@@ -222,22 +222,57 @@ def _locate(ids: np.ndarray, sorted_ids: np.ndarray, sort_pos: np.ndarray | None
     return (i if sort_pos is None else sort_pos[i]), found
 
 
-@gc_paused()
-def read_osm(path: str | os.PathLike, log=None) -> OsmData:
-    """Read all features of ``path`` (see the module docstring for the rules)."""
-    # Decoding runs in this one process: on the 8x8 Liechtenstein, runs of blocks on 2 forked
-    # workers took 1.39 s against 1.21 s here, as sending 230 MB of columns back cost more
-    # than the halved decode (0.80 s with nothing sent back).
+@dataclass
+class _Decoded:
+    """Every block's columns, concatenated: all nodes, ways and relations before any keep rule.
+
+    Tag columns are ``_TagColumns.finish()`` tuples (keys, values, owner, raw count per element)."""
+
+    node_id: np.ndarray  # (N,) int64
+    node_lon: np.ndarray  # (N,) float64 degrees
+    node_lat: np.ndarray
+    node_tags: tuple
+    way_id: np.ndarray  # (W,) int64
+    way_refs: np.ndarray  # all ways' node refs back to back
+    way_counts: np.ndarray  # (W,) refs per way
+    way_tags: tuple
+    rel_id: np.ndarray  # (R,) int64
+    mem_type: np.ndarray  # all relations' members back to back: type, ref, role
+    mem_ref: np.ndarray
+    mem_role: list
+    mem_counts: np.ndarray  # (R,) members per relation
+    rel_type_value: list  # (R,) the value of each relation's 'type' tag, or None
+    rel_tags: tuple
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.node_id)
+
+    @property
+    def n_ways(self) -> int:
+        return len(self.way_id)
+
+    @property
+    def n_rels(self) -> int:
+        return len(self.rel_id)
+
+    def members(self, osm_type: int) -> np.ndarray:
+        """Sorted distinct ids of the relation members of ``osm_type``."""
+        return unique_ints(self.mem_ref[self.mem_type == osm_type])
+
+
+def _decode_blocks(path) -> _Decoded:
+    """Decode every block of the pbf in this one process.
+
+    On the 8x8 Liechtenstein, runs of blocks on 2 forked workers took 1.39 s against 1.21 s here, as
+    sending 230 MB of columns back cost more than the halved decode (0.80 s with nothing sent back)."""
     from pyrosm.pbfreader import iter_decoded_blocks
 
-    check_pbf_header(path)
-    dropped: Counter = Counter()
-    repaired: Counter = Counter()
     node_id, node_lon, node_lat = [], [], []
     node_tags, way_tags, rel_tags = _TagColumns(), _TagColumns(), _TagColumns()
     way_id, way_refs, way_counts = [], [], []
     rel_id, rel_mem_type, rel_mem_ref, rel_mem_role, rel_mem_counts = [], [], [], [], []
-    rel_type_value: list = []  # per relation: the value of its 'type' tag, if any
+    rel_type_value: list = []
     n_nodes_total = n_ways = n_rels = 0
     try:
         for strings, header, nodes, ways, relations in iter_decoded_blocks(str(path)):
@@ -283,52 +318,65 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     except Exception as exc:  # pyrosm raises DecodeError / InvalidOSMFileError / zlib errors
         raise _pbf_error(path, exc) from None
     cat = lambda parts, dtype=np.int64: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
-    node_id, node_lon, node_lat = cat(node_id), cat(node_lon, np.float64), cat(node_lat, np.float64)
-    way_id, way_refs, way_counts = cat(way_id), cat(way_refs), cat(way_counts)
-    rel_id, mem_type, mem_ref, mem_counts = cat(rel_id), cat(rel_mem_type), cat(rel_mem_ref), cat(rel_mem_counts)
-    mem_role = pa.concat_arrays(rel_mem_role).to_pylist() if rel_mem_role else []
-    nk, nv, n_owner, n_raw = node_tags.finish()
-    wk, wv, w_owner, w_raw = way_tags.finish()
-    rk, rv, r_owner, r_raw = rel_tags.finish()
-    n_kept_tags = np.bincount(n_owner, minlength=n_nodes_total)
-    w_kept_tags = np.bincount(w_owner, minlength=n_ways)
-    r_kept_tags = np.bincount(r_owner, minlength=n_rels)
-    if log:
-        log(f"read {path}: {n_nodes_total:,} nodes, {n_ways:,} ways, {n_rels:,} relations decoded")
+    return _Decoded(
+        node_id=cat(node_id), node_lon=cat(node_lon, np.float64), node_lat=cat(node_lat, np.float64), node_tags=node_tags.finish(),
+        way_id=cat(way_id), way_refs=cat(way_refs), way_counts=cat(way_counts), way_tags=way_tags.finish(),
+        rel_id=cat(rel_id), mem_type=cat(rel_mem_type), mem_ref=cat(rel_mem_ref),
+        mem_role=pa.concat_arrays(rel_mem_role).to_pylist() if rel_mem_role else [], mem_counts=cat(rel_mem_counts),
+        rel_type_value=rel_type_value, rel_tags=rel_tags.finish(),
+    )
 
-    # ---- node lookup: sorted ids ------------------------------------------------------------
+
+def _node_lookup(node_id: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(sorted node ids, their positions in the node arrays or None when already sorted), for ``_locate``."""
     if len(node_id) and np.all(node_id[1:] > node_id[:-1]):
-        sorted_ids, sort_pos = node_id, None
-    else:
-        sort_pos = np.argsort(node_id, kind="stable")
-        sorted_ids = node_id[sort_pos]
+        return node_id, None
+    sort_pos = np.argsort(node_id, kind="stable")
+    return node_id[sort_pos], sort_pos
 
-    # ---- members ------------------------------------------------------------------------------
-    member_nodes = unique_ints(mem_ref[mem_type == NODE])
-    member_ways = unique_ints(mem_ref[mem_type == WAY])
-    member_rels = unique_ints(mem_ref[mem_type == RELATION])
 
-    # ---- nodes: tagged ones, then untagged relation members ------------------------------------
+def _kept_nodes(d: _Decoded, lookup, dropped: Counter) -> tuple[np.ndarray, int]:
+    """(positions of the kept nodes: tagged ones, then untagged relation members; how many were input)."""
+    n_raw, n_kept_tags = d.node_tags[3], np.bincount(d.node_tags[2], minlength=d.n_nodes)
+    member_nodes = d.members(NODE)
     tagged = np.flatnonzero(n_raw > 0)
-    is_member = isin_sorted(node_id[tagged], member_nodes)
+    is_member = isin_sorted(d.node_id[tagged], member_nodes)
     keep_tagged = tagged[(n_kept_tags[tagged] > 0) | is_member]
     dropped["only_filtered_tags_not_member"] += int(len(tagged) - len(keep_tagged))
-    member_only = member_nodes[~isin_sorted(member_nodes, unique_ints(node_id[keep_tagged]))]
-    pos, found = _locate(member_only, sorted_ids, sort_pos)
+    member_only = member_nodes[~isin_sorted(member_nodes, unique_ints(d.node_id[keep_tagged]))]
+    pos, found = _locate(member_only, *lookup)
     if (~found).any():
         dropped["missing_node_locations"] += int((~found).sum())
-    extra = pos[found]
-    kept_nodes = np.concatenate([keep_tagged, extra])
+    return np.concatenate([keep_tagged, pos[found]]), len(tagged) + len(member_only)
 
-    # ---- ways: keep/drop, coordinates ------------------------------------------------------------
-    way_member = isin_sorted(way_id, member_ways)
+
+@dataclass
+class _Ways:
+    """The kept ways: positions among all ways, their vertices and the facts the area rule needs."""
+
+    kept: np.ndarray  # (Wk,) positions among the decoded ways
+    coords: np.ndarray  # (C, 2) float64 degrees, back to back
+    offsets: np.ndarray  # (Wk + 1,) int64
+    counts: np.ndarray  # (Wk,) vertices per kept way
+    closed: np.ndarray  # (W,) over all ways: first ref == last ref, every node located
+    partial: np.ndarray  # (W,) some node lies outside the extract
+
+
+def _way_vertices(d: _Decoded, lookup, dropped: Counter, repaired: Counter) -> _Ways:
+    """Which ways stay, and their located vertices (consecutive repeats of a location dropped).
+
+    Releases the decoded all-node and all-ref columns (``d.release_nodes()``) as soon as they are
+    no longer needed: ~200 MB on the 8x8 file, the read's peak when they lived on."""
+    n_ways, way_counts, way_refs = d.n_ways, d.way_counts, d.way_refs
+    w_raw, w_kept_tags = d.way_tags[3], np.bincount(d.way_tags[2], minlength=n_ways)
+    way_member = isin_sorted(d.way_id, d.members(WAY))
     untagged = (w_raw == 0) & ~way_member
     filtered_out = (w_raw > 0) & (w_kept_tags == 0) & ~way_member
     dropped["untagged_not_member"] += int(untagged.sum())
     dropped["only_filtered_tags_not_member"] += int(filtered_out.sum())
     way_keep = ~untagged & ~filtered_out
     ref_way = np.repeat(np.arange(n_ways), way_counts)
-    pos, found = _locate(way_refs, sorted_ids, sort_pos)
+    pos, found = _locate(way_refs, *lookup)
     n_found = np.bincount(ref_way, weights=found, minlength=n_ways).astype(np.int64)
     no_coords = way_keep & (n_found == 0)
     dropped["missing_node_locations"] += int(no_coords.sum())
@@ -338,18 +386,13 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
         repaired["partial_way_missing_nodes"] += int(partial.sum())
     ref_starts = np.cumsum(way_counts) - way_counts
     closed = (way_counts >= 2) & (way_refs[np.maximum(ref_starts + way_counts - 1, 0)] == way_refs[ref_starts]) & ~partial
-    # vertices: located refs of kept ways, consecutive repeats of a location dropped
     vkeep = found & way_keep[ref_way]
-    vx, vy, vway = node_lon[pos[vkeep]], node_lat[pos[vkeep]], ref_way[vkeep]
-    # the kept nodes' columns; then every all-node and all-ref array goes (~200 MB on the 8x8
-    # file, which used to stay alive through the relations and the tag maps, the read's peak)
-    kept_node_id = node_id[kept_nodes]
-    kept_node_lonlat = np.column_stack([node_lon[kept_nodes], node_lat[kept_nodes]])
-    del node_id, node_lon, node_lat, sorted_ids, sort_pos, n_raw, n_kept_tags, ref_way, way_refs
+    vx, vy, vway = d.node_lon[pos[vkeep]], d.node_lat[pos[vkeep]], ref_way[vkeep]
+    del pos, found, vkeep, ref_way, way_refs
+    d.way_refs = None  # every all-ref array goes
     if len(vway):
         same = np.concatenate([[False], (vx[1:] == vx[:-1]) & (vy[1:] == vy[:-1]) & (vway[1:] == vway[:-1])])
         vx, vy, vway = vx[~same], vy[~same], vway[~same]
-    del pos, found, vkeep
     kept_ways = np.flatnonzero(way_keep)
     counts = np.bincount(vway, minlength=n_ways)[kept_ways]
     coords = np.column_stack([vx, vy])
@@ -361,34 +404,51 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
         counts[single] = 2
     offsets = np.zeros(len(kept_ways) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
-    # area rule on closed, complete ways
+    return _Ways(kept_ways, coords, offsets, counts, closed, partial)
+
+
+def _way_polygons(d: _Decoded, ways: _Ways, repaired: Counter) -> np.ndarray:
+    """(Wk,) bool: the kept ways that are areas. The area rule on closed, complete ways: one ``area_vote``
+    per distinct (key, value) pair, not per tag; a ring under 4 points stays a line."""
+    wk, wv, w_owner, _ = d.way_tags
     votes = np.zeros(len(w_owner), np.int8)
-    cand = closed[w_owner]
-    if cand.any():  # one area_vote per distinct (key, value) pair, not per tag
+    cand = ways.closed[w_owner]
+    if cand.any():
         rows = pa.array(np.flatnonzero(cand))
         pairs = pc.binary_join_element_wise(wk.take(rows), wv.take(rows), "\x00").dictionary_encode()
         split = [p.split("\x00", 1) for p in pairs.dictionary.to_pylist()]
         distinct_votes = np.fromiter((area_vote(k, v) for k, v in split), np.int8, len(split))
         votes[cand] = distinct_votes[pairs.indices.to_numpy(zero_copy_only=False)]
-    yes = np.bincount(w_owner, weights=votes == AREA_YES, minlength=n_ways) > 0
-    no = np.bincount(w_owner, weights=votes == AREA_NO, minlength=n_ways) > 0
-    implied = np.bincount(w_owner, weights=votes == IMPLIES_AREA, minlength=n_ways) > 0
-    polygon = closed & (yes | (~no & implied))
-    way_polygon = polygon[kept_ways] & (counts >= 4)
-    short_ring = polygon[kept_ways] & (counts < 4)
+    yes = np.bincount(w_owner, weights=votes == AREA_YES, minlength=d.n_ways) > 0
+    no = np.bincount(w_owner, weights=votes == AREA_NO, minlength=d.n_ways) > 0
+    implied = np.bincount(w_owner, weights=votes == IMPLIES_AREA, minlength=d.n_ways) > 0
+    polygon = ways.closed & (yes | (~no & implied))
+    short_ring = polygon[ways.kept] & (ways.counts < 4)
     if short_ring.any():
         repaired["ring_under_4_points_as_line"] += int(short_ring.sum())
+    return polygon[ways.kept] & (ways.counts >= 4)
 
-    # ---- relations: resolve members to kept entities, keep or drop --------------------------
-    n_nodes, n_kept_ways = len(kept_nodes), len(kept_ways)
+
+@dataclass
+class _Relations:
+    kept: np.ndarray  # (Rk,) positions among the decoded relations
+    members: list  # (Rk,) lists of (entity index, role) of the members present, in order
+    complete: np.ndarray  # (Rk,) bool: every member (transitively) present and complete
+
+
+def _resolve_relations(d: _Decoded, kept_node_id: np.ndarray, kept_way_id: np.ndarray, way_complete: np.ndarray,
+                       dropped: Counter) -> _Relations:
+    """Resolve members to kept entities (entity index: nodes, then ways, then relations); keep or drop each relation."""
+    n_nodes, n_kept_ways = len(kept_node_id), len(kept_way_id)
+    r_kept_tags = np.bincount(d.rel_tags[2], minlength=d.n_rels)
     node_index = dict(zip(kept_node_id.tolist(), range(n_nodes)))
-    way_index = dict(zip(way_id[kept_ways].tolist(), range(n_nodes, n_nodes + n_kept_ways)))
-    rel_ids = rel_id.tolist()
+    way_index = dict(zip(kept_way_id.tolist(), range(n_nodes, n_nodes + n_kept_ways)))
+    rel_ids = d.rel_id.tolist()
     rel_pos = {rid: i for i, rid in enumerate(rel_ids)}
-    mem_start = np.concatenate([[0], np.cumsum(mem_counts)]).tolist()
-    mem_type_l, mem_ref_l = mem_type.tolist(), mem_ref.tolist()
+    mem_start = np.concatenate([[0], np.cumsum(d.mem_counts)]).tolist()
+    mem_type_l, mem_ref_l, mem_role = d.mem_type.tolist(), d.mem_ref.tolist(), d.mem_role
     members_of = [list(zip(mem_type_l[a:b], mem_ref_l[a:b], mem_role[a:b])) for a, b in zip(mem_start[:-1], mem_start[1:])]
-    member_rel_set = set(member_rels.tolist())
+    member_rel_set = set(d.members(RELATION).tolist())
     has_geometry: dict[int, bool] = {}
 
     def present(i: int, stack: frozenset) -> bool:
@@ -415,7 +475,6 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
             keep_rel.append(i)
     first_rel = n_nodes + n_kept_ways
     rel_index = {rel_ids[i]: first_rel + k for k, i in enumerate(keep_rel)}
-    way_complete = ~partial[kept_ways]
     rel_members, rel_complete = [], []
     for i in keep_rel:
         members, complete = [], True
@@ -438,20 +497,42 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
                 changed = True
         if not changed:
             break
-    keep_rel_arr = np.asarray(keep_rel, np.int64)
+    return _Relations(np.asarray(keep_rel, np.int64), rel_members, rel_complete_arr)
+
+
+@gc_paused()
+def read_osm(path: str | os.PathLike, log=None) -> OsmData:
+    """Read all features of ``path`` (see the module docstring for the rules)."""
+    check_pbf_header(path)
+    dropped: Counter = Counter()
+    repaired: Counter = Counter()
+    d = _decode_blocks(path)
+    if log:
+        log(f"read {path}: {d.n_nodes:,} nodes, {d.n_ways:,} ways, {d.n_rels:,} relations decoded")
+    lookup = _node_lookup(d.node_id)
+    kept_nodes, n_node_input = _kept_nodes(d, lookup, dropped)
+    ways = _way_vertices(d, lookup, dropped, repaired)
+    kept_node_id = d.node_id[kept_nodes]
+    kept_node_lonlat = np.column_stack([d.node_lon[kept_nodes], d.node_lat[kept_nodes]])
+    del lookup
+    d.node_id = d.node_lon = d.node_lat = None  # the all-node columns go before the relations and the tag maps
+    way_polygon = _way_polygons(d, ways, repaired)
+    way_complete = ~ways.partial[ways.kept]
+    kept_way_id = d.way_id[ways.kept]
+    rels = _resolve_relations(d, kept_node_id, kept_way_id, way_complete, dropped)
+    n_nodes_total = len(d.node_tags[3])
     tags = pa.concat_arrays([
-        _map_array(nk, nv, n_owner, kept_nodes, n_nodes_total),
-        _map_array(wk, wv, w_owner, kept_ways, n_ways),
-        _map_array(rk, rv, r_owner, keep_rel_arr, n_rels),
+        _map_array(*d.node_tags[:3], kept_nodes, n_nodes_total),
+        _map_array(*d.way_tags[:3], ways.kept, d.n_ways),
+        _map_array(*d.rel_tags[:3], rels.kept, d.n_rels),
     ])
-    n_input = len(tagged) + len(member_only) + n_ways + n_rels
     data = OsmData(
         node_id=kept_node_id, node_lonlat=kept_node_lonlat,
-        way_id=way_id[kept_ways], way_coords=coords, way_offsets=offsets,
+        way_id=kept_way_id, way_coords=ways.coords, way_offsets=ways.offsets,
         way_polygon=way_polygon, way_complete=way_complete,
-        rel_id=rel_id[keep_rel_arr], rel_multipolygon=np.asarray([rel_type_value[i] == "multipolygon" for i in keep_rel], bool),
-        rel_members=rel_members, rel_complete=rel_complete_arr, tags=tags,
-        n_input=n_input, dropped=dropped, repaired=repaired,
+        rel_id=d.rel_id[rels.kept], rel_multipolygon=np.asarray([d.rel_type_value[i] == "multipolygon" for i in rels.kept], bool),
+        rel_members=rels.members, rel_complete=rels.complete, tags=tags,
+        n_input=n_node_input + d.n_ways + d.n_rels, dropped=dropped, repaired=repaired,
     )
     if len(data) + sum(dropped.values()) != data.n_input:
         raise AssertionError(f"entity accounting broken: {len(data)} kept + {dict(dropped)} != {data.n_input}")

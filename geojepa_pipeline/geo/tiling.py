@@ -306,35 +306,39 @@ def _repair(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return geoms, invalid
 
 
-def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Path | None = None) -> _BandResult:
-    """Every piece with ``x0 <= tile_x < x1``; with ``spill_dir`` the pieces go to an Arrow IPC file."""
-    data, s = R.data, R.s
-    n_nodes, first_rel = data.n_nodes, R.first_rel
-    timings: dict[str, float] = {}
-    repaired: dict[str, list] = {"make_valid": [], "multipolygon_unclosed_as_lines": []}
-    pieces = _Pieces()
-    in_band = lambda lo, hi: (hi >= x0) & (lo < x1)  # noqa: E731
-
-    # ---- nodes ---------------------------------------------------------------------------
-    t = time.perf_counter()
+def _node_pieces(R: _Region, pieces: "_Pieces", in_band) -> None:
+    """One point piece per node in the band."""
     nodes = np.flatnonzero(in_band(R.node_cell[:, 0], R.node_cell[:, 0]))
     cell = R.node_cell[nodes]
     pieces.add(nodes, cell[:, 0], cell[:, 1], shapely.points(R.node_xy[nodes]), np.zeros(len(nodes)))
 
-    # ---- lines: numpy cutter, whole lines, pieces kept inside the band ----------------------
+
+def _line_pieces(R: _Region, pieces: "_Pieces", in_band, x0: int, x1: int, ways_here: np.ndarray) -> None:
+    """Lines through the numpy cutter: whole lines are cut, the pieces inside the band kept."""
+    data = R.data
     counts = np.diff(data.way_offsets)
-    ways_here = in_band(R.way_cx[:, 0], R.way_cx[:, 1])
     line_ways = np.flatnonzero(ways_here & ~data.way_polygon)
     if len(line_ways):
         idx = ranges(data.way_offsets, line_ways)
         line_offsets = np.concatenate([[0], np.cumsum(counts[line_ways])])
-        line, tx, ty, geom, length = cut_lines(R.way_xy[idx], line_offsets, s, tile_local=False)
+        line, tx, ty, geom, length = cut_lines(R.way_xy[idx], line_offsets, R.s, tile_local=False)
         keep = (tx >= x0) & (tx < x1)
-        pieces.add(n_nodes + line_ways[line[keep]], tx[keep], ty[keep], geom[keep], length[keep])
-    timings["cut_lines"] = time.perf_counter() - t
+        pieces.add(data.n_nodes + line_ways[line[keep]], tx[keep], ty[keep], geom[keep], length[keep])
 
-    # ---- polygons: area ways and multipolygon relations ------------------------------------
-    t = time.perf_counter()
+
+@dataclass
+class _Polygons:
+    owner: np.ndarray  # (P,) entity index of each non-empty polygon (area ways, then multipolygons)
+    geoms: np.ndarray  # (P,) the repaired polygons, UTM metres
+    empty: np.ndarray  # entity indices whose polygon was empty after repair
+    collect_rels: np.ndarray  # relations in the band whose pieces are their members' (not assembled as areas)
+
+
+def _polygon_pieces(R: _Region, pieces: "_Pieces", in_band, x0: int, x1: int, ways_here: np.ndarray,
+                    repaired: dict) -> _Polygons:
+    """Area ways and multipolygon relations, assembled, repaired and clipped to the band's tiles."""
+    data, n_nodes, first_rel = R.data, R.data.n_nodes, R.first_rel
+    counts = np.diff(data.way_offsets)
     poly_ways = np.flatnonzero(ways_here & data.way_polygon)
     poly_owner = [n_nodes + poly_ways]
     poly_geoms = [np.empty(0, dtype=object)]
@@ -366,13 +370,14 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     empty_idx = poly_owner[empty]
     poly_owner, poly_geoms = poly_owner[~empty], poly_geoms[~empty]
     if len(poly_geoms):
-        idx, tx, ty, geom, _ = clip_to_grid(poly_geoms, s, x_range=(x0, x1))
+        idx, tx, ty, geom, _ = clip_to_grid(poly_geoms, R.s, x_range=(x0, x1))
         pieces.add(poly_owner[idx], tx, ty, geom)  # length: the perimeter, from GEOS
-    timings["clip_polygons"] = time.perf_counter() - t
+    return _Polygons(poly_owner, poly_geoms, empty_idx, np.asarray(collect_rels, np.int64))
 
-    # ---- other relations: their members' pieces, grouped per tile, members first -----------
-    t = time.perf_counter()
-    collect_rels = np.asarray(collect_rels, np.int64)
+
+def _relation_pieces(R: _Region, pieces: "_Pieces", collect_rels: np.ndarray) -> None:
+    """Other relations: their members' pieces, grouped per tile, members (deeper levels) first."""
+    first_rel = R.first_rel
     for level in unique_ints(R.rel_depth[collect_rels]).tolist():
         rels = collect_rels[R.rel_depth[collect_rels] == level]
         n_members = R.rel_member_offsets[rels + 1] - R.rel_member_offsets[rels]
@@ -394,22 +399,26 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
         sort = np.argsort(group, kind="stable")
         geoms = _collect_by_group(pgeom[pos][sort], group[sort], len(uniq_key))
         pieces.add(pairs[rep[first], 0], ptx[pos][first], pty[pos][first], geoms)
-    timings["relations"] = time.perf_counter() - t
 
-    # ---- order: block column, block row, row-major in the block; then type, id --------------
-    t = time.perf_counter()
+
+def _ordered_pieces(R: _Region, pieces: "_Pieces"):
+    """The pieces in shard order (block column, block row, row-major in the block; then type, id):
+    (owner, tx, ty, geom, length, tile_start (first piece of each tile), piece_tile (tile of each piece))."""
     owner, tx, ty, geom, length = pieces.arrays()
     tile_key = dense_key(tx // BLOCK_TILES, ty // BLOCK_TILES, ty % BLOCK_TILES, tx % BLOCK_TILES)
     order = np.lexsort((R.osm_id[owner], R.osm_type[owner], tile_key))
     owner, tx, ty, geom, length, tile_key = owner[order], tx[order], ty[order], geom[order], length[order], tile_key[order]
     tile_start = np.flatnonzero(np.concatenate([[True], tile_key[1:] != tile_key[:-1]])) if len(tile_key) else np.zeros(0, np.int64)
     piece_tile = np.cumsum(np.concatenate([[False], tile_key[1:] != tile_key[:-1]])) if len(tile_key) else np.zeros(0, np.int64)
-    timings["order"] = time.perf_counter() - t
+    return owner, tx, ty, geom, length, tile_start, piece_tile
 
-    # ---- describe --------------------------------------------------------------------------
-    t = time.perf_counter()
-    # pieces are in UTM metres up to here; only their coordinates move to the tile frame
-    # (x - tx * s is exact for x in the tile, so this equals translating the geometries)
+
+def _describe(geom: np.ndarray, tx: np.ndarray, ty: np.ndarray, length: np.ndarray, s: float):
+    """(WKB in tile-local metres, min-box corners (P, 8), GEOS type ids, area m², length m) of the pieces.
+
+    Pieces are in UTM metres up to here; only their coordinates move to the tile frame (x - tx * s is
+    exact for x in the tile, so this equals translating the geometries). ``length`` is filled in place
+    where NaN (the perimeter or line length, from GEOS)."""
     xy = shapely.get_coordinates(geom)  # (V, 2)
     xy_counts = shapely.get_num_coordinates(geom).astype(np.int64)
     xy -= np.repeat(np.stack([tx, ty], axis=1).astype(np.float64) * s, xy_counts, axis=0)  # tile-local
@@ -419,22 +428,19 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     area = shapely.area(geom)
     need_len = np.isnan(length)
     length[need_len] = shapely.length(geom[need_len])
-    wkb = wkb_array(geom, type_ids, xy, xy_counts)
-    del geom, xy
-    timings["describe"] = time.perf_counter() - t
+    return wkb_array(geom, type_ids, xy, xy_counts), corners, type_ids, area, length
 
-    # ---- tables -----------------------------------------------------------------------------
-    t = time.perf_counter()
-    u_tx, u_ty = tx[tile_start], ty[tile_start]
-    tile_id = pa.array(tile_ids(R.epsg, u_tx, u_ty), pa.string())
+
+def _entities_table(R: _Region, tile_id: pa.Array, piece_tile, owner, wkb, corners, type_ids, area, length) -> pa.Table:
+    """``ENTITIES_SCHEMA``: one row per piece, in shard order."""
     n_pieces = len(owner)
-    entities = pa.table(
+    return pa.table(
         {
             "tile_id": tile_id.take(pa.array(piece_tile)),
             "region": pa.array([R.region], pa.string()).take(pa.array(np.zeros(n_pieces, np.int64))),
             "osm_type": pa.array(OSM_TYPE_NAMES, pa.string()).take(pa.array(R.osm_type[owner].astype(np.int64))),
             "osm_id": pa.array(R.osm_id[owner], pa.int64()),
-            "tags": data.tags.take(pa.array(owner)),
+            "tags": R.data.tags.take(pa.array(owner)),
             "geom_type": pa.array(GEOMETRY_TYPE_NAMES, pa.string()).take(pa.array(type_ids.astype(np.int64))),
             "geometry": wkb,
             "minbox": pa.FixedSizeListArray.from_arrays(pa.array(corners.reshape(-1), pa.float32()), 8),
@@ -445,12 +451,17 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
         },
         schema=ENTITIES_SCHEMA,
     )
+
+
+def _tiles_table(R: _Region, tile_id: pa.Array, u_tx, u_ty, piece_tile, owner) -> pa.Table:
+    """``TILES_SCHEMA``: one row per tile with pieces, with its centre in lon/lat and its piece counts per type."""
+    s = R.s
     n_tiles = len(u_tx)
     per_type = np.zeros((n_tiles, 3), np.int64)
     np.add.at(per_type, (piece_tile, R.osm_type[owner].astype(np.int64)), 1)
     to_lonlat = Transformer.from_crs(R.epsg, 4326, always_xy=True)
     lon, lat = to_lonlat.transform((u_tx + 0.5) * s, (u_ty + 0.5) * s)
-    tiles = pa.table(
+    return pa.table(
         {
             "tile_id": tile_id,
             "region": pa.array([R.region] * n_tiles, pa.string()),
@@ -469,17 +480,54 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
         },
         schema=TILES_SCHEMA,
     )
+
+
+def _spill(entities: pa.Table, spill_dir: Path, band_index: int) -> str:
+    """Write the band's pieces to an Arrow IPC file in ``spill_dir``; returns its path."""
+    spill_path = str(spill_dir / f"band-{band_index:05d}.arrow")
+    with pa.OSFile(spill_path, "wb") as sink, pa.ipc.new_file(sink, ENTITIES_SCHEMA) as writer:
+        writer.write_table(entities, max_chunksize=65536)
+    return spill_path
+
+
+def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Path | None = None) -> _BandResult:
+    """Every piece with ``x0 <= tile_x < x1``; with ``spill_dir`` the pieces go to an Arrow IPC file."""
+    timings: dict[str, float] = {}
+    repaired: dict[str, list] = {"make_valid": [], "multipolygon_unclosed_as_lines": []}
+    pieces = _Pieces()
+    in_band = lambda lo, hi: (hi >= x0) & (lo < x1)  # noqa: E731
+    ways_here = in_band(R.way_cx[:, 0], R.way_cx[:, 1])
+
+    t = time.perf_counter()
+    _node_pieces(R, pieces, in_band)
+    _line_pieces(R, pieces, in_band, x0, x1, ways_here)
+    timings["cut_lines"] = time.perf_counter() - t
+    t = time.perf_counter()
+    polygons = _polygon_pieces(R, pieces, in_band, x0, x1, ways_here, repaired)
+    timings["clip_polygons"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _relation_pieces(R, pieces, polygons.collect_rels)
+    timings["relations"] = time.perf_counter() - t
+    t = time.perf_counter()
+    owner, tx, ty, geom, length, tile_start, piece_tile = _ordered_pieces(R, pieces)
+    timings["order"] = time.perf_counter() - t
+    t = time.perf_counter()
+    wkb, corners, type_ids, area, length = _describe(geom, tx, ty, length, R.s)
+    del geom
+    timings["describe"] = time.perf_counter() - t
+    t = time.perf_counter()
+    u_tx, u_ty = tx[tile_start], ty[tile_start]
+    tile_id = pa.array(tile_ids(R.epsg, u_tx, u_ty), pa.string())
+    entities = _entities_table(R, tile_id, piece_tile, owner, wkb, corners, type_ids, area, length)
+    tiles = _tiles_table(R, tile_id, u_tx, u_ty, piece_tile, owner)
     timings["tables"] = time.perf_counter() - t
     spill_path = None
     if spill_dir is not None:
         t = time.perf_counter()
-        spill_path = str(spill_dir / f"band-{band_index:05d}.arrow")
-        with pa.OSFile(spill_path, "wb") as sink, pa.ipc.new_file(sink, ENTITIES_SCHEMA) as writer:
-            writer.write_table(entities, max_chunksize=65536)
-        entities = None
+        spill_path, entities = _spill(entities, spill_dir, band_index), None
         timings["spill"] = time.perf_counter() - t
-    return _BandResult(entities, spill_path, owner, area, tiles, poly_owner, shapely.area(poly_geoms),
-                       {k: np.asarray(v, np.int64) for k, v in repaired.items()}, empty_idx, timings)
+    return _BandResult(entities, spill_path, owner, area, tiles, polygons.owner, shapely.area(polygons.geoms),
+                       {k: np.asarray(v, np.int64) for k, v in repaired.items()}, polygons.empty, timings)
 
 
 # ---- bands and workers ------------------------------------------------------------------------
