@@ -9,11 +9,12 @@ import rasterio
 
 from ..geo.raster import CHIP_PX
 from ..geo.render import png_markdown
-from ..stages.imagery import DEFAULT_BLOCK_TILES, build_naip_scenes, build_tile_images, preview_png
+from ..stages.imagery import NaipScenesOptions, TileImagesOptions, build_naip_scenes, build_tile_images, preview_png
 from ..store import TILES
 from .osm import tile_shards
 from .automation import on_upstream_data_change
 from .partitions import regions_partitions
+from .config import config_from
 from .results import dataset_result
 from .resources import GeojepaResource
 
@@ -21,12 +22,7 @@ NAIP_SCENES_CODE_VERSION = "1"
 TILE_IMAGES_CODE_VERSION = "1"
 
 
-class NaipScenesConfig(dg.Config):
-    stac_endpoint: str = ""  # empty: $GEOJEPA_STAC_URL, else the Planetary Computer STAC API
-    stac_year: int = 0  # 0: any year (the newest acquisition per area wins)
-    synthetic_seed: int = 0
-    synthetic_res_m: float = 0.6
-    synthetic_block_tiles: int = DEFAULT_BLOCK_TILES
+NaipScenesConfig = config_from("NaipScenesConfig", NaipScenesOptions)
 
 
 def _thumbnail_markdown(path: str, alt: str, max_px: int = 320) -> str:
@@ -55,11 +51,7 @@ def _thumbnail_markdown(path: str, alt: str, max_px: int = 320) -> str:
 )
 def naip_scenes(context: dg.AssetExecutionContext, config: NaipScenesConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
     region = geojepa.registry().get(context.partition_key)
-    result = build_naip_scenes(
-        region, geojepa.store(), stac_endpoint=config.stac_endpoint or None, stac_year=config.stac_year or None,
-        seed=config.synthetic_seed, res_m=config.synthetic_res_m, block_tiles=config.synthetic_block_tiles,
-        log=context.log.info,
-    )
+    result = build_naip_scenes(region, geojepa.store(), log=context.log.info, **config.model_dump())
     for w in result.warnings:
         context.log.warning(w)
     ds, scenes = result.dataset, result.scenes
@@ -79,8 +71,7 @@ def naip_scenes(context: dg.AssetExecutionContext, config: NaipScenesConfig, geo
     return dataset_result(ds, metadata)
 
 
-class TileImagesConfig(dg.Config):
-    workers: int = 0  # chipping threads; 0 = one per core, at most 2 (the output does not depend on it)
+TileImagesConfig = config_from("TileImagesConfig", TileImagesOptions, exclude=("batch_tiles",))
 
 
 def _alignment_check(tiles_ds, images_ds) -> dg.AssetCheckResult:
@@ -118,7 +109,7 @@ def _alignment_check(tiles_ds, images_ds) -> dg.AssetCheckResult:
 def tile_images(context: dg.AssetExecutionContext, config: TileImagesConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
     region = context.partition_key
     store = geojepa.store()
-    result = build_tile_images(region, store, log=context.log.info, workers=config.workers or None)
+    result = build_tile_images(region, store, log=context.log.info, **config.model_dump())
     for w in result.warnings:
         context.log.warning(w)
     ds = result.dataset

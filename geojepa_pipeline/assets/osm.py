@@ -5,11 +5,11 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from ..geo.render import png_markdown, tile_density_png
-from ..geo.shards import DEFAULT_SHARD_TILES
-from ..geo.tiling import ENTITIES_SCHEMA, TILE_SIZE_M, TILES_SCHEMA
-from ..stages.osm import build_tile_shards, current_extract, fetch_extract
+from ..geo.tiling import ENTITIES_SCHEMA, TILES_SCHEMA
+from ..stages.osm import TileShardsOptions, build_tile_shards, current_extract, fetch_extract
 from ..tables import count_distinct_entities
 from .automation import on_upstream_data_change
+from .config import config_from
 from .partitions import regions_partitions
 from .results import dataset_result
 from .resources import GeojepaResource
@@ -44,10 +44,7 @@ def osm_extract(context: dg.AssetExecutionContext, geojepa: GeojepaResource) -> 
     )
 
 
-class TileShardsConfig(dg.Config):
-    shard_tiles: int = DEFAULT_SHARD_TILES  # tiles per Parquet shard
-    tile_size_m: float = TILE_SIZE_M  # grid spacing in metres (the method uses 300)
-    workers: int = 0  # processes for tiling; 0 = one per core, at most 2 (the output does not depend on it)
+TileShardsConfig = config_from("TileShardsConfig", TileShardsOptions)
 
 
 def _schema_check(dataset) -> dg.AssetCheckResult:
@@ -111,9 +108,7 @@ def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geo
     uri = geojepa.registry().load().get(region)
     result = build_tile_shards(
         region, store, extract_path=extract_path,
-        source={"sha256": sha, "uri": uri.osm if uri else None},
-        shard_tiles=config.shard_tiles, tile_size_m=config.tile_size_m, log=context.log.info,
-        workers=config.workers or None,
+        source={"sha256": sha, "uri": uri.osm if uri else None}, log=context.log.info, **config.model_dump(),
     )
     ds, tiled, manifest = result.dataset, result.tiled, result.manifest
     tiles = tiled.tiles

@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 
 from ..geo.render import curve_png, png_markdown
 from ..store import TILES
-from ..tokenizers.tags import DEFAULT_TAG_MODEL
 from ..geo.splits import Holdout
-from ..stages.tokens import GeometryEncoderOptions, build_geometry_encoder, build_tag_embeddings, build_tile_tokens
+from ..stages.tokens import (
+    GeometryEncoderOptions, TagEmbeddingsOptions, TileTokensOptions, build_geometry_encoder, build_tag_embeddings,
+    build_tile_tokens,
+)
 from .imagery import tile_images
 from .osm import tile_shards
 from .automation import on_upstream_data_change
@@ -25,9 +27,7 @@ GEOMETRY_ENCODER_CODE_VERSION = "1"  # its regions are in its manifest: held-out
 TILE_TOKENS_CODE_VERSION = "1"
 
 
-class TagEmbeddingsConfig(dg.Config):
-    model: str = DEFAULT_TAG_MODEL  # the packaged all-MiniLM-L6-v2, or a sentence-transformers name / local path
-    batch_size: int = 256
+TagEmbeddingsConfig = config_from("TagEmbeddingsConfig", TagEmbeddingsOptions)
 
 
 @dg.asset(
@@ -43,7 +43,7 @@ def tag_embeddings(context: dg.AssetExecutionContext, config: TagEmbeddingsConfi
     regions, skipped = geojepa.regions_with_tiles()
     if skipped:
         context.log.warning(f"regions without tile_shards are left out of the vocabulary: {', '.join(skipped)}")
-    result = build_tag_embeddings(store, regions, model=config.model, batch_size=config.batch_size, log=context.log.info)
+    result = build_tag_embeddings(store, regions, log=context.log.info, **config.model_dump())
     ds = result.dataset
     return dataset_result(
         ds, {
@@ -95,9 +95,7 @@ def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderC
     )
 
 
-class TileTokensConfig(dg.Config):
-    image_tokenizer: str = "patch"  # patch: learned inside GeoJEPA, nothing cached; vit: frozen ViT tokens cached per shard
-    vit_model: str = ""  # for vit: a local path saved with save_pretrained, or a hub id (HF_HUB_OFFLINE respected)
+TileTokensConfig = config_from("TileTokensConfig", TileTokensOptions, exclude=("batch_pieces",))
 
 
 @dg.asset(
@@ -115,8 +113,7 @@ class TileTokensConfig(dg.Config):
 def tile_tokens(context: dg.AssetExecutionContext, config: TileTokensConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
     region = context.partition_key
     store = geojepa.store()
-    result = build_tile_tokens(region, store, log=context.log.info, image_tokenizer=config.image_tokenizer,
-                               vit_model=config.vit_model or None)
+    result = build_tile_tokens(region, store, log=context.log.info, **config.model_dump())
     ds = result.dataset
     tiles = store.current(TILES, region)
     problems = []

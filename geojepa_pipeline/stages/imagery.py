@@ -208,12 +208,33 @@ def _coverage_warning(scenes: list[SceneInfo], bbox: tuple, source: str, region:
     return f"imagery {source!r} of region {region!r} has {what}: every tile of tile_images will have coverage 0"
 
 
-def build_naip_scenes(
-    region: Region, store: Store, stac_endpoint: str | None = None, stac_year: int | None = None,
-    seed: int = 0, res_m: float = 0.6, block_tiles: int = DEFAULT_BLOCK_TILES, log: Log | None = None,
-) -> ScenesResult:
-    """Get the region's scenes into an immutable ``scenes/<region>/<data_version>``."""
+@dataclass
+class NaipScenesOptions:
+    """Where naip_scenes gets its scenes (``build_naip_scenes``; the asset's config)."""
+
+    stac_endpoint: str = ""  # empty: $GEOJEPA_STAC_URL, else the Planetary Computer STAC API
+    stac_year: int = 0  # 0: any year (the newest acquisition per area wins)
+    synthetic_seed: int = 0
+    synthetic_res_m: float = 0.6  # metres per pixel of the rendered scenes (the chips are 1.34 m either way)
+    synthetic_block_tiles: int = DEFAULT_BLOCK_TILES
+
+
+@dataclass
+class TileImagesOptions:
+    """How tile_images chips (``build_tile_images``; the asset's config exposes ``workers``)."""
+
+    workers: int = 0  # chipping threads; 0 = one per core, at most 2 (the output does not depend on it)
+    batch_tiles: int = 512  # tiles chipped per batch
+
+
+def build_naip_scenes(region: Region, store: Store, log: Log | None = None, **options) -> ScenesResult:
+    """Get the region's scenes into an immutable ``scenes/<region>/<data_version>``. ``options``: fields of
+    ``NaipScenesOptions``."""
     from .stac import PLANETARY_COMPUTER_STAC
+
+    opts = NaipScenesOptions(**options)
+    stac_endpoint, stac_year = opts.stac_endpoint or None, opts.stac_year or None
+    seed, res_m, block_tiles = opts.synthetic_seed, opts.synthetic_res_m, opts.synthetic_block_tiles
 
     source = region.imagery
     tiles = store.require(TILES, region.name)
@@ -307,8 +328,11 @@ def chip_tiles(scenes: list[SceneInfo], epsg: int, x0: np.ndarray, y0: np.ndarra
         return [c for part in parts for c in part]
 
 
-def build_tile_images(region: str, store: Store, log: Log | None = None, workers: int | None = None, batch_tiles: int = 512) -> ImagesResult:
-    """Chip every tile of the current tile shards from the current scenes into ``images/<region>/<data_version>``."""
+def build_tile_images(region: str, store: Store, log: Log | None = None, **options) -> ImagesResult:
+    """Chip every tile of the current tile shards from the current scenes into ``images/<region>/<data_version>``.
+    ``options``: fields of ``TileImagesOptions``."""
+    opts = TileImagesOptions(**options)
+    workers, batch_tiles = opts.workers, opts.batch_tiles
     tiles = store.require(TILES, region)
     scenes_ds = store.require(SCENES, region)
     scenes = load_scenes(scenes_ds)

@@ -126,23 +126,25 @@ class TileShardsResult:
     timings_s: dict = field(default_factory=dict)
 
 
-def build_tile_shards(
-    region: str,
-    store: Store,
-    extract_path: Path | None = None,
-    source: dict | None = None,
-    shard_tiles: int = DEFAULT_SHARD_TILES,
-    tile_size_m: float = TILE_SIZE_M,
-    log: Log | None = None,
-    workers: int | None = None,
-) -> TileShardsResult:
+@dataclass
+class TileShardsOptions:
+    """How tile_shards cuts and writes a region (``build_tile_shards``; the asset's config)."""
+
+    shard_tiles: int = DEFAULT_SHARD_TILES  # tiles per Parquet shard
+    tile_size_m: float = TILE_SIZE_M  # grid spacing in metres (the method uses 300)
+    workers: int = 0  # processes for tiling; 0 = one per core, at most 2 (the output does not depend on it)
+
+
+def build_tile_shards(region: str, store: Store, extract_path: Path | None = None, source: dict | None = None,
+                      log: Log | None = None, **options) -> TileShardsResult:
     """Read, tile and shard the region's extract into an immutable ``tiles/<region>/<data_version>``.
 
     Nothing becomes visible until the dataset is complete: shards are written to a staging
-    directory that is renamed in one step, then ``CURRENT`` is updated. ``workers`` processes
-    read and tile (default: up to 2, one per core); the output does not depend on it.
+    directory that is renamed in one step, then ``CURRENT`` is updated. ``options``: fields of
+    ``TileShardsOptions``.
     """
-    workers = default_workers() if workers is None else workers
+    opts = TileShardsOptions(**options)
+    shard_tiles, tile_size_m, workers = opts.shard_tiles, opts.tile_size_m, opts.workers or default_workers()
     if extract_path is None:
         extract_path, sha = current_extract(store, region)
         source = {**(source or {}), "sha256": sha}

@@ -105,11 +105,21 @@ class TagEmbeddingsResult:
     timings_s: dict = field(default_factory=dict)
 
 
-def build_tag_embeddings(
-    store: Store, regions: list[str], model: str = DEFAULT_TAG_MODEL, batch_size: int = 256,
-    log: Log | None = None, embedder: TextEmbedder | None = None,
-) -> TagEmbeddingsResult:
-    """Embed the vocabulary of ``regions`` (their CURRENT tile shards) into the incremental cache."""
+@dataclass
+class TagEmbeddingsOptions:
+    """Which text model embeds the tag pairs (``build_tag_embeddings``; the asset's config)."""
+
+    model: str = DEFAULT_TAG_MODEL  # the packaged all-MiniLM-L6-v2, or a sentence-transformers name / local path
+    batch_size: int = 256
+
+
+def build_tag_embeddings(store: Store, regions: list[str], log: Log | None = None, embedder: TextEmbedder | None = None,
+                         **options) -> TagEmbeddingsResult:
+    """Embed the vocabulary of ``regions`` (their CURRENT tile shards) into the incremental cache.
+
+    ``options``: fields of ``TagEmbeddingsOptions``; ``embedder`` (tests) replaces the model they name."""
+    opts = TagEmbeddingsOptions(**options)
+    model, batch_size = opts.model, opts.batch_size
     t0 = time.perf_counter()
     per_region: dict[str, dict[tuple[str, str], int]] = {}
     for name in regions:
@@ -318,9 +328,19 @@ def _write_vit_tokens(images_path, tokenizer, path) -> int:
     return int(has.sum())
 
 
-def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_pieces: int = 8192,
-                      image_tokenizer: str = "patch", vit_model: str | None = None) -> TileTokensResult:
+@dataclass
+class TileTokensOptions:
+    """How tile_tokens tokenizes (``build_tile_tokens``; the asset's config exposes the image tokenizer)."""
+
+    image_tokenizer: str = "patch"  # patch: learned inside GeoJEPA, nothing cached; vit: frozen ViT tokens cached per shard
+    vit_model: str = ""  # for vit: a local path saved with save_pretrained, or a hub id (HF_HUB_OFFLINE respected)
+    batch_pieces: int = 8192  # pieces tokenized per batch
+
+
+def build_tile_tokens(region: str, store: Store, log: Log | None = None, **options) -> TileTokensResult:
     """Tag and geometry tokens of every piece of the region's CURRENT tile shards, aligned with them.
+
+    ``options``: fields of ``TileTokensOptions``.
 
     ``image_tokenizer``: ``patch`` (the default) caches nothing for images (GeoJEPA learns the
     patch projection); ``vit`` runs the frozen ViT ``vit_model`` over the region's chips and
@@ -331,6 +351,8 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, batch_p
 
     from ..tokenizers.geometry import geometry_graphs
 
+    opts = TileTokensOptions(**options)
+    batch_pieces, image_tokenizer, vit_model = opts.batch_pieces, opts.image_tokenizer, opts.vit_model or None
     tiles = store.require(TILES, region)
     tags_ds = store.require(TAGS, GLOBAL_SCOPE)
     geom_ds = store.require(GEOMETRY, GLOBAL_SCOPE)
