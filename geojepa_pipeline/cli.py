@@ -147,7 +147,7 @@ def cmd_regions_check(args) -> int:
             rows.append((region.name, "yes" if check.changed else "no", check.reason))
         except GeojepaError as exc:
             rows.append((region.name, "error", str(exc)))
-    print(format_table(["region", "changed", "why"], rows, max_width=100))
+    print(format_table(["region", "changed", "why"], rows, max_width=None))  # an error says what to do: never cut it
     return 0
 
 
@@ -252,8 +252,9 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
 
 
 def cmd_materialize(args) -> int:
+    op_config = {"geojepa_checkpoint": {"epochs": args.epochs}} if args.epochs else None
     materialize_regions(args.region, args.select, variants=args.variant, preset=args.preset, compile=args.compile,
-                        holdout=args.holdout)
+                        holdout=args.holdout, op_config=op_config)
     return 0
 
 
@@ -503,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--compile", choices=list(COMPILE_MODES), default=COMPILE_MODES[0],
                      help="how geojepa_checkpoint runs its step: eager (none), torch.compile (default), or compiled "
                           "+ CUDA graphs per length bucket (reduce-overhead; the fast path on a GPU)")
+    mat.add_argument("--epochs", type=int, metavar="N", help="training epochs of geojepa_checkpoint (default: the asset's, 20)")
     mat.add_argument("--holdout", action="append", metavar="REGION",
                      help="a region pretraining never sees (geometry encoder and checkpoint leave it out); the report's "
                           "transfer rows are tested on it (repeatable)")

@@ -67,11 +67,11 @@ def count_distinct_entities(dataset: Dataset) -> int:
         con.close()
 
 
-def format_table(cols: list[str], rows: list[tuple], max_width: int = 60) -> str:
-    """A plain-text table for the terminal."""
+def format_table(cols: list[str], rows: list[tuple], max_width: int | None = 60) -> str:
+    """A plain-text table for the terminal; cells over ``max_width`` characters are cut (None: never)."""
     def cell(v) -> str:
         s = "NULL" if v is None else (v.hex()[:16] + "…" if isinstance(v, (bytes, bytearray)) else str(v))
-        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+        return s if max_width is None or len(s) <= max_width else s[: max_width - 1] + "…"
 
     body = [[cell(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(cols)]

@@ -85,7 +85,7 @@ def test_http_region_end_to_end(home, capsys, http_server, pyrosm_test_pbf):
     base, www = http_server
     shutil.copy(pyrosm_test_pbf, www / "t.osm.pbf")
     assert run(capsys, "regions", "add", "web", "--osm", f"{base}/t.osm.pbf")[0] == 0
-    code, _, err = run(capsys, "materialize", "--region", "web")
+    code, _, err = run(capsys, "materialize", "--region", "web", "--epochs", "2")
     assert code == 0, err
     code, out, _ = run(capsys, "sql", "SELECT region, count(*) AS n FROM tiles GROUP BY region")
     assert code == 0 and "web" in out

