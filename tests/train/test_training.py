@@ -27,7 +27,6 @@ from ..conftest import bench_module
 
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
-_bench = bench_module
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +117,7 @@ def test_compiled_step_serves_several_length_buckets_with_one_graph():
              for m, mode in zip(models, ("none", "default"))]
     torch._dynamo.reset()
     for i, length in enumerate((16, 32, 64)):
-        b = _bench("compile_time").synthetic_batch(cfg, 8, length, i)
+        b = bench_module("compile_time").synthetic_batch(cfg, 8, length, i)
         eager = steps[0](b, 1e-3, 0.04, 0.99)["stats"]
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             compiled = steps[1](b, 1e-3, 0.04, 0.99)["stats"]
@@ -276,7 +275,7 @@ def test_image_variant_streams_chips_with_the_tokens(sources, tmp_path):
 def test_throughput_bench_runs_on_exported_shards(sources, tmp_path):
     """bench/train_throughput.py --export / --sources (the GPU run's path): real loader vs in memory, with a ratio."""
     bench = BENCH / "train_throughput.py"
-    module = _bench("train_throughput")
+    module = bench_module("train_throughput")
     module.export_sources(sources, tmp_path / "shards")
     assert [s.tokens_file.read_bytes() for s in module.load_sources(tmp_path / "shards")] == [s.tokens_file.read_bytes() for s in sources]
     out = subprocess.run([sys.executable, str(bench), "--sources", str(tmp_path / "shards"), "--steps", "4", "--batch", "4",
@@ -307,7 +306,7 @@ def test_step_flops_count_every_matmul_of_forward_and_backward():
     from geojepa_pipeline.model.config import model_config
     from geojepa_pipeline.model.geojepa import GeoJEPA
 
-    module, batches = _bench("train_throughput"), _bench("compile_time")
+    module, batches = bench_module("train_throughput"), bench_module("compile_time")
     cfg = model_config("tiny", "GT")
     model = GeoJEPA(cfg)
     f = {(b, n): module.step_flops(model, batches.synthetic_batch(cfg, b, n, 0)) for b, n in [(2, 16), (4, 16), (2, 32)]}
