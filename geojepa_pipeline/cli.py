@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import GeojepaError
@@ -98,6 +99,37 @@ def _failure_message(result) -> str:
     return "run failed (see the Dagster logs with `geojepa ui`)"
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
+def _finite(obj):
+    """``obj`` with every NaN or infinite float replaced by None (for strict JSON)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 # ---- commands -----------------------------------------------------------------------------
 def cmd_regions_add(args) -> int:
     from .regions import Region, default_registry, validate_name
@@ -105,6 +137,10 @@ def cmd_regions_add(args) -> int:
     validate_name(args.name)
     registry = default_registry()
     region = Region.create(args.name, args.osm, imagery=args.imagery, schedule=args.schedule)
+    from .assets.schedules import CRON_HELP, cron_accepted
+
+    if not cron_accepted(region.schedule):  # a schedule Dagster refuses would break every code location load
+        raise GeojepaError(f"invalid --schedule {region.schedule!r}: Dagster does not accept it; give {CRON_HELP}")
     with _instance() as instance:  # it opens (e.g. its database answers) before the registry changes
         registry.add(region, replace=args.replace)
         _sync_partitions(registry, instance)
@@ -121,10 +157,12 @@ def cmd_regions_list(args) -> int:
         print("no regions yet; add one with: geojepa regions add NAME --osm PATH_OR_URL")
         return 0
     store = default_store()
+    from .assets.schedules import cron_accepted
     from .tables import format_table
 
     rows = [
-        (r.name, r.osm, r.imagery, r.schedule, store.current_version("tiles", r.name) or "-")
+        (r.name, r.osm, r.imagery, r.schedule if cron_accepted(r.schedule) else f"{r.schedule} (invalid: off)",
+         store.current_version(TILES, r.name) or "-")
         for r in regions.values()
     ]
     print(format_table(["region", "osm", "imagery", "schedule", "tiles@version"], rows, max_width=80))
@@ -148,7 +186,7 @@ def cmd_regions_check(args) -> int:
         except GeojepaError as exc:
             rows.append((region.name, "error", str(exc)))
     print(format_table(["region", "changed", "why"], rows, max_width=None))  # an error says what to do: never cut it
-    return 0
+    return 1 if any(changed == "error" for _, changed, _ in rows) else 0  # scripts see that a source could not be checked
 
 
 def cmd_regions_remove(args) -> int:
@@ -159,6 +197,54 @@ def cmd_regions_remove(args) -> int:
     _sync_partitions(registry)
     print(f"removed region {region.name} (its stored data stays under the store; partitions updated)")
     return 0
+
+
+@dataclass
+class _PlannedRun:
+    """One Dagster run of ``materialize_regions``: what it materializes, where, and with which config."""
+
+    label: str  # its key in the results, and its geojepa/region tag
+    partition: str | None  # a region, a variant, or None (the assets over all regions)
+    keys: set  # the asset keys it materializes
+    what: str  # how the log names it
+    config: dict[str, dict] = field(default_factory=dict)  # per asset name: config fields
+
+
+def _plan_runs(wanted: set, names: list[str], trained: list[str], holdout: list[str], variants: list[str],
+               preset: str, compile: str) -> list[_PlannedRun]:
+    """The runs, in order: each region's ingest and imagery, the assets over all regions, each region's
+    tokens, then each variant's checkpoint and report. ``trained``: the regions a checkpoint trains
+    on (empty: every region not held out)."""
+    from .definitions import GLOBAL_ASSETS, REGION_ASSETS, REGION_TOKEN_ASSETS, VARIANT_ASSETS
+    from .store import GLOBAL_SCOPE
+
+    keys_of = lambda assets: wanted & {k for a in assets for k in a.keys}  # noqa: E731
+    listed = lambda keys: ", ".join(sorted(k.to_user_string() for k in keys))  # noqa: E731
+    region_keys, global_keys, token_keys, model_keys = (
+        keys_of(REGION_ASSETS), keys_of(GLOBAL_ASSETS), keys_of(REGION_TOKEN_ASSETS), keys_of(VARIANT_ASSETS))
+    runs = [_PlannedRun(name, name, region_keys, f"region {name}") for name in names if region_keys]
+    if global_keys:
+        scope = "all regions" + (f"; geometry encoder without {', '.join(holdout)}" if holdout else "")
+        runs.append(_PlannedRun(GLOBAL_SCOPE, None, global_keys, f"{listed(global_keys)} ({scope})",
+                                {"geometry_encoder": {"holdout_regions": holdout}}))
+    runs += [_PlannedRun(f"{name}:tokens", name, token_keys, f"tokens of region {name}") for name in names if token_keys]
+    model_config = {"geojepa_checkpoint": {"preset": preset, "compile": compile, "holdout_regions": holdout, "regions": trained},
+                    "evaluation_report": {"holdout_regions": holdout}}
+    runs += [_PlannedRun(f"model:{variant}", variant, model_keys, f"{listed(model_keys)} [{variant}] (preset {preset})", model_config)
+             for variant in variants if model_keys]
+    return runs
+
+
+def _run_config(keys: set, *configs: dict[str, dict]) -> dict | None:
+    """Dagster run config that gives each asset in ``keys`` its fields from ``configs`` (later ones win)."""
+    import dagster as dg
+
+    ops: dict[str, dict] = {}
+    for config in configs:
+        for name, fields in (config or {}).items():
+            if dg.AssetKey(name) in keys:
+                ops.setdefault(name, {"config": {}})["config"].update(fields)
+    return {"ops": ops} if ops else None
 
 
 def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print,
@@ -178,9 +264,8 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
 
     from .assets.partitions import sync_region_partitions
     from .assets.resources import GeojepaResource
-    from .definitions import ALL_ASSETS, GLOBAL_ASSETS, REGION_ASSETS, REGION_TOKEN_ASSETS, VARIANT_ASSETS, defs
+    from .definitions import ALL_ASSETS, defs
     from .regions import default_registry
-    from .store import GLOBAL_SCOPE
 
     registry = default_registry()
     regions = registry.load()
@@ -192,62 +277,27 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
         registry.get(name)  # clear error for an unknown region
     if holdout and region_names:
         names = sorted(set(names) | set(holdout))  # held-out regions are materialized too, just not trained on
-    keys_of = lambda assets: {k for a in assets for k in a.keys}  # noqa: E731
-    wanted = keys_of(ALL_ASSETS)
+    wanted = {k for a in ALL_ASSETS for k in a.keys}
     if select:
         try:
             wanted = dg.AssetSelection.from_string(select).resolve(defs.resolve_asset_graph())
         except Exception as exc:
             raise GeojepaError(f"invalid --select {select!r} ({str(exc).splitlines()[0]}); e.g. --select tile_shards, --select group:imagery or --select 'key:osm_extract or key:tile_shards'") from None
-    region_keys, global_keys = wanted & keys_of(REGION_ASSETS), wanted & keys_of(GLOBAL_ASSETS)
-    token_keys = wanted & keys_of(REGION_TOKEN_ASSETS)
-    model_keys = wanted & keys_of(VARIANT_ASSETS)
+    trained = [n for n in region_names or [] if n not in holdout]
     results = {}
-
-    def run(partition_key, keys, label, run_config=None):
-        ops = dict((run_config or {}).get("ops", {}))
-        for name, extra in (op_config or {}).items():
-            if dg.AssetKey(name) in keys:
-                ops[name] = {"config": {**ops.get(name, {}).get("config", {}), **extra}}
-        run_config = {"ops": ops} if ops else None
-        result = dg.materialize(
-            ALL_ASSETS, instance=instance, partition_key=partition_key, selection=dg.AssetSelection.assets(*keys),
-            resources={"geojepa": GeojepaResource()}, raise_on_error=False, tags={"geojepa/region": label},
-            run_config=run_config,
-        )
-        if not result.success:
-            raise GeojepaError(f"materialize {label} failed: {_failure_message(result)}")
-        return result
-
     with _instance() as instance:
         sync_region_partitions(instance, regions.keys())
-        if region_keys:
-            for name in names:
-                log(f"materializing region {name} ...")
-                results[name] = run(name, region_keys, name)
-                log(f"region {name}: done (run {results[name].run_id})")
-        if global_keys:
-            label = ", ".join(sorted(k.to_user_string() for k in global_keys))
-            log(f"materializing {label} (all regions" + (f"; geometry encoder without {', '.join(holdout)}" if holdout else "") + ") ...")
-            global_cfg = ({"ops": {"geometry_encoder": {"config": {"holdout_regions": holdout}}}}
-                          if dg.AssetKey("geometry_encoder") in global_keys else None)
-            results[GLOBAL_SCOPE] = run(None, global_keys, GLOBAL_SCOPE, global_cfg)
-            log(f"{label}: done (run {results[GLOBAL_SCOPE].run_id})")
-        if token_keys:
-            for name in names:
-                log(f"materializing tokens of region {name} ...")
-                results[f"{name}:tokens"] = run(name, token_keys, name)
-                log(f"tokens of {name}: done (run {results[f'{name}:tokens'].run_id})")
-        for variant in (variants or ["GT"]) if model_keys else []:
-            what = ", ".join(sorted(k.to_user_string() for k in model_keys))
-            log(f"materializing {what} [{variant}] (preset {preset}) ...")
-            trained = [n for n in region_names or [] if n not in holdout]
-            ops = {"geojepa_checkpoint": {"config": {"preset": preset, "compile": compile, "holdout_regions": holdout, "regions": trained}},
-                   "evaluation_report": {"config": {"holdout_regions": holdout}}}
-            picked = {k: v for k, v in ops.items() if dg.AssetKey(k) in model_keys}
-            cfg = {"ops": picked} if picked else None
-            results[f"model:{variant}"] = run(variant, model_keys, f"model:{variant}", cfg)
-            log(f"{what} [{variant}]: done (run {results[f'model:{variant}'].run_id})")
+        for planned in _plan_runs(wanted, names, trained, holdout, variants or ["GT"], preset, compile):
+            log(f"materializing {planned.what} ...")
+            result = dg.materialize(
+                ALL_ASSETS, instance=instance, partition_key=planned.partition, selection=dg.AssetSelection.assets(*planned.keys),
+                resources={"geojepa": GeojepaResource()}, raise_on_error=False, tags={"geojepa/region": planned.label},
+                run_config=_run_config(planned.keys, planned.config, op_config),
+            )
+            if not result.success:
+                raise GeojepaError(f"materialize {planned.label} failed: {_failure_message(result)}")
+            results[planned.label] = result
+            log(f"{planned.what}: done (run {result.run_id})")
     return results
 
 
@@ -327,7 +377,7 @@ def cmd_report(args) -> int:
     ds = _current_report(args.variant)
     metrics = json.loads(ds.file(METRICS_FILE).read_text())
     if args.json:
-        print(json.dumps(metrics, indent=1, sort_keys=True))
+        print(json.dumps(_finite(metrics), indent=1, sort_keys=True, allow_nan=False))  # NaN is not JSON: null
         return 0
     _print_report(metrics, ds.file(REPORT_FILE))
     return 0
@@ -428,8 +478,10 @@ def cmd_sql(args) -> int:
 
     try:
         cols, rows = run_sql(default_store(), args.query)
+    except duckdb.PermissionException as exc:
+        raise GeojepaError(f"geojepa sql reads only the store's current shards, through its views ({str(exc).splitlines()[0]})") from None
     except duckdb.Error as exc:
-        raise GeojepaError(f"SQL error: {str(exc).splitlines()[0]}; the views are `tiles` and `entities`") from None
+        raise GeojepaError(f"SQL error: {str(exc).splitlines()[0]}; the views are `tiles`, `entities` and `images`") from None
     print(format_table(cols, rows))
     return 0
 
@@ -504,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--compile", choices=list(COMPILE_MODES), default=COMPILE_MODES[0],
                      help="how geojepa_checkpoint runs its step: eager (none), torch.compile (default), or compiled "
                           "+ CUDA graphs per length bucket (reduce-overhead; the fast path on a GPU)")
-    mat.add_argument("--epochs", type=int, metavar="N", help="training epochs of geojepa_checkpoint (default: the asset's, 20)")
+    mat.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs of geojepa_checkpoint (default: the asset's, 20)")
     mat.add_argument("--holdout", action="append", metavar="REGION",
                      help="a region pretraining never sees (geometry encoder and checkpoint leave it out); the report's "
                           "transfer rows are tested on it (repeatable)")
@@ -519,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     knn = sub.add_parser("knn", help="nearest tiles of a tile by the latest report's embeddings (cosine)")
     knn.add_argument("tile_id")
-    knn.add_argument("--k", type=int, default=5)
+    knn.add_argument("--k", type=_positive_int, default=5, help="how many neighbours (>= 1)")
     knn.add_argument("--variant", default="GT", choices=list(VARIANTS))
     knn.set_defaults(func=cmd_knn)
 
@@ -529,13 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     lin.set_defaults(func=cmd_lineage)
 
-    sql = sub.add_parser("sql", help="query the current shards with DuckDB (views: tiles, entities)")
+    sql = sub.add_parser("sql", help="query the current shards with DuckDB, read-only (views: tiles, entities, images)")
     sql.add_argument("query")
     sql.set_defaults(func=cmd_sql)
 
     ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this GEOJEPA_HOME")
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--port", type=_port, default=3000)
     ui.set_defaults(func=cmd_ui)
     return p
 
@@ -545,13 +597,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.home:
         os.environ["GEOJEPA_HOME"] = str(Path(args.home).expanduser().resolve())
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
+        return code
     except GeojepaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``geojepa report | head``): stop quietly, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit would raise again
+        return 141
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import re
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import yaml
 
@@ -43,6 +43,14 @@ def validate_name(name: str) -> str:
             f"invalid region name {name!r}: use 1-64 characters from a-z, 0-9, '_' and '-' (e.g. 'liechtenstein')"
         )
     return name
+
+
+def file_url_path(url: str) -> str:
+    """The local path of a ``file://`` URL, percent-decoded (``file:///data/my%20dir/x.pbf`` -> ``/data/my dir/x.pbf``)."""
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise GeojepaError(f"file URL {url!r} names host {parsed.netloc!r}: use file:///absolute/path (three slashes)")
+    return unquote(parsed.path)
 
 
 def normalize_osm_source(src: str, check: bool = True) -> str:
@@ -71,7 +79,7 @@ def normalize_osm_source(src: str, check: bool = True) -> str:
             raise GeojepaError(f"bad URL {src!r}: expected http(s)://host/path.osm.pbf")
         return src
     if parsed.scheme == "file":
-        src = parsed.path
+        src = file_url_path(src)
     elif parsed.scheme and len(parsed.scheme) > 1:
         raise GeojepaError(f"unsupported source scheme in {src!r}: use a path, file://, http(s):// or pyrosm:")
     path = Path(src).expanduser().resolve()

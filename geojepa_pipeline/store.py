@@ -100,6 +100,10 @@ def shard_filename(table: str, shard_index: int) -> str:
     return f"{table}-{shard_index:05d}.parquet"
 
 
+def _shard_key(table: str) -> str:
+    return f"{table}_file"  # where a shard's manifest entry names the table's file
+
+
 def _kind(kind: str) -> Kind:
     try:
         return KINDS[kind]
@@ -194,17 +198,26 @@ class Dataset:
         """Path of one of the kind's named files (``KINDS[kind].files``)."""
         return self.path / _check_file(self.kind, name)
 
+    def has_file(self, name: str) -> bool:
+        """Whether this version holds the named file (versions of older code may lack one)."""
+        return _check_file(self.kind, name) in self.manifest.get("files", {})
+
     def member(self, name: str) -> Path:
         """Path of a file the dataset holds under a name its manifest gives (a stored scene raster)."""
         if name not in self.manifest.get("files", {}):
             raise FileNotFoundError(f"{self.kind} dataset {self.region}@{self.data_version} holds no file {name!r}")
         return self.path / name
 
+    @property
+    def shard_entries(self) -> list[dict]:
+        """The manifest's entry of every shard (``Staging.shard_entry``), in shard order."""
+        return self.manifest.get("shards", [])
+
     def shards(self, table: str) -> list[Path]:
         """Paths of one sharded table's files, in the manifest's shard order (a shard without one: None)."""
         _shard_stem(self.kind, table)
-        key = f"{table}_file"
-        return [self.path / s[key] if s.get(key) else None for s in self.manifest["shards"]]
+        key = _shard_key(table)
+        return [self.path / s[key] if s.get(key) else None for s in self.shard_entries]
 
 
 @dataclass
@@ -234,6 +247,44 @@ class Staging:
 
     def shard(self, table: str, shard_index: int) -> Path:
         return self.path / self.shard_name(table, shard_index)
+
+    def shard_entry(self, shard_index: int, files: dict[str, Path | None], **facts) -> dict:
+        """One shard's manifest entry: its index, the file name of each table in ``files``, and ``facts``.
+
+        ``files`` maps a table to its shard file: one of this dataset's (``shard``), or the shard of
+        another dataset's table that this one lines up with (an images shard names its tiles shard).
+        A table without a file in this shard is left out.
+        """
+        entry = {"index": shard_index, **facts}
+        for table, path in files.items():
+            if not any(table in k.tables for k in KINDS.values()):
+                raise ValueError(f"no dataset kind has a sharded table {table!r}")
+            if path is not None:
+                entry[_shard_key(table)] = Path(path).name
+        return entry
+
+
+def aligned_shards(*tables: tuple[Dataset | None, str]) -> list[tuple[Path | None, ...]]:
+    """Sharded tables of datasets made one from another, lined up shard by shard.
+
+    ``tables``: (dataset, table) pairs; a pair whose dataset is None gives None in every shard.
+    Returns one tuple per shard, the table files in the order of ``tables``. Raises the one
+    error that names both datasets when they do not hold the same shard indices (one was built
+    from another version of the other).
+    """
+    present = [(ds, t) for ds, t in tables if ds is not None]
+    if not present:
+        return []
+    first = present[0][0]
+    indices = [s["index"] for s in first.shard_entries]
+    for ds, _ in present[1:]:
+        if [s["index"] for s in ds.shard_entries] != indices:
+            raise GeojepaError(
+                f"{KINDS[ds.kind].asset}[{ds.region}]@{ds.data_version} does not line up with "
+                f"{KINDS[first.kind].asset}[{first.region}]@{first.data_version} ({len(ds.shard_entries)} shards against "
+                f"{len(indices)}); re-materialize {KINDS[ds.kind].asset}[{ds.region}]")
+    columns = [ds.shards(t) if ds is not None else [None] * len(indices) for ds, t in tables]
+    return list(zip(*columns, strict=True))
 
 
 def is_url(root) -> bool:

@@ -126,3 +126,25 @@ def test_liechtenstein_via_cli(home, capsys):
     assert new[0] == 0 and new[1] > 500  # newest first: 0 now, Liechtenstein's whole vocabulary before
     code, out, _ = run(capsys, "sql", "select count(*) from entities where tags['building'] is not null")
     assert code == 0 and int(out.splitlines()[2]) > 3000
+
+
+def test_materialize_plans_runs_in_phase_order_with_each_assets_config():
+    """The runs materialize_regions makes: regions, the assets over all regions, tokens, then models; each asset gets its config."""
+    import dagster as dg
+
+    from geojepa_pipeline.cli import _plan_runs, _run_config
+    from geojepa_pipeline.definitions import ALL_ASSETS
+
+    everything = {k for a in ALL_ASSETS for k in a.keys}
+    runs = _plan_runs(everything, ["a", "b"], ["a"], ["b"], ["GT", "T"], "tiny", "none")
+    assert [r.label for r in runs] == ["a", "b", "@all", "a:tokens", "b:tokens", "model:GT", "model:T"]
+    assert [r.partition for r in runs] == ["a", "b", None, "a", "b", "GT", "T"]
+    assert dg.AssetKey("tile_shards") in runs[0].keys and dg.AssetKey("tile_tokens") not in runs[0].keys
+    assert _run_config(runs[2].keys, runs[2].config) == {"ops": {"geometry_encoder": {"config": {"holdout_regions": ["b"]}}}}
+    extra = {"geojepa_checkpoint": {"epochs": 2, "preset": "small"}, "naip_scenes": {"synthetic_res_m": 1.2}}
+    model = _run_config(runs[5].keys, runs[5].config, extra)["ops"]  # later configs win; assets not in the run get nothing
+    assert model["geojepa_checkpoint"]["config"] == {"preset": "small", "compile": "none", "holdout_regions": ["b"], "regions": ["a"], "epochs": 2}
+    assert model["evaluation_report"]["config"] == {"holdout_regions": ["b"]} and "naip_scenes" not in model
+    assert _run_config(runs[0].keys, runs[0].config, extra) == {"ops": {"naip_scenes": {"config": {"synthetic_res_m": 1.2}}}}
+    only_tiles = _plan_runs({dg.AssetKey("tile_shards")}, ["a"], [], [], ["GT"], "tiny", "none")
+    assert [(r.label, r.keys) for r in only_tiles] == [("a", {dg.AssetKey("tile_shards")})]

@@ -67,8 +67,8 @@ def test_writing_commits_sets_current_and_discards_on_error(tmp_path):
         (staging.scratch / "spill.arrow").write_bytes(b"temporary")  # scratch goes before the commit
         staging.shard("tiles", 0).write_bytes(b"t0")
         staging.shard("entities", 0).write_bytes(b"e0")
-        staging.manifest = {"schema_version": 1, "shards": [{"index": 0, "tiles_file": staging.shard_name("tiles", 0),
-                                                             "entities_file": staging.shard_name("entities", 0)}]}
+        entry = staging.shard_entry(0, {"tiles": staging.shard("tiles", 0), "entities": staging.shard("entities", 0)}, n_tiles=1)
+        staging.manifest = {"schema_version": 1, "shards": [entry]}
     ds = staging.dataset
     assert store.current(TILES, "r1") == ds and sorted(ds.manifest["files"]) == ["entities-00000.parquet", "tiles-00000.parquet"]
     assert [p.read_bytes() for p in ds.shards("tiles")] == [b"t0"] and ds.shards("entities")[0].name == "entities-00000.parquet"
@@ -83,6 +83,33 @@ def test_writing_commits_sets_current_and_discards_on_error(tmp_path):
                 failing(staging)
         assert store.current(TILES, "r1") == ds and store.versions(TILES, "r1") == [ds.data_version]
         assert not [p for p in (tmp_path / TILES / "r1").iterdir() if p.name.startswith(".staging")]
+
+
+def test_aligned_shards_line_up_tables_by_shard_index_or_name_the_stale_dataset(tmp_path):
+    import pytest
+
+    from geojepa_pipeline.errors import GeojepaError
+    from geojepa_pipeline.store import IMAGES, TILES, Staging, aligned_shards
+
+    store = Store(tmp_path)
+
+    def write(kind, table, indices):
+        with store.writing(kind, "li") as staging:
+            entries = []
+            for i in indices:
+                staging.shard(table, i).write_bytes(f"{table}{i}".encode())
+                entries.append(staging.shard_entry(i, {table: staging.shard(table, i)}))
+            staging.manifest = {"schema_version": 1, "shards": entries}
+        return staging.dataset
+
+    tiles, images = write(TILES, "tiles", [0, 1]), write(IMAGES, "images", [0, 1])
+    pairs = aligned_shards((tiles, "tiles"), (images, "images"), (None, "images"))
+    assert [(a.read_bytes(), b.read_bytes(), c) for a, b, c in pairs] == [(b"tiles0", b"images0", None), (b"tiles1", b"images1", None)]
+    stale = write(IMAGES, "images", [0, 1, 2])  # cut from another tile_shards version
+    with pytest.raises(GeojepaError, match=r"tile_images\[li\]@\w+ does not line up with tile_shards\[li\]@\w+ \(3 shards against 2\); re-materialize tile_images\[li\]"):
+        aligned_shards((tiles, "tiles"), (stale, "images"))
+    with pytest.raises(ValueError, match="no dataset kind has a sharded table 'chips'"):
+        Staging(IMAGES, "li", tmp_path).shard_entry(0, {"chips": tmp_path / "x.parquet"})
 
 
 def test_require_names_the_asset_to_materialize(tmp_path):

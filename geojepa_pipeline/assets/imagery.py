@@ -10,7 +10,8 @@ import rasterio
 from ..geo.raster import CHIP_PX
 from ..geo.render import png_markdown
 from ..stages.imagery import NaipScenesOptions, TileImagesOptions, build_naip_scenes, build_tile_images, preview_png
-from ..store import TILES
+from ..errors import GeojepaError
+from ..store import TILES, aligned_shards
 from .osm import tile_shards
 from .automation import on_upstream_data_change
 from .partitions import regions_partitions
@@ -77,10 +78,11 @@ TileImagesConfig = config_from("TileImagesConfig", TileImagesOptions, exclude=("
 def _alignment_check(tiles_ds, images_ds) -> dg.AssetCheckResult:
     """Image shards line up 1:1 with tile shards: same indices, same tile ids in the same order."""
     problems = []
-    t_shards, i_shards = tiles_ds.manifest["shards"], images_ds.manifest["shards"]
-    if [s["index"] for s in t_shards] != [s["index"] for s in i_shards]:
-        problems.append("shard indices differ")
-    for tiles_path, images_path in zip(tiles_ds.shards("tiles"), images_ds.shards("images")):
+    try:
+        pairs = aligned_shards((tiles_ds, "tiles"), (images_ds, "images"))
+    except GeojepaError as e:  # the shard indices differ
+        pairs, problems = [], [str(e)]
+    for tiles_path, images_path in pairs:
         t_ids = pq.read_table(tiles_path, columns=["tile_id"]).column("tile_id")
         img = pq.read_table(images_path, columns=["tile_id", "has_image", "image"])
         if not img.column("tile_id").equals(t_ids):
@@ -91,7 +93,7 @@ def _alignment_check(tiles_ds, images_ds) -> dg.AssetCheckResult:
             problems.append(f"{images_path.name}: chip byte sizes {sorted(sizes)}")
     return dg.AssetCheckResult(
         check_name="aligned_with_tiles", passed=not problems,
-        metadata={"n_shards": len(i_shards), "problems": dg.MetadataValue.json(problems[:20])},
+        metadata={"n_shards": len(images_ds.shard_entries), "problems": dg.MetadataValue.json(problems[:20])},
     )
 
 
@@ -122,7 +124,7 @@ def tile_images(context: dg.AssetExecutionContext, config: TileImagesConfig, geo
         "coverage_histogram": dg.MetadataValue.json(result.coverage_hist),
         "scene_use": dg.MetadataValue.json(dict(sorted(result.scene_use.items(), key=lambda kv: -kv[1])[:20])),
         "inputs": dg.MetadataValue.json(ds.manifest["inputs"]),
-        "n_shards": dg.MetadataValue.int(len(ds.manifest["shards"])),
+        "n_shards": dg.MetadataValue.int(len(ds.shard_entries)),
         "bytes": dg.MetadataValue.int(sum(f["bytes"] for f in ds.manifest["files"].values())),
         "chips_per_s": dg.MetadataValue.float(round(result.n_tiles / max(chip_s, 1e-9), 1)),
         "warnings": dg.MetadataValue.json(result.warnings),

@@ -8,6 +8,7 @@ from ..geo.render import png_markdown, tile_density_png
 from ..geo.tiling import ENTITIES_SCHEMA, TILES_SCHEMA
 from ..stages.osm import TileShardsOptions, build_tile_shards, current_extract, fetch_extract
 from ..tables import count_distinct_entities
+from ..store import aligned_shards
 from .automation import on_upstream_data_change
 from .config import config_from
 from .partitions import regions_partitions
@@ -49,7 +50,7 @@ TileShardsConfig = config_from("TileShardsConfig", TileShardsOptions)
 
 def _schema_check(dataset) -> dg.AssetCheckResult:
     problems = []
-    for tiles_path, entities_path in zip(dataset.shards("tiles"), dataset.shards("entities")):
+    for tiles_path, entities_path in aligned_shards((dataset, "tiles"), (dataset, "entities")):
         tiles = pq.read_schema(tiles_path)
         ents = pq.read_schema(entities_path)
         if not tiles.remove_metadata().equals(TILES_SCHEMA):
@@ -60,7 +61,7 @@ def _schema_check(dataset) -> dg.AssetCheckResult:
             problems.append(f"{entities_path.name}: no GeoParquet metadata")
     return dg.AssetCheckResult(
         check_name="schema", passed=not problems,
-        metadata={"n_shards": len(dataset.manifest["shards"]), "problems": dg.MetadataValue.json(problems[:20])},
+        metadata={"n_shards": len(dataset.shard_entries), "problems": dg.MetadataValue.json(problems[:20])},
     )
 
 

@@ -6,7 +6,7 @@ version changed. Changing a region's ``schedule`` in the registry changes the de
 the next code-location reload (``Reload`` in the UI, or restarting ``geojepa ui``): no code edits.
 """
 
-
+import logging
 import re
 
 import dagster as dg
@@ -31,6 +31,18 @@ def schedule_name(region_name: str) -> str:
     return "reingest_" + re.sub(r"[^A-Za-z0-9_]", "_", region_name)
 
 
+CRON_HELP = "5 fields (minute hour day-of-month month day-of-week) on days that exist, such as '0 3 * * 1' (weekly), or @daily"
+
+
+def cron_accepted(expr: str) -> bool:
+    """Whether Dagster takes ``expr`` as a schedule's cron (its own validator: '0 3 31 2 *' is refused)."""
+    try:
+        dg.ScheduleDefinition(name="check", cron_schedule=CRON_ALIASES.get(expr, expr), job_name=reingest_region_job.name)
+    except dg.DagsterInvalidDefinitionError:
+        return False
+    return True
+
+
 def region_schedule(region: Region, name: str | None = None) -> dg.ScheduleDefinition:
     """The schedule that re-ingests ``region`` on its cron (UTC)."""
     region_name = region.name
@@ -53,9 +65,18 @@ def region_schedule(region: Region, name: str | None = None) -> dg.ScheduleDefin
 
 
 def region_schedules(regions: dict[str, Region]) -> list[dg.ScheduleDefinition]:
-    """One schedule per region; names that would collide after '-' -> '_' get a numeric suffix."""
+    """One schedule per region; names that would collide after '-' -> '_' get a numeric suffix.
+
+    A region whose cron Dagster refuses (a hand-edited ``regions.yaml``) gets no schedule and one
+    warning that names it and says how to fix it; every other region and asset keeps working.
+    """
     schedules, used = [], set()
     for region_name in sorted(regions):
+        if not cron_accepted(regions[region_name].schedule):
+            logging.getLogger(__name__).warning(
+                f"region {region_name!r}: schedule {regions[region_name].schedule!r} is not a cron Dagster accepts, so the "
+                f"region is not re-ingested on a schedule; give it {CRON_HELP} in regions.yaml")
+            continue
         name = schedule_name(region_name)
         suffix = 2
         while name in used:

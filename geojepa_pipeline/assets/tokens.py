@@ -8,7 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..geo.render import curve_png, png_markdown
-from ..store import TILES
+from ..errors import GeojepaError
+from ..store import TILES, aligned_shards
 from ..geo.splits import Holdout
 from ..stages.tokens import (
     GeometryEncoderOptions, TagEmbeddingsOptions, TileTokensOptions, build_geometry_encoder, build_tag_embeddings,
@@ -62,7 +63,7 @@ def tag_embeddings(context: dg.AssetExecutionContext, config: TagEmbeddingsConfi
     )
 
 
-GeometryEncoderConfigDg = config_from("GeometryEncoderConfigDg", GeometryEncoderOptions, Holdout)
+GeometryEncoderConfig = config_from("GeometryEncoderConfig", GeometryEncoderOptions, Holdout)
 
 
 @dg.asset(
@@ -73,7 +74,7 @@ GeometryEncoderConfigDg = config_from("GeometryEncoderConfigDg", GeometryEncoder
     description="PolygonGNN geometry encoder (torch-geometric), pretrained self-supervised (InfoNCE over jittered vs "
                 "simplified views) on the regions' own pieces; safetensors + JSON config.",
 )
-def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderConfigDg, geojepa: GeojepaResource) -> dg.MaterializeResult:
+def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
     store = geojepa.store()
     regions, _ = geojepa.regions_with_tiles()
     regions = [r for r in regions if r not in set(config.holdout_regions)]
@@ -117,19 +118,21 @@ def tile_tokens(context: dg.AssetExecutionContext, config: TileTokensConfig, geo
     ds = result.dataset
     tiles = store.current(TILES, region)
     problems = []
-    for entities_path, tokens_path in zip(tiles.shards("entities"), ds.shards("tokens")):
+    try:
+        pairs = aligned_shards((tiles, "entities"), (ds, "tokens"))
+    except GeojepaError as e:  # the shard indices differ
+        pairs, problems = [], [str(e)]
+    for entities_path, tokens_path in pairs:
         ents = pq.read_table(entities_path, columns=["tile_id", "osm_id"])
         toks = pq.read_table(tokens_path, columns=["tile_id", "osm_id"])
         if not (ents.column("tile_id").equals(toks.column("tile_id")) and ents.column("osm_id").equals(toks.column("osm_id"))):
             problems.append(f"{tokens_path.name} differs from {entities_path.name}")
-    if len(tiles.manifest["shards"]) != len(ds.manifest["shards"]):
-        problems.append("shard counts differ")
     return dataset_result(
         ds, {
             "n_pieces": dg.MetadataValue.int(result.n_pieces),
             "n_without_tag_token": dg.MetadataValue.int(result.n_without_tag_token),
             "image_tokenizer": dg.MetadataValue.text(config.image_tokenizer),
-            "n_tiles_with_vit_tokens": dg.MetadataValue.int(sum(s.get("n_image_tokens", 0) for s in ds.manifest["shards"])),
+            "n_tiles_with_vit_tokens": dg.MetadataValue.int(sum(s.get("n_image_tokens", 0) for s in ds.shard_entries)),
             "inputs": dg.MetadataValue.json(ds.manifest["inputs"]),
             "tag_dim": dg.MetadataValue.int(ds.manifest["tag_dim"]),
             "geometry_dim": dg.MetadataValue.int(ds.manifest["geometry_dim"]),

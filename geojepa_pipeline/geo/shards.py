@@ -12,7 +12,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -74,26 +74,29 @@ def _write(table: pa.Table, path: Path) -> None:
                    write_statistics=statistics_columns(table.schema), use_dictionary=dictionary_columns(table.schema))
 
 
-ShardPath = Callable[[str, int], Path]  # (table, shard index) -> where that shard's file goes
+class ShardSink(Protocol):
+    """Where shards go and how the manifest lists them (the store's ``Staging`` is one)."""
+
+    def shard(self, table: str, shard_index: int) -> Path: ...  # where that shard's file goes
+
+    def shard_entry(self, shard_index: int, files: dict[str, Path], **facts) -> dict: ...  # its manifest entry
 
 
-def _write_shard(shard_index: int, tiles_part: pa.Table, ent_part: pa.Table, shard_path: ShardPath) -> dict:
+def _write_shard(shard_index: int, tiles_part: pa.Table, ent_part: pa.Table, sink: ShardSink) -> dict:
     # one contiguous chunk per column: the bytes do not depend on how the pieces were batched
     tiles_part, ent_part = tiles_part.combine_chunks(), ent_part.combine_chunks()
     geom_types = sorted(set(ent_part.column("geom_type").unique().to_pylist()))
     ent_part = ent_part.replace_schema_metadata({b"geo": geoparquet_metadata(geom_types)})
-    tiles_path, ent_path = shard_path("tiles", shard_index), shard_path("entities", shard_index)
+    tiles_path, ent_path = sink.shard("tiles", shard_index), sink.shard("entities", shard_index)
     _write(tiles_part, tiles_path)
     _write(ent_part, ent_path)
-    return {
-        "index": shard_index, "tiles_file": tiles_path.name, "entities_file": ent_path.name,
-        "n_tiles": tiles_part.num_rows, "n_pieces": ent_part.num_rows,
-        "first_tile": tiles_part.column("tile_id")[0].as_py(), "last_tile": tiles_part.column("tile_id")[-1].as_py(),
-    }
+    return sink.shard_entry(
+        shard_index, {"tiles": tiles_path, "entities": ent_path}, n_tiles=tiles_part.num_rows, n_pieces=ent_part.num_rows,
+        first_tile=tiles_part.column("tile_id")[0].as_py(), last_tile=tiles_part.column("tile_id")[-1].as_py())
 
 
-def write_tile_shards(tiled: TiledRegion, shard_path: ShardPath, shard_tiles: int = DEFAULT_SHARD_TILES, log=None) -> dict:
-    """Write the shards of ``tiled`` where ``shard_path`` says; return the manifest body (without files/version).
+def write_tile_shards(tiled: TiledRegion, sink: ShardSink, shard_tiles: int = DEFAULT_SHARD_TILES, log=None) -> dict:
+    """Write the shards of ``tiled`` into ``sink``; return the manifest body (without files/version).
 
     Pieces stream in (``TiledRegion.entity_chunks``) and leave as shards of ``shard_tiles``
     consecutive tiles; two threads encode (Parquet and zstd run in C++ without the GIL), and
@@ -119,7 +122,7 @@ def write_tile_shards(tiled: TiledRegion, shard_path: ShardPath, shard_tiles: in
         def flush() -> None:
             nonlocal pending_tiles, pending_ents, n_pending
             futures.append(pool.submit(_write_shard, len(shards) + len(futures),
-                                       pa.concat_tables(pending_tiles), pa.concat_tables(pending_ents), shard_path))
+                                       pa.concat_tables(pending_tiles), pa.concat_tables(pending_ents), sink))
             pending_tiles, pending_ents, n_pending = [], [], 0
             collect(block=False)
 

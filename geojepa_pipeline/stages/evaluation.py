@@ -27,7 +27,7 @@ from ..errors import GeojepaError
 from ..settings import Settings
 from ..store import (
     CHECKPOINTS, EMBEDDINGS_FILE, GEOMETRY, GLOBAL_SCOPE, IMAGES, METRICS_FILE, RELATION_MEMBERS_FILE, REPORT_FILE, REPORTS,
-    SCENES, TAGS, TILES, TOKENS, TRAIN_STATE_FILE, WEIGHTS_FILE, Dataset, Store, missing,
+    SCENES, TAGS, TILES, TOKENS, TRAIN_STATE_FILE, WEIGHTS_FILE, Dataset, Store, aligned_shards, missing,
 )
 
 REPORT_SCHEMA_VERSION = 2
@@ -98,7 +98,7 @@ def load_region_data(store: Store, region: str, tiles_version: str, tokens_versi
     tiles, toks = store.dataset(TILES, region, tiles_version), store.dataset(TOKENS, region, tokens_version)
     ids, tx, ty, tile_of, types, osm_ids, tags, geom, pos = [], [], [], [], [], [], [], [], []
     offset = 0
-    for tiles_path, entities_path, tokens_path in zip(tiles.shards("tiles"), tiles.shards("entities"), toks.shards("tokens"), strict=True):
+    for tiles_path, entities_path, tokens_path in aligned_shards((tiles, "tiles"), (tiles, "entities"), (toks, "tokens")):
         t = pq.read_table(tiles_path, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
         e = pq.read_table(entities_path, columns=["osm_type", "osm_id", "tags"])
         k = pq.read_table(tokens_path, columns=["geometry_token", "position"])
@@ -113,7 +113,7 @@ def load_region_data(store: Store, region: str, tiles_version: str, tokens_versi
         geom.append(fixed_list_to_numpy(k.column("geometry_token")))
         pos.append(fixed_list_to_numpy(k.column("position")))
     # tile_shards before code version 2 wrote no relation members
-    members = pq.read_table(tiles.file(RELATION_MEMBERS_FILE)) if tiles.manifest.get("relation_members_file") else None
+    members = pq.read_table(tiles.file(RELATION_MEMBERS_FILE)) if tiles.has_file(RELATION_MEMBERS_FILE) else None
     all_tags = pa.chunked_array([c for t in tags for c in t.chunks], pa.map_(pa.string(), pa.string()))
     pieces = Pieces.build(np.concatenate(tile_of), np.concatenate(types), np.concatenate(osm_ids), all_tags, offset)
     kind = imagery_kind(store, region, images_version)
@@ -175,7 +175,9 @@ def _tile_picture(store: Store, region: str, tile_id: str, px: int = 112) -> byt
     tiles = store.require(TILES, region)
     images = store.current(IMAGES, region)
     panels = []
-    for shard, entities_path in zip(tiles.manifest["shards"], tiles.shards("entities")):
+    # the chips of the current tile_images when they were cut from these tile shards
+    images = images if images is not None and images.manifest["inputs"]["tile_shards"] == tiles.data_version else None
+    for shard, (entities_path, images_path) in zip(tiles.shard_entries, aligned_shards((tiles, "entities"), (images, "images"))):
         if not (shard["first_tile"] <= tile_id <= shard["last_tile"]):
             continue
         ents = pq.read_table(entities_path, columns=["tile_id", "osm_id", "tags", "geometry"],
@@ -187,7 +189,7 @@ def _tile_picture(store: Store, region: str, tile_id: str, px: int = 112) -> byt
         size = float(tiles.manifest["tile_size_m"])
         panels.append(class_preview_rgb(rasterize_classes(shapes, values, 0.0, size, 224, 224, size / 224)))
         if images is not None:
-            img = pq.read_table(images.shards("images")[shard["index"]], columns=["tile_id", "image"], filters=[("tile_id", "=", tile_id)])
+            img = pq.read_table(images_path, columns=["tile_id", "image"], filters=[("tile_id", "=", tile_id)])
             if img.num_rows and img.column("image")[0].is_valid:
                 panels.append(decode_chip(img.column("image")[0].as_py())[..., :3])
         break

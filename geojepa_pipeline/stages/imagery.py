@@ -35,7 +35,7 @@ from ..geo.parallel import default_workers, fork_worker_init
 from ..geo.raster import BANDS, CHIP_PX, SceneChipper, SceneInfo, inspect_scene
 from ..progress import Progress
 from ..regions import Region
-from ..store import IMAGES, SCENES, SCENES_FILE, TILES, Dataset, Store, sha256_file
+from ..store import IMAGES, SCENES, SCENES_FILE, TILES, Dataset, Store, aligned_shards, sha256_file
 
 SCENES_SCHEMA_VERSION = 1
 IMAGES_SCHEMA_VERSION = 1
@@ -99,7 +99,7 @@ def _synthetic_scenes(tiles: Dataset, staging: Path, seed: int, res_m: float, bl
     epsg = int(tiles.manifest["epsg"])
     size = float(tiles.manifest["tile_size_m"])
     per_block: dict[tuple[int, int], list] = {}
-    for tiles_path, entities_path in zip(tiles.shards("tiles"), tiles.shards("entities")):
+    for tiles_path, entities_path in aligned_shards((tiles, "tiles"), (tiles, "entities")):
         t = _read_tiles(tiles_path)
         ents = pq.read_table(entities_path, columns=["tile_id", "osm_id", "tags", "geometry"])
         classes, widths = classify(ents.column("tags"), ents.column("osm_id").to_numpy())
@@ -348,10 +348,9 @@ def build_tile_images(region: str, store: Store, log: Log | None = None, **optio
     progress = Progress(f"tile_images[{region}]", total=tiles.manifest["n_tiles"], log=log)
     meta = {b"geojepa:chip": json.dumps({"px": CHIP_PX, "bands": list(BANDS), "layout": "HWC", "dtype": "uint8"}).encode()}
     with store.writing(IMAGES, region) as staging:
-        for shard, tiles_path in zip(tiles.manifest["shards"], tiles.shards("tiles")):
+        for shard, tiles_path in zip(tiles.shard_entries, tiles.shards("tiles")):
             t = _read_tiles(tiles_path)
             path = staging.shard("images", shard["index"])
-            name = path.name
             n_shard_with = 0
             with pq.ParquetWriter(path, IMAGES_SCHEMA.with_metadata(meta), compression="zstd") as writer:
                 for start in range(0, t.num_rows, batch_tiles):
@@ -379,9 +378,9 @@ def build_tile_images(region: str, store: Store, log: Log | None = None, **optio
                                       ((cov > .5) & (cov < 1)).sum(), (cov == 1).sum()])
                     progress.update(n_tiles)
             n_with += n_shard_with
-            shards.append({"index": shard["index"], "images_file": name, "tiles_file": shard["tiles_file"],
-                           "n_tiles": t.num_rows, "n_with_image": n_shard_with,
-                           "first_tile": shard.get("first_tile"), "last_tile": shard.get("last_tile")})
+            shards.append(staging.shard_entry(shard["index"], {"images": path, "tiles": tiles_path},
+                                              n_tiles=t.num_rows, n_with_image=n_shard_with,
+                                              first_tile=shard.get("first_tile"), last_tile=shard.get("last_tile")))
         progress.finish()
         staging.manifest = {
             "schema_version": IMAGES_SCHEMA_VERSION, "chip_px": CHIP_PX, "bands": list(BANDS), "layout": "HWC",
@@ -410,7 +409,7 @@ def preview_png(tiles: Dataset, images: Dataset, n: int = 3) -> bytes:
     from ..geo.synthetic import class_preview_rgb, classify, paint_geometries, rasterize_classes
 
     candidates = []
-    for tiles_path, entities_path, images_path in zip(tiles.shards("tiles"), tiles.shards("entities"), images.shards("images")):
+    for tiles_path, entities_path, images_path in aligned_shards((tiles, "tiles"), (tiles, "entities"), (images, "images")):
         t = _read_tiles(tiles_path, columns=("tile_id", "n_entities", "tile_size_m"))
         has = pq.read_table(images_path, columns=["has_image"]).column("has_image").to_numpy(zero_copy_only=False)
         for tid, ne, s, h in zip(t.column("tile_id").to_pylist(), t.column("n_entities").to_pylist(), t.column("tile_size_m").to_pylist(), has):

@@ -157,9 +157,8 @@ def build_tile_shards(region: str, store: Store, extract_path: Path | None = Non
         members = data.relation_members()
         del data
         t1 = time.perf_counter()
-        manifest = write_tile_shards(tiled, staging.shard, shard_tiles=shard_tiles, log=log)
+        manifest = write_tile_shards(tiled, staging, shard_tiles=shard_tiles, log=log)
         pq.write_table(members, staging.file(RELATION_MEMBERS_FILE), compression="zstd")
-        manifest["relation_members_file"] = RELATION_MEMBERS_FILE
         manifest["source"] = source or {}
         staging.manifest = manifest
     dataset = staging.dataset

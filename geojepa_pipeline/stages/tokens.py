@@ -25,9 +25,9 @@ from ..errors import GeojepaError
 from ..progress import Progress
 from ..store import (
     CONFIG_FILE, GEOMETRY, GLOBAL_SCOPE, HISTORY_FILE, IMAGES, INPUTS_FILE, PAIRS_FILE, POLICY_FILE, TAGS, TILES, TOKENS,
-    WEIGHTS_FILE, Dataset, Store, missing,
+    WEIGHTS_FILE, Dataset, Store, aligned_shards, missing,
 )
-from ..tables import _sql_list
+from ..tables import sql_path_list
 from ..tokenizers.tags import (
     DEFAULT_TAG_MODEL,
     OPEN_MIN_DISTINCT,
@@ -54,7 +54,7 @@ def region_pair_counts(ds: Dataset) -> dict[tuple[str, str], int]:
     con = duckdb.connect()
     try:
         rows = con.execute(
-            f"WITH e AS (SELECT DISTINCT osm_type, osm_id, tags FROM read_parquet({_sql_list(files)})), "
+            f"WITH e AS (SELECT DISTINCT osm_type, osm_id, tags FROM read_parquet({sql_path_list(files)})), "
             "p AS (SELECT unnest(map_keys(tags)) AS k, unnest(map_values(tags)) AS v FROM e) "
             "SELECT k, v, count(*) FROM p GROUP BY k, v"
         ).fetchall()
@@ -234,7 +234,7 @@ def build_geometry_encoder(store: Store, regions: list[str], log: Log | None = N
     from safetensors.torch import save_file
 
     from ..tokenizers.geometry import (
-        GeometryEncoderConfig,
+        PolygonGNNConfig,
         PretrainConfig,
         pretrain,
         probe,
@@ -247,7 +247,7 @@ def build_geometry_encoder(store: Store, regions: list[str], log: Log | None = N
     order = np.random.default_rng(seed).permutation(len(geoms))
     n_probe = max(1, int(0.15 * len(geoms)))
     probe_set, train_set = geoms[order[:n_probe]], geoms[order[n_probe:]]
-    enc_cfg, train_cfg = GeometryEncoderConfig(dim=dim), PretrainConfig(steps=steps, seed=seed)
+    enc_cfg, train_cfg = PolygonGNNConfig(dim=dim), PretrainConfig(steps=steps, seed=seed)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     model, losses = pretrain(train_set, enc_cfg, train_cfg, log=log)
     t_train = time.perf_counter() - t0
@@ -271,10 +271,10 @@ def load_geometry_encoder(ds: Dataset):
     """The PolygonGNN of a committed ``geometry_encoder`` version, in eval mode."""
     from safetensors.torch import load_file
 
-    from ..tokenizers.geometry import GeometryEncoderConfig, PolygonGNN
+    from ..tokenizers.geometry import PolygonGNNConfig, PolygonGNN
 
     config = json.loads(ds.file(CONFIG_FILE).read_text())
-    model = PolygonGNN(GeometryEncoderConfig(**config["encoder"]))
+    model = PolygonGNN(PolygonGNNConfig(**config["encoder"]))
     model.load_state_dict(load_file(str(ds.file(WEIGHTS_FILE))))
     return model.eval()
 
@@ -383,9 +383,9 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, **optio
     progress = Progress(f"tile_tokens[{region}]", total=tiles.manifest["n_pieces"], log=log)
     with store.writing(TOKENS, region) as staging:
         staging.file(INPUTS_FILE).write_text(json.dumps(inputs, sort_keys=True) + "\n")  # the version follows the inputs
-        for shard, entities_path in zip(tiles.manifest["shards"], tiles.shards("entities")):
+        shard_files = aligned_shards((tiles, "entities"), (images if vit else None, "images"))
+        for shard, (entities_path, images_path) in zip(tiles.shard_entries, shard_files):
             path = staging.shard("tokens", shard["index"])
-            name = path.name
             ents = pq.read_table(entities_path, columns=["tile_id", "osm_type", "osm_id", "tags", "geometry", "minbox"])
             with pq.ParquetWriter(path, schema, compression="zstd") as writer:
                 for start in range(0, ents.num_rows, batch_pieces):
@@ -403,12 +403,11 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, **optio
                     }, schema=schema))
                     n_pieces += part.num_rows
                     progress.update(n_pieces)
-            entry = {"index": shard["index"], "tokens_file": name, "entities_file": shard["entities_file"], "n_pieces": ents.num_rows}
+            files, facts = {"tokens": path, "entities": entities_path}, {"n_pieces": ents.num_rows}
             if vit is not None:
-                vit_path = staging.shard("image_tokens", shard["index"])
-                entry["image_tokens_file"] = vit_path.name
-                entry["n_image_tokens"] = _write_vit_tokens(images.shards("images")[len(shards)], vit, vit_path)
-            shards.append(entry)
+                files["image_tokens"] = staging.shard("image_tokens", shard["index"])
+                facts["n_image_tokens"] = _write_vit_tokens(images_path, vit, files["image_tokens"])
+            shards.append(staging.shard_entry(shard["index"], files, **facts))
         progress.finish()
         staging.manifest = {"schema_version": TOKENS_SCHEMA_VERSION, "inputs": inputs, "n_pieces": n_pieces, "shards": shards,
                             "tag_dim": int(vocab.vectors.shape[1]), "geometry_dim": int(encoder.config.dim),

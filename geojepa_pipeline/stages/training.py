@@ -20,7 +20,7 @@ from ..errors import GeojepaError
 from ..settings import Settings
 from ..store import (
     CHECKPOINTS, GEOMETRY, GLOBAL_SCOPE, IMAGES, INPUTS_FILE, LAST_WEIGHTS_FILE, OSM, TILES, TOKENS, TRAIN_STATE_FILE,
-    WEIGHTS_FILE, Dataset, Store,
+    WEIGHTS_FILE, Dataset, Store, aligned_shards,
 )
 from ..model.config import VARIANTS
 from ..train.checkpoint import MODEL_FILE, STATE_FILE, WorkDir
@@ -48,9 +48,8 @@ def training_sources(store: Store, regions: list[str], with_images: bool = False
         images = store.current(IMAGES, name)
         if with_images and (images is None or images.manifest["inputs"]["tile_shards"] != tiles.data_version):
             raise GeojepaError(f"the image variants need tile_images[{name}] built from the current tile_shards; materialize it first")
-        chips = images.shards("images") if with_images else [None] * len(tiles.manifest["shards"])
-        sources += [ShardSource(name, *files)  # the shards line up: each table has one file per tile shard
-                    for files in zip(tok.shards("tokens"), tiles.shards("tiles"), tiles.shards("entities"), chips, strict=True)]
+        sources += [ShardSource(name, *files) for files in aligned_shards(
+            (tok, "tokens"), (tiles, "tiles"), (tiles, "entities"), (images if with_images else None, "images"))]
         inputs[f"tile_tokens/{name}"] = tok.data_version
         inputs[f"tile_shards/{name}"] = tiles.data_version
         # the chips the model saw: the current ones for image variants, else those the tokens were built with
@@ -91,10 +90,7 @@ def train_with_torchrun(cfg: TrainConfig, sources: list[ShardSource], work, proc
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    spec = {"config": cfg.to_dict(), "work_dir": str(work),
-            "sources": [{"region": s.region, "tokens_file": str(s.tokens_file), "tiles_file": str(s.tiles_file),
-                         "entities_file": str(s.entities_file), "images_file": str(s.images_file) if s.images_file else None}
-                        for s in sources]}
+    spec = {"config": cfg.to_dict(), "work_dir": str(work), "sources": [s.to_json() for s in sources]}
     spec_path = WorkDir(work).spec
     spec_path.write_text(json.dumps(spec, sort_keys=True) + "\n")
     torchrun = Path(sys.executable).parent / "torchrun"

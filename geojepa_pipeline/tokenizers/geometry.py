@@ -186,7 +186,9 @@ def geometry_graphs(geoms: np.ndarray, max_vertices: int = MAX_VERTICES_PER_PART
 
 
 @dataclass
-class GeometryEncoderConfig:
+class PolygonGNNConfig:
+    """The geometry encoder's architecture (stored in the geometry_encoder dataset's config.json)."""
+
     dim: int = 64  # geometry token size
     hidden: int = 64
     n_blocks: int = 3
@@ -224,7 +226,7 @@ def _interaction_block_class():
 class PolygonGNN(nn.Module):
     """Piece graphs -> (P, dim) geometry tokens (see the module docstring)."""
 
-    def __init__(self, config: GeometryEncoderConfig = GeometryEncoderConfig()):
+    def __init__(self, config: PolygonGNNConfig = PolygonGNNConfig()):
         super().__init__()
         self.config = config
         block = _interaction_block_class()
@@ -286,7 +288,7 @@ def _view(geoms: np.ndarray, rng: np.random.Generator, simplify: bool) -> Geomet
     return g
 
 
-def pretrain(geoms: np.ndarray, config: GeometryEncoderConfig = GeometryEncoderConfig(),
+def pretrain(geoms: np.ndarray, config: PolygonGNNConfig = PolygonGNNConfig(),
              train: PretrainConfig = PretrainConfig(), log=None) -> tuple[PolygonGNN, list[float]]:
     """Train a PolygonGNN on ``geoms`` (P,) with the contrastive objective above; returns (model, loss per step)."""
     torch.manual_seed(train.seed)

@@ -63,6 +63,16 @@ class ShardSource:
     entities_file: Path
     images_file: Path | None = None  # the aligned tile_images shard (image variants)
 
+    def to_json(self) -> dict:
+        """A JSON-able dict (paths as strings; the training spec of ``train.run``)."""
+        return {"region": self.region, "tokens_file": str(self.tokens_file), "tiles_file": str(self.tiles_file),
+                "entities_file": str(self.entities_file), "images_file": str(self.images_file) if self.images_file else None}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardSource":
+        return cls(d["region"], Path(d["tokens_file"]), Path(d["tiles_file"]), Path(d["entities_file"]),
+                   Path(d["images_file"]) if d.get("images_file") else None)
+
 
 IMAGE_CHUNK = 256  # tiles per image row group (see imagery.IMAGE_ROW_GROUP)
 

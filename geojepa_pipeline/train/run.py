@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     if distributed:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     torch.set_num_threads(1 if distributed else max(1, min(2, torch.get_num_threads())))
-    sources = [ShardSource(s["region"], Path(s["tokens_file"]), Path(s["tiles_file"]), Path(s["entities_file"]),
-                           Path(s["images_file"]) if s.get("images_file") else None) for s in spec["sources"]]
+    sources = [ShardSource.from_json(s) for s in spec["sources"]]
     work = WorkDir(Path(spec["work_dir"]))
     rank = torch.distributed.get_rank() if distributed else 0
     def log(message: str) -> None:  # one write per line: print() writes text and newline apart, and ranks share a pipe

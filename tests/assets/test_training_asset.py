@@ -101,7 +101,10 @@ def test_evaluation_report_with_a_held_out_region_through_the_cli(tokens_home, c
     assert main(["materialize", "--holdout", "h", "--variant", "GT", "--epochs", "2"]) == 0
     capsys.readouterr()
     assert main(["report", "--json"]) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    def no_constant(name):  # NaN and Infinity are not JSON
+        raise AssertionError(f"report --json wrote {name}")
+
+    metrics = json.loads(capsys.readouterr().out, parse_constant=no_constant)
     assert set(metrics) >= {"variant", "model_version", "regions", "tasks", "knn", "protocol", "transfer"}
     assert metrics["variant"] == "GT" and metrics["model_version"] == "geojepa-GT:1" and metrics["regions"] == ["t"]
     p = metrics["protocol"]
@@ -134,6 +137,12 @@ def test_evaluation_report_with_a_held_out_region_through_the_cli(tokens_home, c
     assert main(["knn", tile, "--k", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 3 + 1 and tile not in "".join(lines[2:5])
+    exe = Path(sys.executable).parent / "geojepa"
+    for reader in ("head -n 1", "true"):  # `true` has gone before the report is written
+        piped = subprocess.run(f"'{exe}' report | {reader}", shell=True, capture_output=True, text=True,
+                               env={**os.environ, "GEOJEPA_HOME": str(tokens_home)})
+        assert len(piped.stdout.splitlines()) == (reader == "head -n 1"), piped.stdout
+        assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr and "Exception ignored" not in piped.stderr, piped.stderr
     # a held-out region that pretraining saw is refused, with what to do
     assert main(["materialize", "--select", "evaluation_report", "--variant", "GT", "--holdout", "t"]) == 2
     assert "--holdout t" in capsys.readouterr().err

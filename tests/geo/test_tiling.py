@@ -9,7 +9,7 @@ import shapely
 
 from geojepa_pipeline.geo.osm_read import read_osm
 from geojepa_pipeline.geo.shards import write_tile_shards
-from geojepa_pipeline.store import shard_filename
+from geojepa_pipeline.store import TILES, Store
 from geojepa_pipeline.geo.tiling import ENTITIES_SCHEMA, TILES_SCHEMA, tile_osm
 
 from ..conftest import LIECHTENSTEIN, bench_module, needs_shared
@@ -71,36 +71,38 @@ def test_liechtenstein_tiles_pinned():
     assert int(np.sum(tiled.tiles.column("n_entities"))) == tiled.entities.num_rows
 
 
-def into(folder):
-    """write_tile_shards' shard_path for plain files in ``folder``, named as the store names them."""
-    return lambda table, index: folder / shard_filename(table, index)
+def write_shards(tiled, root, **options):
+    """write_tile_shards into a new tile_shards version of a store at ``root``; the committed Dataset."""
+    with Store(root).writing(TILES, "t") as staging:
+        staging.manifest = write_tile_shards(tiled, staging, **options)
+    return staging.dataset
 
 
 def test_shards_geoparquet_and_determinism(tmp_path, pyrosm_test_pbf):
     tiled = tile_osm(read_osm(pyrosm_test_pbf), "t")
-    out1, out2 = tmp_path / "a", tmp_path / "b"
-    out1.mkdir(), out2.mkdir()
-    m1 = write_tile_shards(tiled, into(out1), shard_tiles=7)
-    write_tile_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), into(out2), shard_tiles=7)
-    assert len(m1["shards"]) == -(-tiled.tiles.num_rows // 7)
-    for f in sorted(p.name for p in out1.iterdir()):
-        assert (out1 / f).read_bytes() == (out2 / f).read_bytes(), f"{f} differs between identical runs"
-    shard = m1["shards"][1]
-    assert pq.read_schema(out1 / shard["tiles_file"]).remove_metadata().equals(TILES_SCHEMA)
-    schema = pq.read_schema(out1 / shard["entities_file"])
+    ds1 = write_shards(tiled, tmp_path / "a", shard_tiles=7)
+    ds2 = write_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), tmp_path / "b", shard_tiles=7)
+    assert len(ds1.shard_entries) == -(-tiled.tiles.num_rows // 7)
+    for f in sorted(p.name for p in ds1.path.iterdir()):
+        assert (ds1.path / f).read_bytes() == (ds2.path / f).read_bytes(), f"{f} differs between identical runs"
+    assert ds1.data_version == ds2.data_version
+    shard, tiles_path, entities_path = ds1.shard_entries[1], ds1.shards("tiles")[1], ds1.shards("entities")[1]
+    assert pq.read_schema(tiles_path).remove_metadata().equals(TILES_SCHEMA)
+    schema = pq.read_schema(entities_path)
     assert schema.remove_metadata().equals(ENTITIES_SCHEMA)
     geo = json.loads(schema.metadata[b"geo"])
     assert geo["primary_column"] == "geometry" and geo["columns"]["geometry"]["encoding"] == "WKB"
-    gdf = gpd.read_parquet(out1 / shard["entities_file"])
+    gdf = gpd.read_parquet(entities_path)
     assert gdf.geometry.name == "geometry" and gdf.crs is None and len(gdf) == shard["n_pieces"]
-    tiles = pq.read_table(out1 / shard["tiles_file"])
+    tiles = pq.read_table(tiles_path)
     assert set(gdf.tile_id) == set(tiles.column("tile_id").to_pylist())
-    assert sum(s["n_pieces"] for s in m1["shards"]) == tiled.entities.num_rows
+    assert sum(s["n_pieces"] for s in ds1.shard_entries) == tiled.entities.num_rows
 
 
 def test_shard_size_must_be_positive(tmp_path, pyrosm_test_pbf):
     with pytest.raises(ValueError, match="shard_tiles"):
-        write_tile_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), into(tmp_path), shard_tiles=0)
+        write_shards(tile_osm(read_osm(pyrosm_test_pbf), "t"), tmp_path, shard_tiles=0)
+    assert Store(tmp_path).current(TILES, "t") is None  # nothing half-written became a version
 
 
 @pytest.fixture(scope="module")
@@ -130,26 +132,23 @@ def test_bands_workers_and_spill_agree(tmp_path, wide_pbf):
 def test_shards_stream_across_band_boundaries(tmp_path, wide_pbf):
     tiled = tile_osm(read_osm(wide_pbf), "h", band_entities=2500, workers=1, spill_dir=tmp_path / "spill")
     assert tiled.n_bands >= 2
-    out = tmp_path / "out"
-    out.mkdir()
-    manifest = write_tile_shards(tiled, into(out), shard_tiles=4)
-    assert [s["n_tiles"] for s in manifest["shards"]] == [4] * (tiled.tiles.num_rows // 4) + ([tiled.tiles.num_rows % 4] if tiled.tiles.num_rows % 4 else [])
-    tiles = pa.concat_tables([pq.read_table(out / s["tiles_file"]) for s in manifest["shards"]])
-    ents = pa.concat_tables([pq.read_table(out / s["entities_file"]) for s in manifest["shards"]])
+    ds = write_shards(tiled, tmp_path / "out", shard_tiles=4)
+    assert [s["n_tiles"] for s in ds.shard_entries] == [4] * (tiled.tiles.num_rows // 4) + ([tiled.tiles.num_rows % 4] if tiled.tiles.num_rows % 4 else [])
+    tiles = pa.concat_tables([pq.read_table(p) for p in ds.shards("tiles")])
+    ents = pa.concat_tables([pq.read_table(p) for p in ds.shards("entities")])
     assert tiles.column("tile_id").to_pylist() == tiled.tiles.column("tile_id").to_pylist()
-    assert ents.num_rows == tiled.n_pieces == manifest["n_pieces"]
-    for s in manifest["shards"]:  # every shard holds exactly its tiles' pieces
-        t = pq.read_table(out / s["tiles_file"])
-        e = pq.read_table(out / s["entities_file"])
+    assert ents.num_rows == tiled.n_pieces == ds.manifest["n_pieces"]
+    for tiles_path, entities_path in zip(ds.shards("tiles"), ds.shards("entities")):  # every shard holds exactly its tiles' pieces
+        t = pq.read_table(tiles_path)
+        e = pq.read_table(entities_path)
         assert set(e.column("tile_id").to_pylist()) == set(t.column("tile_id").to_pylist())
         assert e.num_rows == sum(t.column("n_entities").to_pylist())
 
 
 def test_shard_statistics_only_on_flat_columns(tmp_path):
     tiled = tile_osm(read_osm(rules_fixture(tmp_path / "r.osm.pbf")), "r")
-    (tmp_path / "out").mkdir()
-    manifest = write_tile_shards(tiled, into(tmp_path / "out"))
-    meta = pq.ParquetFile(tmp_path / "out" / manifest["shards"][0]["entities_file"]).metadata.row_group(0)
+    ds = write_shards(tiled, tmp_path / "out")
+    meta = pq.ParquetFile(ds.shards("entities")[0]).metadata.row_group(0)
     stats = {meta.column(i).path_in_schema: meta.column(i).is_stats_set for i in range(meta.num_columns)}
     assert stats["tile_id"] and stats["osm_id"]  # min/max prune reads by tile and entity
     assert not stats["geometry"] and not stats["tags.key_value.key"] and not stats["minbox.list.element"]

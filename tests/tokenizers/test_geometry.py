@@ -7,7 +7,7 @@ import shapely
 import torch
 
 from geojepa_pipeline.tokenizers.geometry import (
-    GeometryEncoderConfig, PolygonGNN, PretrainConfig, geometry_graphs, pretrain, ridge_r2, shape_targets,
+    PolygonGNNConfig, PolygonGNN, PretrainConfig, geometry_graphs, pretrain, ridge_r2, shape_targets,
 )
 
 from ..geo.test_minbox import ROUTE_PIECE_WKT
@@ -70,7 +70,7 @@ def test_a_piece_that_geos_boxes_wrongly_lies_in_its_frame():
 def test_tokens_are_sum_pooled_per_piece():
     geoms = np.array([shapely.box(0, 0, 10, 10), shapely.box(0, 0, 10, 10), shapely.box(0, 0, 30, 5)], dtype=object)
     torch.manual_seed(0)
-    tok = PolygonGNN(GeometryEncoderConfig(dim=16, hidden=16, n_blocks=2)).encode(geometry_graphs(geoms))
+    tok = PolygonGNN(PolygonGNNConfig(dim=16, hidden=16, n_blocks=2)).encode(geometry_graphs(geoms))
     assert tok.shape == (3, 16)
     assert np.allclose(tok[0], tok[1], atol=1e-5) and not np.allclose(tok[0], tok[2], atol=1e-3)
 
@@ -79,7 +79,7 @@ def test_short_pretraining_lowers_the_loss_and_probes_beat_chance():
     rng = np.random.default_rng(0)
     w, h = rng.uniform(2, 60, 600), rng.uniform(2, 60, 600)
     geoms = np.array([shapely.affinity.rotate(shapely.box(0, 0, a, b), rng.uniform(0, 180)) for a, b in zip(w, h)], dtype=object)
-    model, losses = pretrain(geoms[:500], GeometryEncoderConfig(dim=32, hidden=32, n_blocks=2), PretrainConfig(steps=60, batch=128))
+    model, losses = pretrain(geoms[:500], PolygonGNNConfig(dim=32, hidden=32, n_blocks=2), PretrainConfig(steps=60, batch=128))
     assert np.mean(losses[-10:]) < np.mean(losses[:5])
     targets = shape_targets(geoms[500:])
     tokens = model.encode(geometry_graphs(geoms[500:])).astype(np.float64)

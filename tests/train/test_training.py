@@ -195,8 +195,7 @@ def test_resume_after_a_crash_gives_the_same_model(sources, tmp_path):
 
 def _spec(tmp_path, sources, work, **cfg):
     spec = {"config": TrainConfig(**cfg).to_dict(), "work_dir": str(work),
-            "sources": [{"region": s.region, "tokens_file": str(s.tokens_file), "tiles_file": str(s.tiles_file),
-                         "entities_file": str(s.entities_file)} for s in sources]}
+            "sources": [s.to_json() for s in sources]}
     path = tmp_path / f"spec-{work.name}.json"
     path.write_text(json.dumps(spec))
     return path
