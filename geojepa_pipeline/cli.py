@@ -247,6 +247,36 @@ def _run_config(keys: set, *configs: dict[str, dict]) -> dict | None:
     return {"ops": ops} if ops else None
 
 
+def _process_tags() -> dict[str, str]:
+    """Which process runs an in-process materialization (so that a later start can tell it was killed)."""
+    import socket
+
+    return {"geojepa/host": socket.gethostname(), "geojepa/pid": str(os.getpid())}
+
+
+def _fail_runs_of_dead_processes(instance, log=print) -> list[str]:
+    """Mark failed the runs a ``geojepa materialize`` on this machine started and never ended (its process is gone).
+
+    A killed CLI run otherwise stays STARTED in Dagster forever. Returns their run ids.
+    """
+    import dagster as dg
+
+    from .store import pid_alive
+
+    here = _process_tags()["geojepa/host"]
+    running = instance.get_runs(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED], tags={"geojepa/host": here}))
+    failed = []
+    for run in running:
+        pid = run.tags.get("geojepa/pid", "")
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            instance.report_run_failed(run, f"its process ({pid} on {here}) is gone, killed before the run ended; "
+                                            f"marked failed by the next geojepa materialize")
+            failed.append(run.run_id)
+            log(f"run {run.run_id} ({run.tags.get('geojepa/region', '?')}) was left running by a killed process: marked failed")
+    return failed
+
+
 def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print,
                         variants: list[str] | None = None, preset: str = "tiny", compile: str = "none",
                         holdout: list[str] | None = None, op_config: dict[str, dict] | None = None) -> dict[str, object]:
@@ -286,12 +316,14 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
     trained = [n for n in region_names or [] if n not in holdout]
     results = {}
     with _instance() as instance:
+        _fail_runs_of_dead_processes(instance, log)
         sync_region_partitions(instance, regions.keys())
         for planned in _plan_runs(wanted, names, trained, holdout, variants or ["GT"], preset, compile):
             log(f"materializing {planned.what} ...")
             result = dg.materialize(
                 ALL_ASSETS, instance=instance, partition_key=planned.partition, selection=dg.AssetSelection.assets(*planned.keys),
-                resources={"geojepa": GeojepaResource()}, raise_on_error=False, tags={"geojepa/region": planned.label},
+                resources={"geojepa": GeojepaResource()}, raise_on_error=False,
+                tags={"geojepa/region": planned.label, **_process_tags()},
                 run_config=_run_config(planned.keys, planned.config, op_config),
             )
             if not result.success:
@@ -427,6 +459,33 @@ def cmd_knn(args) -> int:
 
     print(format_table(["rank", "tile_id", "region", "cosine"], [(i + 1, ids[j], regions[j], round(s, 4)) for i, (j, s) in enumerate(hits)]))
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Every current dataset version (of one region, or all) checked byte for byte against its manifest's sha256."""
+    import time
+
+    from .store import default_store
+    from .tables import format_table
+
+    store = default_store()
+    if args.region:
+        from .regions import default_registry
+
+        default_registry().get(args.region)  # an unknown region is one line
+    t0 = time.perf_counter()
+    checked = store.verify_current(args.region)
+    seconds = time.perf_counter() - t0
+    rows = [(v.label, v.files, f"{v.bytes / 1e6:.1f}", "ok" if not v.problems else "; ".join(p.split(": ", 1)[1] for p in v.problems))
+            for v in checked]
+    print(format_table(["dataset", "files", "MB", "status"], rows, max_width=None))
+    total = sum(v.bytes for v in checked)
+    print(f"verified {sum(v.files for v in checked)} files, {total / 1e6:.1f} MB in {seconds:.2f} s "
+          f"({total / 1e6 / max(seconds, 1e-9):.0f} MB/s)")
+    damaged = [v for v in checked if v.problems]
+    if damaged:
+        print(f"{len(damaged)} dataset version(s) damaged: re-materialize them (their files differ from what was committed)", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def cmd_lineage(args) -> int:
@@ -580,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--region", help="NAME[@DATA_VERSION]: model versions trained on that region (version: tile_shards or OSM sha256 prefix)")
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     lin.set_defaults(func=cmd_lineage)
+
+    ver = sub.add_parser("verify", help="check every current dataset's files against the sha256s recorded when it was committed")
+    ver.add_argument("region", nargs="?", help="only this region's datasets and extract (default: everything)")
+    ver.set_defaults(func=cmd_verify)
 
     sql = sub.add_parser("sql", help="query the current shards with DuckDB, read-only (views: tiles, entities, images)")
     sql.add_argument("query")

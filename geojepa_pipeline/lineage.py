@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from .errors import GeojepaError
 from .stages.osm import source_stamp
-from .store import GLOBAL_SCOPE, KINDS, OSM, SCENES, VARIANT_SCOPE, Store
+from .store import CHECKPOINTS, GLOBAL_SCOPE, KINDS, OSM, SCENES, VARIANT_SCOPE, Store
 
 MODEL_PREFIX = "geojepa-"
 # input asset -> store kind (the tags say ``input.<asset>/<region>`` or ``input.<asset>`` for @all)
@@ -27,7 +27,8 @@ class InputVersion:
     asset: str
     region: str  # a region name, or "@all" for the assets over all regions
     data_version: str
-    readable: bool  # the store still holds this exact version
+    readable: bool  # the store still holds this exact version (and, for the checkpoint, its bytes are intact)
+    problems: list[str] = field(default_factory=list)  # files that differ from the manifest (the checkpoint is verified)
 
 
 @dataclass
@@ -100,6 +101,13 @@ def _readable(store: Store, kind: str, region: str, version: str) -> bool:
     return version in store.versions(kind, region)
 
 
+def _verified_checkpoint(store: Store, variant: str, version: str) -> InputVersion:
+    """The checkpoint's version, readable only when every file matches the sha256 its manifest recorded."""
+    held = _readable(store, CHECKPOINTS, variant, version)
+    problems = store.dataset(CHECKPOINTS, variant, version).verify() if held else []
+    return InputVersion("geojepa_checkpoint", variant, version, held and not problems, problems)
+
+
 def model_lineage(uri: str, store: Store, spec: str) -> ModelLineage:
     """The chain behind one registered model version (latest when ``spec`` has no version)."""
     from mlflow.exceptions import MlflowException
@@ -147,7 +155,7 @@ def model_lineage(uri: str, store: Store, spec: str) -> ModelLineage:
         run_id=run.info.run_id, run_status=run.info.status, run_link=_run_link(uri, run.info.experiment_id, run.info.run_id),
         dagster_run_id=tags.get("dagster.run_id"), code_version=tags.get("dagster.code_version"),
         git_commit=tags.get("geojepa.git_commit"),
-        checkpoint=InputVersion("geojepa_checkpoint", variant, ckpt, _readable(store, "checkpoints", variant, ckpt)) if ckpt else None,
+        checkpoint=_verified_checkpoint(store, variant, ckpt) if ckpt else None,
         inputs=inputs, regions=regions,
     )
 
@@ -188,7 +196,9 @@ def format_model_lineage(lin: ModelLineage) -> str:
     """The chain as text: model -> MLflow run -> Dagster run -> input data versions -> sources -> scenes."""
     from .tables import format_table
 
-    def present(ok: bool) -> str:
+    def present(ok: bool, problems: list[str] = ()) -> str:
+        if problems:
+            return f"DAMAGED: {len(problems)} file(s) differ from the manifest's sha256 ({problems[0].split(': ', 1)[1]}); re-materialize it"
         return "readable" if ok else "MISSING from the store"
 
     lines = [
@@ -199,7 +209,7 @@ def format_model_lineage(lin: ModelLineage) -> str:
         f"git commit    {lin.git_commit or 'unknown'}",
     ]
     if lin.checkpoint:
-        lines.append(f"checkpoint    checkpoints/{lin.checkpoint.region}@{lin.checkpoint.data_version} ({present(lin.checkpoint.readable)})")
+        lines.append(f"checkpoint    checkpoints/{lin.checkpoint.region}@{lin.checkpoint.data_version} ({present(lin.checkpoint.readable, lin.checkpoint.problems)})")
     lines += ["", "input data versions:", format_table(
         ["asset", "region", "data version", "in store"],
         [(i.asset, i.region, i.data_version, present(i.readable)) for i in lin.inputs], max_width=70)]

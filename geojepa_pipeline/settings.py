@@ -24,6 +24,10 @@ DEFAULT_HOME = "geojepa_home"
 _DAGSTER_YAML = """\
 telemetry:
   enabled: false
+# the daemon (geojepa ui) marks runs whose worker died as failed instead of leaving them STARTED
+run_monitoring:
+  enabled: true
+  poll_interval_seconds: 30
 """
 
 

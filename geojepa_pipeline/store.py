@@ -171,7 +171,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -197,6 +198,38 @@ class Dataset:
     def file(self, name: str) -> Path:
         """Path of one of the kind's named files (``KINDS[kind].files``)."""
         return self.path / _check_file(self.kind, name)
+
+    @property
+    def label(self) -> str:
+        """How messages name this version: ``checkpoints/GT@0123456789abcdef``."""
+        return f"{self.kind}/{self.region}@{self.data_version}"
+
+    def verify(self, names: list[str] | None = None) -> list[str]:
+        """Check files' bytes against the sha256 the manifest recorded at commit (default: every file).
+
+        Returns one line per file that is missing or differs ([] when intact). Costs one read of
+        the files: ``geojepa verify`` prints the rate.
+        """
+        files = self.manifest.get("files", {})
+        problems = []
+        for name in sorted(files if names is None else names):
+            path = self.path / name
+            if name not in files:
+                problems.append(f"{self.label}: {name} is not in its manifest")
+            elif not path.is_file():
+                problems.append(f"{self.label}: {name} is missing")
+            elif path.stat().st_size != files[name]["bytes"] or sha256_file(path) != files[name]["sha256"]:
+                problems.append(f"{self.label}: {name} does not match the sha256 its manifest recorded")
+        return problems
+
+    def verified_file(self, name: str) -> Path:
+        """``file(name)``, after checking its bytes against the manifest (for weights a model loads)."""
+        path = self.file(name)
+        if problems := self.verify([name]):
+            kind = _kind(self.kind)
+            asset = kind.asset if kind.scope == GLOBAL_SCOPE else f"{kind.asset}[{self.region}]"
+            raise GeojepaError(f"{problems[0]}: it was changed after it was written; re-materialize {asset}")
+        return path
 
     def has_file(self, name: str) -> bool:
         """Whether this version holds the named file (versions of older code may lack one)."""
@@ -285,6 +318,16 @@ def aligned_shards(*tables: tuple[Dataset | None, str]) -> list[tuple[Path | Non
                 f"{len(indices)}); re-materialize {KINDS[ds.kind].asset}[{ds.region}]")
     columns = [ds.shards(t) if ds is not None else [None] * len(indices) for ds, t in tables]
     return list(zip(*columns, strict=True))
+
+
+@dataclass
+class Verified:
+    """One dataset version checked by ``Store.verify_current``."""
+
+    label: str  # kind/scope@version
+    files: int
+    bytes: int
+    problems: list[str]  # [] when every file matches
 
 
 def is_url(root) -> bool:
@@ -500,7 +543,7 @@ class Store:
                 pid = int(stale.name[len(_STAGING_PREFIX):].split("-")[0])
             except ValueError:
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 shutil.rmtree(stale, ignore_errors=True)
         staging = parent / f"{_STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
@@ -581,6 +624,29 @@ class Store:
         if ds is None:
             raise missing(kind, scope, asset)
         return ds
+
+    def verify_current(self, region: str | None = None) -> list["Verified"]:
+        """Check every CURRENT version byte for byte against its manifest, and each OSM extract against its sha256.
+
+        ``region``: that region's datasets and extract only; default: every scope (regions, ``@all``, variants).
+        """
+        out = []
+        for kind in KINDS.values():
+            scopes = self.regions(kind.name) if region is None else ([region] if kind.scope == REGION_SCOPE else [])
+            for scope in scopes:
+                if kind.name == OSM:
+                    sha = self.current_version(OSM, scope)
+                    if sha is None:
+                        continue
+                    path = self.osm_extract_path(scope, sha)
+                    problems = [] if path.is_file() and sha256_file(path) == sha else [f"{OSM}/{scope}@{sha[:16]}: the extract does not match its sha256"]
+                    out.append(Verified(f"{OSM}/{scope}@{sha[:16]}", 1, path.stat().st_size if path.is_file() else 0, problems))
+                    continue
+                ds = self.current(kind.name, scope)
+                if ds is not None:
+                    files = ds.manifest.get("files", {})
+                    out.append(Verified(ds.label, len(files), sum(f["bytes"] for f in files.values()), ds.verify()))
+        return out
 
     def iter_current(self, kind: str) -> Iterator[Dataset]:
         for region in self.regions(kind):

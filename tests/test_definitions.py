@@ -44,3 +44,12 @@ def test_workspace_yaml_loads_with_dagster_cli(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "geojepa_pipeline" in proc.stdout + proc.stderr
+
+
+def test_tile_shards_checks_block_everything_downstream():
+    """A failed schema, accounting or clipped-area check stops the run before tokens, chips or training read the shards."""
+    from geojepa_pipeline.assets.osm import tile_shards
+
+    specs = {spec.name: spec for spec in tile_shards.check_specs}
+    assert set(specs) == {"schema", "entity_accounting", "clipped_area"}
+    assert all(spec.blocking for spec in specs.values())

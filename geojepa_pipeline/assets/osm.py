@@ -97,9 +97,13 @@ def _area_check(tiled) -> dg.AssetCheckResult:
     kinds={"parquet"},
     description="Every tagged OSM feature clipped to 300 m UTM tiles: Parquet shards (tiles + entity pieces) with a manifest.",
     check_specs=[
-        dg.AssetCheckSpec("schema", asset="tile_shards", description="Shards have the expected Arrow schema and GeoParquet metadata."),
-        dg.AssetCheckSpec("entity_accounting", asset="tile_shards", description="Input features = features in tiles + dropped (by reason)."),
-        dg.AssetCheckSpec("clipped_area", asset="tile_shards", description="Polygons wholly inside the extract: clipped areas sum to the original (rel. err <= 1e-6)."),
+        # blocking: when one fails, nothing downstream runs on these shards in that run
+        dg.AssetCheckSpec("schema", asset="tile_shards", blocking=True,
+                          description="Shards have the expected Arrow schema and GeoParquet metadata."),
+        dg.AssetCheckSpec("entity_accounting", asset="tile_shards", blocking=True,
+                          description="Input features = features in tiles + dropped (by reason)."),
+        dg.AssetCheckSpec("clipped_area", asset="tile_shards", blocking=True,
+                          description="Polygons wholly inside the extract: clipped areas sum to the original (rel. err <= 1e-6)."),
     ],
 )
 def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:

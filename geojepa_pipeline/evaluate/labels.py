@@ -59,6 +59,26 @@ COUNTRY_MOTORWAY = {"DE": 130, "AT": 130, "CH": 120, "FI": 120, "GB": 112.7, "RU
 _NUMBER = re.compile(r"^\s*(\d+(?:[.,]\d+)?)\s*(km/h|kmh|kph|mph|knots)?\s*$", re.IGNORECASE)
 
 
+MAX_PLAUSIBLE_KMH = 300.0  # no road limit is higher: a larger number is a typo or vandalism, not a speed
+
+
+def _stated_kmh(value: str) -> float | None:
+    """The number a single maxspeed value states, in km/h (no bound), or None."""
+    m = _NUMBER.match(value)
+    if not m:
+        return None
+    unit = (m.group(2) or "").lower()
+    return round(float(m.group(1).replace(",", ".")) * (1.609344 if unit == "mph" else 1.852 if unit == "knots" else 1.0), 2)
+
+
+def implausible_maxspeeds(pieces: "Pieces") -> int:
+    """How many maxspeed tag values of ``pieces`` state a speed above ``MAX_PLAUSIBLE_KMH`` (parsed as no number)."""
+    keys, values, _ = pieces.pairs()
+    ms = np.flatnonzero(_contains(keys, "maxspeed"))
+    stated = (_stated_kmh(p.strip()) for v in values.take(pa.array(ms, pa.int64())).to_pylist() for p in re.split(r"[;|]", str(v)))
+    return sum(1 for kmh in stated if kmh is not None and kmh > MAX_PLAUSIBLE_KMH)
+
+
 def parse_maxspeed(value: str) -> float | None:
     """A ``maxspeed`` value in km/h, or None when it states no number.
 
@@ -67,7 +87,8 @@ def parse_maxspeed(value: str) -> float | None:
     - ``"walk"`` -> 7; ``"CC:zone"`` implicit limits -> the table above (``"DE:urban"`` -> 50,
       ``"DE:rural"`` -> 100, ``"RU:urban"`` -> 50, ``"DE:zone30"`` -> 30, ``"CC:motorway"`` ->
       the country's motorway limit where known);
-    - ``"none"`` (no limit), ``"signals"`` / ``"variable"`` (set by signs), anything else -> None.
+    - ``"none"`` (no limit), ``"signals"`` / ``"variable"`` (set by signs), anything else -> None;
+    - a number above ``MAX_PLAUSIBLE_KMH`` (``"9999"``) -> None (``implausible_maxspeeds`` counts them).
     """
     if value is None:
         return None
@@ -76,11 +97,9 @@ def parse_maxspeed(value: str) -> float | None:
         vals = [v for v in (parse_maxspeed(p) for p in parts) if v is not None]
         return max(vals) if vals else None
     v = str(value).strip()
-    m = _NUMBER.match(v)
-    if m:
-        speed = float(m.group(1).replace(",", "."))
-        unit = (m.group(2) or "").lower()
-        return round(speed * (1.609344 if unit == "mph" else 1.852 if unit == "knots" else 1.0), 2)
+    stated = _stated_kmh(v)
+    if stated is not None:
+        return stated if stated <= MAX_PLAUSIBLE_KMH else None
     low = v.lower()
     if low in ("walk",):
         return 7.0

@@ -36,7 +36,9 @@ import torch
 from ..geo.splits import TEST, TRAIN, VAL, split_counts, tile_split
 from ..model.config import VARIANTS
 from .knn import agreement_ratio, cosine_knn, numeric_ratio
-from .labels import TASKS, Pieces, TaskInput, landuse_class, subsample_zero_labels, task_input, tile_labels, unmasked_input
+from .labels import (
+    TASKS, Pieces, TaskInput, implausible_maxspeeds, landuse_class, subsample_zero_labels, task_input, tile_labels, unmasked_input,
+)
 from .probes import dummy_metric, train_probe
 
 METHODS = ("geojepa_linear", "geojepa_mlp", "random_init_linear", "random_init_mlp", "dummy", "tagpool_mlp", "tagcount_mlp")
@@ -343,6 +345,7 @@ def evaluate(models: dict, vocab, regions: list[RegionData], variant: str, model
         "max_pieces": None,
         "holdout_regions": [r.region for r in holdout],
         "masked_input": masking,
+        "implausible_maxspeed": {r.region: implausible_maxspeeds(r.pieces) for r in data},  # values > 300 km/h: no label
         "label_piece_correlation": {"building_count": _correlations(building.labels, pieces_per_tile, building.pieces_in)},
         "seeds": list(seeds),
     }

@@ -48,7 +48,7 @@ def load_checkpoint_model(ck: Dataset):
 
     state = json.loads(ck.file(TRAIN_STATE_FILE).read_text())
     model = GeoJEPA(ModelConfig(**state["model_config"]))
-    model.load_state_dict(load_file(str(ck.file(WEIGHTS_FILE))))
+    model.load_state_dict(load_file(str(ck.verified_file(WEIGHTS_FILE))))
     return model.eval(), state
 
 
@@ -61,20 +61,6 @@ def untrained_model(state: dict):
 
     torch.manual_seed(state["train_config"]["seed"])  # as train() does before building the model
     return GeoJEPA(ModelConfig(**state["model_config"])).eval()
-
-
-def _mlflow_version(settings: Settings, variant: str, data_version: str):
-    from mlflow.tracking import MlflowClient
-
-    from ..train.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri(settings.mlflow_dir))
-    try:
-        versions = client.search_model_versions(f"name='geojepa-{variant}'")
-    except Exception:
-        return client, None
-    match = [v for v in versions if v.tags.get("geojepa.data_version") == data_version]
-    return client, (max(match, key=lambda v: int(v.version)) if match else None)
 
 
 # ---- reading the regions -------------------------------------------------------------------
@@ -247,7 +233,10 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
     ck = store.require(CHECKPOINTS, variant)
     model, state = load_checkpoint_model(ck)
     vocab = load_vocabulary(store.dataset(TAGS, GLOBAL_SCOPE, ck.manifest["inputs"]["tag_embeddings"]))
-    client, version = _mlflow_version(settings, variant, ck.data_version)
+    from ..train.tracking import registered_version, tracking_uri
+
+    uri = tracking_uri(settings.mlflow_dir)
+    version = registered_version(uri, variant, ck.data_version)
     model_version = f"geojepa-{variant}:{version.version}" if version is not None else f"geojepa-{variant}@{ck.data_version}"
     uses_images = model.cfg.uses.images
     regions, held = evaluation_regions(store, ck, sorted(holdout_regions), uses_images, log)
@@ -277,7 +266,9 @@ def build_report(variant: str, store: Store, settings: Settings, seeds=(0, 1, 2)
     run_id = version.run_id if version is not None else None
     if run_id is not None:
         from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
 
+        client = MlflowClient(uri)
         client.log_artifact(run_id, str(dataset.file(METRICS_FILE)), artifact_path="evaluation")
         client.log_artifact(run_id, str(dataset.file(REPORT_FILE)), artifact_path="evaluation")
         metrics = [Metric(f"eval/{t}/{m}", v["mae"], 0, 0) for t, res in ev.metrics["tasks"].items() for m, v in res.items()]

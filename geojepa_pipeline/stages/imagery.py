@@ -382,6 +382,13 @@ def build_tile_images(region: str, store: Store, log: Log | None = None, **optio
                                               n_tiles=t.num_rows, n_with_image=n_shard_with,
                                               first_tile=shard.get("first_tile"), last_tile=shard.get("last_tile")))
         progress.finish()
+        if n_tiles and n_with == 0 and scenes and scenes_ds.manifest.get("source") not in ("synthetic", "none"):
+            previous = store.current_version(IMAGES, region)
+            raise GeojepaError(  # chips of nothing would replace the good ones: keep the current version
+                f"no tile of region {region!r} is covered by its {len(scenes)} scene(s) from {scenes_ds.manifest.get('source')!r} "
+                f"(naip_scenes {scenes_ds.data_version}): every chip would be empty, so tile_images keeps "
+                f"{'its current version ' + previous if previous else 'no version'}; check that the rasters lie over the region "
+                f"(bbox {', '.join(f'{v:.4f}' for v in scenes_ds.manifest['bbox_lonlat'])} lon/lat) and materialize naip_scenes again")
         staging.manifest = {
             "schema_version": IMAGES_SCHEMA_VERSION, "chip_px": CHIP_PX, "bands": list(BANDS), "layout": "HWC",
             "epsg": epsg, "n_tiles": n_tiles, "n_with_image": n_with, "shards": shards,
@@ -389,11 +396,6 @@ def build_tile_images(region: str, store: Store, log: Log | None = None, **optio
         }
     dataset = staging.dataset
     warnings = []
-    if n_tiles and n_with == 0:
-        warnings.append(f"no tile of region {region!r} is covered by its imagery ({len(scenes)} scene(s)): every tile has coverage 0 and no image")
-    for w in warnings:
-        if log:
-            log(f"WARNING: {w}")
     labels = ["0", "(0, 0.25]", "(0.25, 0.5]", "(0.5, 1)", "1"]
     return ImagesResult(
         dataset, n_tiles, n_with, cov_sum / max(n_tiles, 1), dict(zip(labels, hist.tolist())), scene_use, warnings,

@@ -275,7 +275,7 @@ def load_geometry_encoder(ds: Dataset):
 
     config = json.loads(ds.file(CONFIG_FILE).read_text())
     model = PolygonGNN(PolygonGNNConfig(**config["encoder"]))
-    model.load_state_dict(load_file(str(ds.file(WEIGHTS_FILE))))
+    model.load_state_dict(load_file(str(ds.verified_file(WEIGHTS_FILE))))
     return model.eval()
 
 

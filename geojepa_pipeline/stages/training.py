@@ -23,7 +23,7 @@ from ..store import (
     WEIGHTS_FILE, Dataset, Store, aligned_shards,
 )
 from ..model.config import VARIANTS
-from ..train.checkpoint import MODEL_FILE, STATE_FILE, WorkDir
+from ..train.checkpoint import MODEL_FILE, STATE_FILE, WorkDir, check_safetensors
 from ..train.data import ShardSource
 from ..train.loop import TrainConfig, train
 
@@ -106,7 +106,21 @@ def train_with_torchrun(cfg: TrainConfig, sources: list[ShardSource], work, proc
             log(line)
     if proc.wait() != 0:
         raise GeojepaError(f"torchrun with {processes} processes failed (exit {proc.returncode}): {tail[-1] if tail else ''}")
+    checksums = [WorkDir(work).params(rank).read_text().strip() for rank in range(processes)]
+    if len(set(checksums)) != 1:  # DDP keeps the replicas equal; if not, the checkpoint would be one rank's guess
+        raise GeojepaError(f"the {processes} ranks ended with different parameters ({', '.join(checksums)}); not committed")
+    log(f"all {processes} ranks ended with equal parameters (checksum {checksums[0]})")
     return train(cfg, sources, work, log=log)
+
+
+def train_key(cfg: TrainConfig, inputs: dict) -> str:
+    """16 hex digits naming a training by what decides its result: the config (not how a step is compiled) and the inputs.
+
+    Names its resumable work directory, and is stored in the checkpoint's manifest: an unchanged
+    re-run finds it there and trains nothing.
+    """
+    trained = {k: v for k, v in cfg.to_dict().items() if k != "compile"}  # how a step runs does not change what it trains
+    return hashlib.sha256(json.dumps({"config": trained, "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_checkpoint(
@@ -119,7 +133,7 @@ def build_checkpoint(
     ``regions`` (default: every region with tile_tokens) minus ``holdout_regions``, which pretraining never
     reads. ``processes`` > 1 trains with DDP under torchrun (one process per GPU, or CPU ranks with gloo).
     """
-    from ..train.tracking import git_commit, log_training, tracking_uri
+    from ..train.tracking import git_commit, log_training, registered_version, tracking_uri
 
     cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
     if regions is None:
@@ -134,14 +148,25 @@ def build_checkpoint(
             raise GeojepaError(f"held-out region {name!r}: its tile_tokens use a geometry encoder pretrained on it; materialize "
                                f"geometry_encoder and tile_tokens with it held out (geojepa materialize --holdout {name})")
     sources, inputs = training_sources(store, regions, with_images=VARIANTS[variant].images)
-    trained = {k: v for k, v in cfg.to_dict().items() if k != "compile"}  # how a step runs does not change what it trains
-    key = hashlib.sha256(json.dumps({"config": trained, "inputs": inputs}, sort_keys=True).encode()).hexdigest()[:16]
-    work = store.work_dir(CHECKPOINTS, variant, key)
+    key = train_key(cfg, inputs)
+    uri = tracking_uri(settings.mlflow_dir)
     t0 = time.perf_counter()
+    current = store.current(CHECKPOINTS, variant)
+    if current is not None and current.manifest.get("train_key") == key:  # the same config on the same inputs
+        logged = registered_version(uri, variant, current.data_version)
+        if logged is not None:
+            state = json.loads(current.file(TRAIN_STATE_FILE).read_text())
+            log(f"GeoJEPA-{variant}: unchanged (same config and inputs): {current.path} (MLflow {logged.model_name} v{logged.version})")
+            history = {"loss": state["losses"], "epoch": state["epochs"]}
+            return CheckpointResult(current, variant, state["steps"], state["steps"], history, inputs, logged,
+                                    time.perf_counter() - t0)
+    work = store.work_dir(CHECKPOINTS, variant, key)
     if processes > 1:
         result = train_with_torchrun(cfg, sources, work, processes, log=log)
     else:
         result = train(cfg, sources, work, log=log)
+    for weights in (result.best / MODEL_FILE, result.last / MODEL_FILE):
+        check_safetensors(weights)  # never commit (nor register) a file a model cannot load
     with store.writing(CHECKPOINTS, variant) as staging:
         shutil.copyfile(result.best / MODEL_FILE, staging.file(WEIGHTS_FILE))
         shutil.copyfile(result.last / MODEL_FILE, staging.file(LAST_WEIGHTS_FILE))
@@ -152,18 +177,21 @@ def build_checkpoint(
             sort_keys=True, default=float) + "\n")
         staging.file(INPUTS_FILE).write_text(json.dumps(inputs, sort_keys=True) + "\n")
         staging.manifest = {"schema_version": CHECKPOINT_SCHEMA_VERSION, "variant": variant, "regions": sorted(regions),
-                            "inputs": inputs, "steps": result.steps, "train_config": cfg.to_dict()}
+                            "inputs": inputs, "steps": result.steps, "train_config": cfg.to_dict(), "train_key": key}
     dataset = staging.dataset
-    last_epoch = result.history["epoch"][-1] if result.history["epoch"] else {}
-    lineage = {**(tags or {}), "geojepa.data_version": dataset.data_version, "geojepa.git_commit": git_commit(),
-               **{f"input.{k}": v for k, v in inputs.items()}}
-    logged = log_training(
-        tracking_uri(settings.mlflow_dir), settings.mlflow_dir, variant,
-        {**{f"train.{k}": v for k, v in cfg.to_dict().items()}, **{f"model.{k}": v for k, v in state["model_config"].items()},
-         "regions": ",".join(sorted(regions))},
-        result.history, {"best": result.best, "last": result.last}, lineage,
-        {k: v for k, v in last_epoch.items() if isinstance(v, (int, float))},
-    )
+    logged = registered_version(uri, variant, dataset.data_version)  # the same bytes as a version already registered
+    if logged is None:
+        last_epoch = result.history["epoch"][-1] if result.history["epoch"] else {}
+        lineage = {**(tags or {}), "geojepa.data_version": dataset.data_version, "geojepa.git_commit": git_commit(),
+                   **{f"input.{k}": v for k, v in inputs.items()}}
+        logged = log_training(
+            uri, settings.mlflow_dir, variant,
+            {**{f"train.{k}": v for k, v in cfg.to_dict().items()}, **{f"model.{k}": v for k, v in state["model_config"].items()},
+             "regions": ",".join(sorted(regions))},
+            result.history, {"best": result.best, "last": result.last}, lineage,
+            {k: v for k, v in last_epoch.items() if isinstance(v, (int, float))},
+        )
+    shutil.rmtree(work, ignore_errors=True)  # committed and logged: the resumable state has done its job
     log(f"GeoJEPA-{variant}: {dataset.path} (MLflow {logged.model_name} v{logged.version}, run {logged.run_id})")
     return CheckpointResult(dataset, variant, result.steps, result.resumed_from, result.history, inputs, logged,
                             time.perf_counter() - t0)

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import GeojepaError
+
 STEP_PREFIX = "step-"
 MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"
 
@@ -97,6 +99,21 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, opt: torch.op
     for old in sorted(root.glob(STEP_PREFIX + "*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ``GeojepaError`` unless ``path`` is a whole safetensors file (its header parses and covers the file).
+
+    A pickle, a torch.save file or a truncated copy fails here; it is never loaded.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as exc:  # SafetensorError, OSError
+        raise GeojepaError(f"{path} is not a valid safetensors file ({str(exc).splitlines()[0]}); "
+                           f"delete {path.parent} and train again") from None
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -17,12 +17,65 @@ EXPERIMENT = "geojepa"
 
 
 def tracking_uri(mlflow_dir: Path) -> str:
-    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<GEOJEPA_HOME>/mlflow/mlflow.db``."""
+    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<GEOJEPA_HOME>/mlflow/mlflow.db`` (its artifacts beside it).
+
+    MLflow stores absolute artifact locations; a home that was copied or moved has its database's
+    locations rebased onto this home first (``rebase_artifacts``), so it never writes into the original.
+    """
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
     mlflow_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(mlflow_dir / 'mlflow.db').resolve()}"
+    db = (mlflow_dir / "mlflow.db").resolve()
+    if db.exists():
+        rebase_artifacts(db, artifacts_uri(mlflow_dir))
+    return f"sqlite:///{db}"
+
+
+def artifacts_uri(mlflow_dir: Path) -> str:
+    """Where the embedded MLflow keeps artifacts: ``file://<GEOJEPA_HOME>/mlflow/artifacts``."""
+    return (mlflow_dir / "artifacts").resolve().as_uri()
+
+
+# (table, column) of every artifact location MLflow's SQL store keeps (tables of older or newer MLflow may lack some)
+_ARTIFACT_COLUMNS = [("experiments", "artifact_location"), ("runs", "artifact_uri"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"), ("logged_models", "artifact_location")]
+
+
+def rebase_artifacts(db: Path, artifacts: str) -> int:
+    """Point the artifact locations in the MLflow database ``db`` at ``artifacts`` when they name another home's.
+
+    Only locations under the ``geojepa`` experiment's own ``.../mlflow/artifacts`` are rewritten (one
+    transaction); a location a user chose elsewhere is left alone. Returns the rows changed.
+    """
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    try:
+        try:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
+        except sqlite3.OperationalError:  # MLflow has not created its tables yet
+            return 0
+        old = row[0] if row else None
+        if not old or old == artifacts or not old.endswith("/mlflow/artifacts"):
+            return 0
+        changed = 0
+        with con:
+            for table, column in _ARTIFACT_COLUMNS:
+                columns = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                if column in columns:
+                    changed += con.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                        (artifacts, len(old) + 1, len(old), old)).rowcount
+        try:  # MLflow caches each run's artifact location in process: drop what it learnt from the other home
+            from mlflow.tracking._tracking_service import utils as mlflow_utils
+
+            mlflow_utils._artifact_repos_cache.clear()
+        except (ImportError, AttributeError):
+            pass
+        return changed
+    finally:
+        con.close()
 
 
 def git_commit(repo: Path | None = None) -> str | None:
@@ -54,7 +107,7 @@ def log_training(uri: str, mlflow_dir: Path, variant: str, params: dict, history
     client = MlflowClient(uri)  # not mlflow.set_tracking_uri: it would export MLFLOW_TRACKING_URI to the process
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        artifacts = (mlflow_dir / "artifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
+        artifacts = artifacts_uri(mlflow_dir) if uri.startswith("sqlite:") else None
         exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id
@@ -85,5 +138,26 @@ def log_training(uri: str, mlflow_dir: Path, variant: str, params: dict, history
         client.create_registered_model(name, description=f"GeoJEPA-{variant} checkpoints (best by validation probe)")
     source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint/best"
     version = client.create_model_version(name, source, run_id=run_id, tags=clean_tags)
-    url = f"{uri} experiment {exp_id} run {run_id}" if not uri.startswith("http") else f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
-    return LoggedModel(run_id, url, name, str(version.version), uri)
+    return LoggedModel(run_id, _run_url(uri, exp_id, run_id), name, str(version.version), uri)
+
+
+def _run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{uri} experiment {experiment_id} run {run_id}" if not uri.startswith("http") else f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def registered_version(uri: str, variant: str, data_version: str) -> LoggedModel | None:
+    """The newest model version registered for the checkpoint ``data_version`` (its ``geojepa.data_version`` tag), or None."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    name = f"geojepa-{variant}"
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for v in sorted(versions, key=lambda v: -int(v.version)):
+        if v.tags.get("geojepa.data_version") == data_version:
+            exp_id = client.get_run(v.run_id).info.experiment_id
+            return LoggedModel(v.run_id, _run_url(uri, exp_id, v.run_id), name, str(v.version), uri)
+    return None

@@ -10,6 +10,7 @@ from geojepa_pipeline.evaluate.labels import (
     TASKS,
     ZERO_KEEP,
     Pieces,
+    implausible_maxspeeds,
     parse_maxspeed,
     stripped_pairs,
     subsample_zero_labels,
@@ -22,6 +23,7 @@ from geojepa_pipeline.evaluate.labels import (
     ("50", 50), ("50 km/h", 50), ("30 mph", 48.28), ("10 knots", 18.52), ("50;30", 50), ("30|50", 50),
     ("walk", 7), ("DE:urban", 50), ("RU:urban", 50), ("DE:rural", 100), ("DE:zone30", 30), ("DE:motorway", 130),
     ("none", None), ("signals", None), ("variable", None), ("XX:unknown", None), ("", None), ("fast", None),
+    ("9" * 32, None), ("301", None), ("300", 300), ("200 mph", None), ("50;9999", 50),  # above 300 km/h: not a speed
 ])
 def test_parse_maxspeed(value, kmh):
     got = parse_maxspeed(value)
@@ -111,3 +113,12 @@ def test_a_relation_piece_that_holds_a_removed_member_goes_in_that_tile_only():
     inp = task_input("traffic_signals", p, members)
     assert inp.kept.tolist() == [False, False, True, True, True] and inp.removed_parent_pieces == 1
     assert task_input("max_speed", p, members).kept.all()
+
+
+def test_implausible_maxspeeds_are_counted_and_give_no_label():
+    rows = [(0, "way", 1, [("highway", "primary"), ("maxspeed", "9" * 32)]), (0, "way", 2, [("highway", "primary"), ("maxspeed", "50;999")]),
+            (1, "way", 3, [("highway", "primary"), ("maxspeed:forward", "80")])]
+    pieces = Pieces.build([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows], 2)
+    assert implausible_maxspeeds(pieces) == 2
+    speed, has = tile_labels(pieces)["max_speed"]
+    assert speed.tolist() == [50.0, 80.0] and has.tolist() == [True, True]

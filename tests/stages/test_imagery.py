@@ -97,20 +97,24 @@ def test_local_glob_chips_every_tile(store, tmp_path):
     assert build_tile_images("t", store).dataset.data_version == ds.data_version
 
 
-def test_raster_elsewhere_gives_zero_coverage_and_a_warning(store, tmp_path):
-    (tmp_path / "naip").mkdir()
+def test_raster_elsewhere_warns_and_tile_images_keeps_its_good_version(store, tmp_path):
+    """A valid GeoTIFF 50 km away: naip_scenes warns; tile_images fails with one line and keeps the chips it had."""
+    (tmp_path / "near").mkdir(), (tmp_path / "naip").mkdir()
+    write_region_cog(tmp_path / "near" / "m_1_20210701.tif", store)
+    build_naip_scenes(Region.create("t", "pyrosm:test", imagery=str(tmp_path / "near" / "*.tif")), store)
+    good = build_tile_images("t", store).dataset
     write_region_cog(tmp_path / "naip" / "far.tif", store, offset_m=50_000)
     region = Region.create("t", "pyrosm:test", imagery=str(tmp_path / "naip" / "*.tif"))
     logs = []
     scenes = build_naip_scenes(region, store, log=logs.append)
     assert len(scenes.warnings) == 1 and "coverage 0" in scenes.warnings[0]
-    result = build_tile_images("t", store, log=logs.append)
-    assert result.n_tiles == 70 and result.n_with_image == 0
-    assert result.warnings and "coverage 0" in result.warnings[0]
-    assert any(line.startswith("WARNING:") for line in logs)
+    with pytest.raises(GeojepaError, match=rf"no tile of region 't' is covered by its 1 scene\(s\) from '.*naip/\*.tif' \(naip_scenes "
+                                           rf"{scenes.dataset.data_version}\): every chip would be empty, so tile_images keeps its "
+                                           rf"current version {good.data_version}; check that the rasters lie over the region"):
+        build_tile_images("t", store, log=logs.append)
+    assert store.current(IMAGES, "t") == good and store.versions(IMAGES, "t") == [good.data_version]
     table, _ = images_table(store)
-    assert table.num_rows == 70 and set(table.column("coverage").to_pylist()) == {0.0}
-    assert table.column("image").null_count == 70 and not any(table.column("has_image").to_pylist())
+    assert table.num_rows == 70 and table.column("has_image").to_pylist() == [True] * 70  # still the good chips
 
 
 def test_three_band_raster_is_kept_without_nir(store, tmp_path):
