@@ -277,9 +277,27 @@ def _fail_runs_of_dead_processes(instance, log=print) -> list[str]:
     return failed
 
 
+def _execute(keys: set, partition: str | None, run_config: dict | None, tags: dict, instance, verbosity: str, log_file: Path):
+    """``dg.materialize`` of ``keys``, with the terminal of ``assets.console`` instead of Dagster's console logger."""
+    import dagster as dg
+
+    from .assets.console import geojepa_console
+    from .assets.resources import GeojepaResource
+    from .definitions import ALL_ASSETS
+
+    job_name = "__ephemeral_asset_job__"  # the name dg.materialize gives its runs (the UI lists them as materializations)
+    defs = dg.Definitions(jobs=[dg.define_asset_job(job_name, selection=dg.AssetSelection.assets(*keys))], assets=ALL_ASSETS,
+                          resources={"geojepa": GeojepaResource()}, loggers={"geojepa_console": geojepa_console})
+    loggers = {"geojepa_console": {"config": {"verbosity": verbosity, "log_file": str(log_file)}}}
+    return defs.resolve_job_def(job_name).execute_in_process(
+        run_config={**(run_config or {}), "loggers": loggers}, instance=instance, partition_key=partition,
+        raise_on_error=False, tags=tags)
+
+
 def materialize_regions(region_names: list[str] | None, select: str | None = None, log=print,
                         variants: list[str] | None = None, preset: str = "tiny", compile: str = "none",
-                        holdout: list[str] | None = None, op_config: dict[str, dict] | None = None) -> dict[str, object]:
+                        holdout: list[str] | None = None, op_config: dict[str, dict] | None = None,
+                        verbosity: str = "normal") -> dict[str, object]:
     """Materialize the selected assets, in process, on the GEOJEPA_HOME instance.
 
     First the region-partitioned assets (ingest, imagery) for each region, then the assets
@@ -289,13 +307,17 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
     (geometry encoder, checkpoint); the report tests transfer on them. Returns the Dagster results by
     phase: region name, ``"@all"``, ``"<region>:tokens"``, ``"model:<variant>"``. ``op_config``: extra config
     per asset (``{"naip_scenes": {"synthetic_res_m": 1.2}}``), merged into every run that materializes it.
+    ``verbosity``: what the terminal shows (``assets.console``); the full log goes to ``GEOJEPA_HOME/logs``.
     """
+    import time
+
     import dagster as dg
 
+    from .assets.console import WARNINGS
     from .assets.partitions import sync_region_partitions
-    from .assets.resources import GeojepaResource
     from .definitions import ALL_ASSETS, defs
     from .regions import default_registry
+    from .settings import get_settings
 
     registry = default_registry()
     regions = registry.load()
@@ -314,29 +336,35 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
         except Exception as exc:
             raise GeojepaError(f"invalid --select {select!r} ({str(exc).splitlines()[0]}); e.g. --select tile_shards, --select group:imagery or --select 'key:osm_extract or key:tile_shards'") from None
     trained = [n for n in region_names or [] if n not in holdout]
-    results = {}
+    log_file = get_settings().logs_dir / f"materialize-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    results, warned = {}, len(WARNINGS)
     with _instance() as instance:
         _fail_runs_of_dead_processes(instance, log)
         sync_region_partitions(instance, regions.keys())
         for planned in _plan_runs(wanted, names, trained, holdout, variants or ["GT"], preset, compile):
             log(f"materializing {planned.what} ...")
-            result = dg.materialize(
-                ALL_ASSETS, instance=instance, partition_key=planned.partition, selection=dg.AssetSelection.assets(*planned.keys),
-                resources={"geojepa": GeojepaResource()}, raise_on_error=False,
-                tags={"geojepa/region": planned.label, **_process_tags()},
-                run_config=_run_config(planned.keys, planned.config, op_config),
-            )
+            t0 = time.perf_counter()
+            result = _execute(planned.keys, planned.partition, _run_config(planned.keys, planned.config, op_config),
+                              {"geojepa/region": planned.label, **_process_tags()}, instance, verbosity, log_file)
             if not result.success:
-                raise GeojepaError(f"materialize {planned.label} failed: {_failure_message(result)}")
+                raise GeojepaError(f"materialize {planned.label} failed: {_failure_message(result)} (full log: {log_file})")
             results[planned.label] = result
-            log(f"{planned.what}: done (run {result.run_id})")
+            log(f"{planned.what}: done in {time.perf_counter() - t0:.1f} s (run {result.run_id})")
+    for warning in WARNINGS[warned:]:  # what changed a result, once more where it is seen
+        log(f"warning: {warning}")
+    log(f"full log: {log_file}")
     return results
 
 
 def cmd_materialize(args) -> int:
     op_config = {"geojepa_checkpoint": {"epochs": args.epochs}} if args.epochs else None
+    verbosity = "quiet" if args.quiet else "verbose" if args.verbose else "normal"
+    from .assets.console import say
+
     materialize_regions(args.region, args.select, variants=args.variant, preset=args.preset, compile=args.compile,
-                        holdout=args.holdout, op_config=op_config)
+                        holdout=args.holdout, op_config=op_config, verbosity=verbosity,
+                        log=(lambda message: None) if args.quiet else say)
     return 0
 
 
@@ -616,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how geojepa_checkpoint runs its step: eager (none), torch.compile (default), or compiled "
                           "+ CUDA graphs per length bucket (reduce-overhead; the fast path on a GPU)")
     mat.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs of geojepa_checkpoint (default: the asset's, 20)")
+    loud = mat.add_mutually_exclusive_group()
+    loud.add_argument("--quiet", action="store_true", help="print errors only")
+    loud.add_argument("--verbose", action="store_true", help="print every Dagster event too (they always go to GEOJEPA_HOME/logs)")
     mat.add_argument("--holdout", action="append", metavar="REGION",
                      help="a region pretraining never sees (geometry encoder and checkpoint leave it out); the report's "
                           "transfer rows are tested on it (repeatable)")

@@ -5,6 +5,7 @@
     regions.yaml   the region registry
     dagster/       DAGSTER_HOME (SQLite storage, run logs)
     mlflow/        the embedded MLflow store
+    logs/          full logs of `geojepa materialize` runs (the terminal shows less)
     store/         every materialized dataset, immutable per data version
     cache/store/   the local mirror when GEOJEPA_STORE is an object-store URL (s3://bucket/prefix)
 
@@ -46,6 +47,11 @@ class Settings:
     @property
     def mlflow_dir(self) -> Path:
         return self.home / "mlflow"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Full logs of CLI runs (``materialize-<time>-<pid>.log``), tracebacks included."""
+        return self.home / "logs"
 
     @property
     def store_root(self) -> Path | str:

@@ -66,9 +66,12 @@ def test_bad_inputs_at_materialize_leave_no_shards(home, capsys, tmp_path, pyros
     registry_before = (home / "regions.yaml").read_bytes()
     cases = {"trunc": "truncated or corrupt", "down": "cannot reach", "gone": "does not exist", "nope": "unknown region"}
     for region, msg in cases.items():
-        code, _, err = run(capsys, "materialize", "--region", region)
+        code, out, err = run(capsys, "materialize", "--region", region)
         assert code != 0
         assert msg in one_line_error(err), err
+        assert len((out + err).strip().splitlines()) <= 2 and "Traceback" not in err  # the stage line, the error
+        if region != "nope":  # the traceback is in the full log the error names
+            assert "Stack Trace:" in Path(one_line_error(err).rsplit("(full log: ", 1)[1].rstrip(")")).read_text()
     assert (home / "regions.yaml").read_bytes() == registry_before
     assert visible_datasets(home / "store") == []
     assert not [p for p in (home / "store").rglob("*.osm.pbf")]  # no partial extract either
@@ -85,8 +88,13 @@ def test_http_region_end_to_end(home, capsys, http_server, pyrosm_test_pbf):
     base, www = http_server
     shutil.copy(pyrosm_test_pbf, www / "t.osm.pbf")
     assert run(capsys, "regions", "add", "web", "--osm", f"{base}/t.osm.pbf")[0] == 0
-    code, _, err = run(capsys, "materialize", "--region", "web", "--epochs", "2")
+    code, out, err = run(capsys, "materialize", "--region", "web", "--epochs", "2")
     assert code == 0, err
+    # the terminal: a line per stage and the warnings (imagery 'none'), not Dagster's events; they are in the log
+    lines = (out + err).strip().splitlines()
+    assert len(lines) <= 20 and not [line for line in lines if "DEBUG" in line or "STEP_" in line], out + err
+    full_log = Path(lines[-1].split("full log: ", 1)[1])
+    assert 'Started execution of step "tile_shards"' in full_log.read_text()
     code, out, _ = run(capsys, "sql", "SELECT region, count(*) AS n FROM tiles GROUP BY region")
     assert code == 0 and "web" in out
     code, _, err = run(capsys, "sql", "SELECT nope FROM tiles")

@@ -33,7 +33,11 @@ def project_2d(embeddings: np.ndarray, seed: int = 0, max_points: int = MAP_MAX_
     x = np.asarray(embeddings[rows], np.float32)
     if len(x) < 10:
         return np.zeros((len(x), 2), np.float32), rows
+    import logging
+
     import pacmap
+
+    logging.getLogger("pacmap").setLevel(logging.ERROR)  # it warns that random_state is set: we set it on purpose
 
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     reducer = pacmap.PaCMAP(n_components=2, n_neighbors=min(10, len(x) - 2), random_state=seed)

@@ -141,9 +141,11 @@ class TextEmbedder:
     def model(self):
         if self._model is None:
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as transformers_logging
 
             from ..errors import GeojepaError
 
+            transformers_logging.disable_progress_bar()  # a load bar per model: the embedding's own progress says more
             try:
                 self._model = SentenceTransformer(self._load_from, device=self.device)
             except Exception as exc:

@@ -25,6 +25,9 @@ def tracking_uri(mlflow_dir: Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     mlflow_dir.mkdir(parents=True, exist_ok=True)
     db = (mlflow_dir / "mlflow.db").resolve()
     if db.exists():

@@ -78,7 +78,8 @@ def test_kill_9_during_materialization_then_resume(tokens_home):
     again = _cli(tokens_home, *args)
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]
-    assert f"resumed from step {newest}" in out
+    full_log = max((tokens_home / "logs").glob("materialize-*.log"), key=lambda p: p.stat().st_mtime).read_text()
+    assert f"resumed from step {newest}" in full_log  # the terminal shows stages and warnings; the log has every line
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(tokens_home / "dagster")) as instance:

@@ -46,3 +46,14 @@ def test_regions_check_exits_nonzero_when_a_source_cannot_be_checked(home, capsy
     src.unlink()
     code, out, _ = run(capsys, "regions", "check")
     assert code == 1 and "error" in out and "does not exist" in out
+
+
+def test_quiet_prints_nothing_and_verbose_prints_dagsters_events(home, capsys):
+    assert run(capsys, "regions", "add", "t", "--osm", "pyrosm:test", "--imagery", "none")[0] == 0
+    code, out, err = run(capsys, "materialize", "--region", "t", "--select", "osm_extract", "--quiet")
+    assert code == 0 and out == "" and err == ""
+    code, out, err = run(capsys, "materialize", "--region", "t", "--select", "osm_extract", "--verbose")
+    assert code == 0 and 'Started execution of step "osm_extract"' in err and "region t: done" in out
+    with pytest.raises(SystemExit):
+        main(["materialize", "--quiet", "--verbose"])
+    assert "not allowed with argument" in capsys.readouterr().err
