@@ -57,8 +57,8 @@ def test_a_bit_flip_in_checkpoint_weights_is_refused_by_evaluation_lineage_and_v
     weights.write_bytes(bytes(data))
     code, _, err = run(capsys, "materialize", "--select", "evaluation_report", "--variant", "GT")
     assert code == 2
-    assert one_line_error(err).endswith(f"{ck.label}: model.safetensors does not match the sha256 its manifest recorded: it was "
-                                        "changed after it was written; re-materialize geojepa_checkpoint[GT]"), err
+    assert (f"{ck.label}: model.safetensors does not match the sha256 its manifest recorded: it was changed after it was "
+            "written; re-materialize geojepa_checkpoint[GT] (full log: ") in one_line_error(err), err
     assert _store(tokens_home).current(REPORTS, "GT") is None  # nothing was scored with the damaged weights
     code, out, _ = run(capsys, "lineage", "GT")
     assert code == 0 and "DAMAGED: 1 file(s) differ from the manifest's sha256 (model.safetensors does not match" in out
