@@ -504,6 +504,10 @@ def cmd_verify(args) -> int:
     t0 = time.perf_counter()
     checked = store.verify_current(args.region)
     seconds = time.perf_counter() - t0
+    if not checked:
+        print(f"nothing to verify yet{' for region ' + args.region if args.region else ''}: no dataset is materialized "
+              f"(geojepa materialize{' --region ' + args.region if args.region else ''})")
+        return 0
     rows = [(v.label, v.files, f"{v.bytes / 1e6:.1f}", "ok" if not v.problems else "; ".join(p.split(": ", 1)[1] for p in v.problems))
             for v in checked]
     print(format_table(["dataset", "files", "MB", "status"], rows, max_width=None))

@@ -57,3 +57,8 @@ def test_quiet_prints_nothing_and_verbose_prints_dagsters_events(home, capsys):
     with pytest.raises(SystemExit):
         main(["materialize", "--quiet", "--verbose"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_verify_on_an_empty_store_says_what_to_do(home, capsys):
+    code, out, _ = run(capsys, "verify")
+    assert code == 0 and out.strip() == "nothing to verify yet: no dataset is materialized (geojepa materialize)"
