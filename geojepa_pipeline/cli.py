@@ -95,6 +95,8 @@ def _failure_message(result) -> str:
             if e.cls_name == "GeojepaError":
                 return e.message.split(": ", 1)[-1].strip()
         last = chain[-1]
+        if last.cls_name == "DagsterAssetCheckFailedError":  # a blocking check: its asset's warning says what stays current
+            return f"blocking check failed ({last.message.strip().splitlines()[-1]}); the assets after it did not run"
         return f"{last.cls_name}: {last.message.strip().splitlines()[-1]}"
     return "run failed (see the Dagster logs with `geojepa ui`)"
 
@@ -679,8 +681,9 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("region", nargs="?", help="only this region's datasets and extract (default: everything)")
     ver.set_defaults(func=cmd_verify)
 
-    sql = sub.add_parser("sql", help="query the current shards with DuckDB, read-only (views: tiles, entities, images)")
-    sql.add_argument("query")
+    sql_help = "query the current shards with DuckDB, read-only (views: tiles, entities, images)"
+    sql = sub.add_parser("sql", help=sql_help, description=sql_help + "; SELECT, DESCRIBE, SUMMARIZE and EXPLAIN only")
+    sql.add_argument("query", help="e.g. \"select region, count(*) from tiles group by 1\"")
     sql.set_defaults(func=cmd_sql)
 
     ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on this GEOJEPA_HOME")

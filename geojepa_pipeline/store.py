@@ -595,13 +595,14 @@ class Store:
         return Dataset(kind, region, data_version, final)
 
     @contextmanager
-    def writing(self, kind: str, scope: str) -> Iterator[Staging]:
+    def writing(self, kind: str, scope: str, make_current: bool = True) -> Iterator[Staging]:
         """Write one new dataset version: ``with store.writing(TILES, region) as staging: ...``.
 
         The block writes into ``staging.path`` and sets ``staging.manifest``. When it ends normally the
         staging directory is committed (``commit``: named by its content) and becomes the scope's CURRENT
         version; ``staging.dataset`` is then the committed dataset. On any error, or without a
-        manifest, nothing is committed and the staging directory goes.
+        manifest, nothing is committed and the staging directory goes. ``make_current=False``: commit
+        only; the caller moves ``CURRENT`` (``set_current``) once the new version passed its checks.
         """
         staging = Staging(kind, scope, self.new_staging_dir(kind, scope))
         try:
@@ -613,7 +614,43 @@ class Store:
         except BaseException:
             self.discard_staging(staging.path)
             raise
-        self.set_current(kind, scope, staging.dataset.data_version)
+        if make_current:
+            self.set_current(kind, scope, staging.dataset.data_version)
+
+    @contextmanager
+    def exclusive(self, kind: str, scope: str, log=None) -> Iterator[None]:
+        """Hold the one lock of ``kind/scope`` on this machine: concurrent runs that would build the same
+        dataset take turns, and the later one finds the earlier one's result (and reuses it when its inputs are
+        the same) instead of computing it a second time.
+
+        An advisory ``flock`` on ``<kind>/<scope>/.lock``, released when the block ends or the process dies
+        (a killed holder leaves nothing to clean up). ``log``: told once when the lock is held by another
+        process, with its pid. With an object-store root the lock is this machine's mirror: it serialises the
+        runs of one home, not of several machines.
+        """
+        import fcntl
+
+        path = self.kind_dir(kind, scope) / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "?"
+                if log:
+                    log(f"{_kind(kind).asset}[{scope}]: waiting for another run (pid {holder}) that is building it")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            try:
+                yield
+            finally:
+                fh.seek(0)
+                fh.truncate()
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def require(self, kind: str, scope: str, asset: str | None = None) -> Dataset:
         """The scope's CURRENT dataset of ``kind``, or the one error that says what to materialize first.

@@ -89,10 +89,11 @@ def closed_port() -> int:
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
-    """Every file under ``path`` with its bytes (for 'nothing changed' assertions)."""
+    """Every file under ``path`` with its bytes (for 'nothing changed' assertions); the store's ``.lock``
+    files (``Store.exclusive``: empty when nobody holds them) are not data and are left out."""
     if not path.exists():
         return {}
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def visible_datasets(store_root: Path, kind: str = "tiles") -> list[Path]:

@@ -2,13 +2,9 @@
 
 
 import dagster as dg
-import pyarrow.parquet as pq
 
 from ..geo.render import png_markdown, tile_density_png
-from ..geo.tiling import ENTITIES_SCHEMA, TILES_SCHEMA
-from ..stages.osm import TileShardsOptions, build_tile_shards, current_extract, fetch_extract
-from ..tables import count_distinct_entities
-from ..store import aligned_shards
+from ..stages.osm import ShardCheck, TileShardsOptions, build_tile_shards, current_extract, fetch_extract
 from .automation import on_upstream_data_change
 from .config import config_from
 from .partitions import regions_partitions
@@ -16,7 +12,7 @@ from .results import dataset_result
 from .resources import GeojepaResource
 
 OSM_EXTRACT_CODE_VERSION = "1"
-TILE_SHARDS_CODE_VERSION = "2"  # 2: relation_members.parquet beside the shards
+TILE_SHARDS_CODE_VERSION = "3"  # 2: relation_members.parquet beside the shards; 3: zero-length lines are points
 
 
 @dg.asset(
@@ -48,44 +44,8 @@ def osm_extract(context: dg.AssetExecutionContext, geojepa: GeojepaResource) -> 
 TileShardsConfig = config_from("TileShardsConfig", TileShardsOptions)
 
 
-def _schema_check(dataset) -> dg.AssetCheckResult:
-    problems = []
-    for tiles_path, entities_path in aligned_shards((dataset, "tiles"), (dataset, "entities")):
-        tiles = pq.read_schema(tiles_path)
-        ents = pq.read_schema(entities_path)
-        if not tiles.remove_metadata().equals(TILES_SCHEMA):
-            problems.append(f"{tiles_path.name}: schema differs")
-        if not ents.remove_metadata().equals(ENTITIES_SCHEMA):
-            problems.append(f"{entities_path.name}: schema differs")
-        if b"geo" not in (ents.metadata or {}):
-            problems.append(f"{entities_path.name}: no GeoParquet metadata")
-    return dg.AssetCheckResult(
-        check_name="schema", passed=not problems,
-        metadata={"n_shards": len(dataset.shard_entries), "problems": dg.MetadataValue.json(problems[:20])},
-    )
-
-
-def _accounting_check(dataset, tiled) -> dg.AssetCheckResult:
-    acc = tiled.accounting()
-    written = count_distinct_entities(dataset)
-    dropped = sum(acc["dropped"].values())
-    passed = acc["balanced"] and written == acc["n_entities_kept"]
-    return dg.AssetCheckResult(
-        check_name="entity_accounting", passed=passed,
-        metadata={
-            "n_input": acc["n_input"], "n_in_tiles": written, "n_dropped": dropped,
-            "dropped_by_reason": dg.MetadataValue.json(acc["dropped"]),
-            "equation": dg.MetadataValue.text(f"{acc['n_input']} = {written} in tiles + {dropped} dropped"),
-        },
-    )
-
-
-def _area_check(tiled) -> dg.AssetCheckResult:
-    a = tiled.area_check
-    return dg.AssetCheckResult(
-        check_name="clipped_area", passed=a["n_over_tolerance"] == 0,
-        metadata={k: v for k, v in a.items()},
-    )
+def _check_result(check: ShardCheck) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(check_name=check.name, passed=check.passed, metadata=check.metadata)
 
 
 @dg.asset(
@@ -104,6 +64,8 @@ def _area_check(tiled) -> dg.AssetCheckResult:
                           description="Input features = features in tiles + dropped (by reason)."),
         dg.AssetCheckSpec("clipped_area", asset="tile_shards", blocking=True,
                           description="Polygons wholly inside the extract: clipped areas sum to the original (rel. err <= 1e-6)."),
+        dg.AssetCheckSpec("valid_geometry", asset="tile_shards", blocking=True,
+                          description="Every piece, as written, is a valid geometry for GEOS (shapely.is_valid)."),
     ],
 )
 def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geojepa: GeojepaResource) -> dg.MaterializeResult:
@@ -116,6 +78,10 @@ def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geo
         source={"sha256": sha, "uri": uri.osm if uri else None}, log=context.log.info, **config.model_dump(),
     )
     ds, tiled, manifest = result.dataset, result.tiled, result.manifest
+    if result.failed_checks:  # blocking: this run stops here, and the store keeps the last version that passed
+        context.log.warning(
+            f"tile_shards[{region}]@{ds.data_version} failed {', '.join(result.failed_checks)}: CURRENT stays at "
+            f"{result.current or 'nothing (no version passed yet)'}; see the check's metadata in the UI")
     tiles = tiled.tiles
     png = tile_density_png(
         tiles.column("tile_x").to_numpy(), tiles.column("tile_y").to_numpy(), tiles.column("n_entities").to_numpy(),
@@ -138,5 +104,5 @@ def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geo
             "timings_s": dg.MetadataValue.json({k: round(v, 3) for k, v in result.timings_s.items()}),
             "tile_density": dg.MetadataValue.md(png_markdown(png, f"entities per tile, {region}")),
         },
-        check_results=[_schema_check(ds), _accounting_check(ds, tiled), _area_check(tiled)],
+        check_results=[_check_result(c) for c in result.checks],
     )

@@ -24,7 +24,7 @@ from .results import dataset_result
 from .resources import GeojepaResource
 
 TAG_EMBEDDINGS_CODE_VERSION = "1"
-GEOMETRY_ENCODER_CODE_VERSION = "1"  # its regions are in its manifest: held-out ones change the data version
+GEOMETRY_ENCODER_CODE_VERSION = "2"  # 1: its regions in its manifest; 2: its inputs and build_key (an unchanged re-run pretrains nothing)
 TILE_TOKENS_CODE_VERSION = "1"
 
 
@@ -84,6 +84,7 @@ def geometry_encoder(context: dg.AssetExecutionContext, config: GeometryEncoderC
     chance = math.log(min(256, result.n_train))
     return dataset_result(
         ds, {
+            "unchanged": dg.MetadataValue.bool(result.reused),
             "n_train_pieces": dg.MetadataValue.int(result.n_train),
             "n_probe_pieces": dg.MetadataValue.int(result.n_probe),
             "final_loss": dg.MetadataValue.float(round(float(np.mean(result.losses[-20:])), 4)),

@@ -12,7 +12,8 @@ Entity rule (the method note): a feature is kept when it has at least one tag le
 ``osm_rules.keep_key``, or when it is a member of a relation (then possibly untagged).
 Everything else is counted under a reason in ``dropped``. The population accounted for is
 every way, every relation, every tagged node and every untagged relation-member node;
-untagged non-member nodes are way vertices, not features.
+untagged non-member nodes are way vertices, not features. A node located off the globe
+(|lat| > 90 or |lon| > 180) is treated as outside the extract.
 
 Kept entities are numbered nodes first, then ways, then relations; ``OsmData`` holds them
 as arrays in lon/lat degrees (EPSG:4326).
@@ -327,15 +328,23 @@ def _decode_blocks(path) -> _Decoded:
     )
 
 
-def _node_lookup(node_id: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(sorted node ids, their positions in the node arrays or None when already sorted), for ``_locate``."""
-    if len(node_id) and np.all(node_id[1:] > node_id[:-1]):
+def _located(d: "_Decoded") -> np.ndarray:
+    """(N,) bool: the node's location is on the globe (|lon| <= 180, |lat| <= 90). A crafted or broken file
+    can hold others (a latitude of 95 projects to infinity); such a node counts as not in the extract."""
+    return (np.abs(d.node_lon) <= 180.0) & (np.abs(d.node_lat) <= 90.0)
+
+
+def _node_lookup(node_id: np.ndarray, located: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(sorted ids of the located nodes, their positions in the node arrays or None when those are all
+    the nodes, already sorted), for ``_locate``."""
+    if located.all() and (len(node_id) == 0 or np.all(node_id[1:] > node_id[:-1])):
         return node_id, None
-    sort_pos = np.argsort(node_id, kind="stable")
+    pos = np.flatnonzero(located)
+    sort_pos = pos[np.argsort(node_id[pos], kind="stable")]
     return node_id[sort_pos], sort_pos
 
 
-def _kept_nodes(d: _Decoded, lookup, dropped: Counter) -> tuple[np.ndarray, int]:
+def _kept_nodes(d: _Decoded, lookup, located: np.ndarray, dropped: Counter) -> tuple[np.ndarray, int]:
     """(positions of the kept nodes: tagged ones, then untagged relation members; how many were input)."""
     n_raw, n_kept_tags = d.node_tags[3], np.bincount(d.node_tags[2], minlength=d.n_nodes)
     member_nodes = d.members(NODE)
@@ -344,6 +353,10 @@ def _kept_nodes(d: _Decoded, lookup, dropped: Counter) -> tuple[np.ndarray, int]
     keep_tagged = tagged[(n_kept_tags[tagged] > 0) | is_member]
     dropped["only_filtered_tags_not_member"] += int(len(tagged) - len(keep_tagged))
     member_only = member_nodes[~isin_sorted(member_nodes, unique_ints(d.node_id[keep_tagged]))]
+    off_globe = ~located[keep_tagged]
+    if off_globe.any():
+        dropped["location_off_the_globe"] += int(off_globe.sum())
+        keep_tagged = keep_tagged[~off_globe]
     pos, found = _locate(member_only, *lookup)
     if (~found).any():
         dropped["missing_node_locations"] += int((~found).sum())
@@ -509,8 +522,9 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     d = _decode_blocks(path)
     if log:
         log(f"read {path}: {d.n_nodes:,} nodes, {d.n_ways:,} ways, {d.n_rels:,} relations decoded")
-    lookup = _node_lookup(d.node_id)
-    kept_nodes, n_node_input = _kept_nodes(d, lookup, dropped)
+    located = _located(d)
+    lookup = _node_lookup(d.node_id, located)
+    kept_nodes, n_node_input = _kept_nodes(d, lookup, located, dropped)
     ways = _way_vertices(d, lookup, dropped, repaired)
     kept_node_id = d.node_id[kept_nodes]
     kept_node_lonlat = np.column_stack([d.node_lon[kept_nodes], d.node_lat[kept_nodes]])

@@ -152,3 +152,29 @@ def write_tile_shards(tiled: TiledRegion, sink: ShardSink, shard_tiles: int = DE
         "accounting": tiled.accounting(),
         "area_check": tiled.area_check,
     }
+
+
+def invalid_pieces(entity_shards: list[Path], max_examples: int = 10) -> dict:
+    """GEOS validity of every piece in ``entity_shards`` (entity Parquet files).
+
+    Returns ``{"n_checked", "n_invalid", "by_reason": {reason: n}, "examples": ["way 12 in <tile>: reason", ...]}``;
+    a reason is GEOS's without its coordinates ("Too few points in geometry component"). Reads only the
+    geometry column, then the identifying columns of the invalid rows: ~0.1 s per 46 k pieces here.
+    """
+    import shapely
+
+    n_checked, by_reason, examples = 0, {}, []
+    for path in entity_shards:
+        geoms = shapely.from_wkb(pq.read_table(path, columns=["geometry"]).column("geometry").to_numpy(zero_copy_only=False))
+        n_checked += len(geoms)
+        bad = np.flatnonzero(~shapely.is_valid(geoms))
+        if not len(bad):
+            continue
+        ids = pq.read_table(path, columns=["tile_id", "osm_type", "osm_id"]).take(pa.array(bad)).to_pylist()
+        for row, geom in zip(ids, geoms[bad]):
+            reason = shapely.is_valid_reason(geom).split("[")[0].strip()
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+            if len(examples) < max_examples:
+                examples.append(f"{row['osm_type']} {row['osm_id']} in {row['tile_id']}: {reason}")
+    return {"n_checked": n_checked, "n_invalid": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items())),
+            "examples": examples}

@@ -4,7 +4,8 @@
 per (entity, tile):
 
 * nodes: the half-open cell holding the point;
-* lines (ways that are not areas): cut at the grid lines in numpy (``grid.cut_lines``);
+* lines (ways that are not areas): cut at the grid lines in numpy (``grid.cut_lines``); a way
+  left with one located vertex (a line of one repeated point, invalid for GEOS) is that point;
 * polygons (area ways and ``type=multipolygon`` relations): repaired with ``make_valid``
   where invalid, then clipped to the cells by GEOS (``grid.clip_to_grid``);
 * every other relation: the union, per tile, of its members' pieces (members first), so a
@@ -55,6 +56,7 @@ GEOMETRY_TYPE_NAMES = (
     "Point", "LineString", "LinearRing", "Polygon", "MultiPoint", "MultiLineString", "MultiPolygon", "GeometryCollection",
 )
 _POINT, _LINESTRING = 0, 1
+_BAND_REPAIRS = ("make_valid", "multipolygon_unclosed_as_lines", "zero_length_line_as_point")  # entities repaired while tiling
 
 TILES_SCHEMA = pa.schema([
     ("tile_id", pa.string()),
@@ -313,8 +315,9 @@ def _node_pieces(R: _Region, pieces: "_Pieces", in_band) -> None:
     pieces.add(nodes, cell[:, 0], cell[:, 1], shapely.points(R.node_xy[nodes]), np.zeros(len(nodes)))
 
 
-def _line_pieces(R: _Region, pieces: "_Pieces", in_band, x0: int, x1: int, ways_here: np.ndarray) -> None:
-    """Lines through the numpy cutter: whole lines are cut, the pieces inside the band kept."""
+def _line_pieces(R: _Region, pieces: "_Pieces", in_band, x0: int, x1: int, ways_here: np.ndarray,
+                 repaired: dict) -> None:
+    """Lines through the numpy cutter: whole lines are cut, the pieces inside the band kept; zero-length ones are points."""
     data = R.data
     counts = np.diff(data.way_offsets)
     line_ways = np.flatnonzero(ways_here & ~data.way_polygon)
@@ -323,7 +326,14 @@ def _line_pieces(R: _Region, pieces: "_Pieces", in_band, x0: int, x1: int, ways_
         line_offsets = np.concatenate([[0], np.cumsum(counts[line_ways])])
         line, tx, ty, geom, length = cut_lines(R.way_xy[idx], line_offsets, R.s, tile_local=False)
         keep = (tx >= x0) & (tx < x1)
-        pieces.add(data.n_nodes + line_ways[line[keep]], tx[keep], ty[keep], geom[keep], length[keep])
+        line, tx, ty, geom, length = line[keep], tx[keep], ty[keep], geom[keep], length[keep]
+        # a way with one located vertex (the others outside the extract) is a line of one repeated
+        # point, which GEOS calls invalid ("too few points"): it becomes the point it is
+        zero = np.flatnonzero(length == 0)
+        if len(zero):
+            geom[zero] = shapely.points(shapely.get_coordinates(geom[zero])[np.cumsum(shapely.get_num_coordinates(geom[zero])) - 1])
+            repaired["zero_length_line_as_point"].extend((data.n_nodes + line_ways[line[zero]]).tolist())
+        pieces.add(data.n_nodes + line_ways[line], tx, ty, geom, length)
 
 
 @dataclass
@@ -493,14 +503,14 @@ def _spill(entities: pa.Table, spill_dir: Path, band_index: int) -> str:
 def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Path | None = None) -> _BandResult:
     """Every piece with ``x0 <= tile_x < x1``; with ``spill_dir`` the pieces go to an Arrow IPC file."""
     timings: dict[str, float] = {}
-    repaired: dict[str, list] = {"make_valid": [], "multipolygon_unclosed_as_lines": []}
+    repaired: dict[str, list] = {reason: [] for reason in _BAND_REPAIRS}
     pieces = _Pieces()
     in_band = lambda lo, hi: (hi >= x0) & (lo < x1)  # noqa: E731
     ways_here = in_band(R.way_cx[:, 0], R.way_cx[:, 1])
 
     t = time.perf_counter()
     _node_pieces(R, pieces, in_band)
-    _line_pieces(R, pieces, in_band, x0, x1, ways_here)
+    _line_pieces(R, pieces, in_band, x0, x1, ways_here, repaired)
     timings["cut_lines"] = time.perf_counter() - t
     t = time.perf_counter()
     polygons = _polygon_pieces(R, pieces, in_band, x0, x1, ways_here, repaired)
@@ -644,7 +654,7 @@ def tile_osm(
     empty = unique_ints(np.concatenate([r.empty for r in results])) if results else np.zeros(0, np.int64)
     dropped["empty_after_repair"] += len(empty)
     dropped["no_tile_piece"] += int(n_ent - has_piece.sum()) - len(empty)
-    for reason in ("make_valid", "multipolygon_unclosed_as_lines"):
+    for reason in _BAND_REPAIRS:
         n = len(unique_ints(np.concatenate([r.repaired[reason] for r in results]))) if results else 0
         if n:
             repaired[reason] += n

@@ -14,12 +14,13 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from ..geo.osm_read import PbfSummary, read_osm, validate_pbf
-from ..geo.shards import DEFAULT_SHARD_TILES, write_tile_shards
+from ..geo.shards import DEFAULT_SHARD_TILES, invalid_pieces, write_tile_shards
 from ..geo.parallel import default_workers
-from ..geo.tiling import TILE_SIZE_M, TiledRegion, tile_osm
+from ..geo.tiling import ENTITIES_SCHEMA, TILE_SIZE_M, TILES_SCHEMA, TiledRegion, tile_osm
 from ..regions import Region
 from .sources import fetch_osm_source, local_source_path, source_fingerprint
-from ..store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, missing, sha256_file
+from ..store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, aligned_shards, missing, sha256_file
+from ..tables import count_distinct_entities
 
 Log = Callable[[str], None]
 
@@ -118,12 +119,66 @@ def check_source(region: Region, store: Store, cached: dict | None = None) -> So
                        fingerprint, None)
 
 
+@dataclass(frozen=True)
+class ShardCheck:
+    """One check of a new tile_shards version: the asset check's name, whether it passed, facts for the UI."""
+
+    name: str
+    passed: bool
+    metadata: dict
+
+
 @dataclass
 class TileShardsResult:
     dataset: Dataset
     tiled: TiledRegion
     manifest: dict
     timings_s: dict = field(default_factory=dict)
+    checks: list[ShardCheck] = field(default_factory=list)
+    current: str | None = None  # the region's CURRENT version afterwards: ``dataset``'s unless a check failed
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [c.name for c in self.checks if not c.passed]
+
+
+def _schema_check(dataset: Dataset) -> ShardCheck:
+    problems = []
+    for tiles_path, entities_path in aligned_shards((dataset, "tiles"), (dataset, "entities")):
+        if not pq.read_schema(tiles_path).remove_metadata().equals(TILES_SCHEMA):
+            problems.append(f"{tiles_path.name}: schema differs")
+        ents = pq.read_schema(entities_path)
+        if not ents.remove_metadata().equals(ENTITIES_SCHEMA):
+            problems.append(f"{entities_path.name}: schema differs")
+        if b"geo" not in (ents.metadata or {}):
+            problems.append(f"{entities_path.name}: no GeoParquet metadata")
+    return ShardCheck("schema", not problems, {"n_shards": len(dataset.shard_entries), "problems": problems[:20]})
+
+
+def _accounting_check(dataset: Dataset, tiled: TiledRegion) -> ShardCheck:
+    acc = tiled.accounting()
+    written = count_distinct_entities(dataset)
+    dropped = sum(acc["dropped"].values())
+    return ShardCheck("entity_accounting", acc["balanced"] and written == acc["n_entities_kept"], {
+        "n_input": acc["n_input"], "n_in_tiles": written, "n_dropped": dropped,
+        "dropped_by_reason": acc["dropped"], "repaired_by_reason": acc["repaired"],
+        "equation": f"{acc['n_input']} = {written} in tiles + {dropped} dropped",
+    })
+
+
+def _area_check(tiled: TiledRegion) -> ShardCheck:
+    return ShardCheck("clipped_area", tiled.area_check["n_over_tolerance"] == 0, dict(tiled.area_check))
+
+
+def _validity_check(dataset: Dataset) -> ShardCheck:
+    found = invalid_pieces(dataset.shards("entities"))
+    return ShardCheck("valid_geometry", found["n_invalid"] == 0, found)
+
+
+def shard_checks(dataset: Dataset, tiled: TiledRegion) -> list[ShardCheck]:
+    """The checks a new tile_shards version must pass to become CURRENT (the asset's blocking checks):
+    schema, entity accounting, clipped area, and GEOS validity of every piece as written."""
+    return [_schema_check(dataset), _accounting_check(dataset, tiled), _area_check(tiled), _validity_check(dataset)]
 
 
 @dataclass
@@ -140,7 +195,9 @@ def build_tile_shards(region: str, store: Store, extract_path: Path | None = Non
     """Read, tile and shard the region's extract into an immutable ``tiles/<region>/<data_version>``.
 
     Nothing becomes visible until the dataset is complete: shards are written to a staging
-    directory that is renamed in one step, then ``CURRENT`` is updated. ``options``: fields of
+    directory that is renamed in one step. ``CURRENT`` then moves to it only if every one of
+    ``shard_checks`` passes; otherwise the new version stays on disk, readable by its version,
+    and ``CURRENT`` stays where it was (``result.failed_checks`` says why). ``options``: fields of
     ``TileShardsOptions``.
     """
     opts = TileShardsOptions(**options)
@@ -151,7 +208,7 @@ def build_tile_shards(region: str, store: Store, extract_path: Path | None = Non
     t0 = time.perf_counter()
     data = read_osm(extract_path, log=log)
     t_read = time.perf_counter() - t0
-    with store.writing(TILES, region) as staging:
+    with store.writing(TILES, region, make_current=False) as staging:
         # staging.scratch: one Arrow IPC file of pieces per band, removed before the commit
         tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=staging.scratch)
         members = data.relation_members()
@@ -162,7 +219,14 @@ def build_tile_shards(region: str, store: Store, extract_path: Path | None = Non
         manifest["source"] = source or {}
         staging.manifest = manifest
     dataset = staging.dataset
-    timings = {"read_s": t_read, **{f"{k}_s": v for k, v in tiled.timings_s.items()}, "write_s": time.perf_counter() - t1}
+    t2 = time.perf_counter()
+    checks = shard_checks(dataset, tiled)
+    timings = {"read_s": t_read, **{f"{k}_s": v for k, v in tiled.timings_s.items()}, "write_s": t2 - t1,
+               "checks_s": time.perf_counter() - t2}
+    result = TileShardsResult(dataset, tiled, dataset.manifest, timings, checks)
+    if not result.failed_checks:
+        store.set_current(TILES, region, dataset.data_version)
+    result.current = store.current_version(TILES, region)
     if log:
         log(f"tile_shards[{region}] -> {dataset.path} ({len(manifest['shards'])} shards)")
-    return TileShardsResult(dataset, tiled, dataset.manifest, timings)
+    return result

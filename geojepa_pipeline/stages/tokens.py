@@ -10,6 +10,8 @@ so its data version differs.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -117,8 +119,15 @@ def build_tag_embeddings(store: Store, regions: list[str], log: Log | None = Non
                          **options) -> TagEmbeddingsResult:
     """Embed the vocabulary of ``regions`` (their CURRENT tile shards) into the incremental cache.
 
+    One run at a time (``Store.exclusive``): a concurrent run waits, then embeds only the pairs the
+    first one did not, and gets the same version when its regions' shards are the same.
     ``options``: fields of ``TagEmbeddingsOptions``; ``embedder`` (tests) replaces the model they name."""
-    opts = TagEmbeddingsOptions(**options)
+    with store.exclusive(TAGS, GLOBAL_SCOPE, log=log):
+        return _build_tag_embeddings(store, regions, log, embedder, TagEmbeddingsOptions(**options))
+
+
+def _build_tag_embeddings(store: Store, regions: list[str], log: Log | None, embedder: TextEmbedder | None,
+                          opts: TagEmbeddingsOptions) -> TagEmbeddingsResult:
     model, batch_size = opts.model, opts.batch_size
     t0 = time.perf_counter()
     per_region: dict[str, dict[tuple[str, str], int]] = {}
@@ -224,12 +233,39 @@ class GeometryEncoderResult:
     losses: list
     probe: dict
     timings_s: dict
+    reused: bool = False  # the CURRENT encoder, pretrained before with the same options on the same shards
+
+
+def geometry_build_key(opts: GeometryEncoderOptions, inputs: dict) -> str:
+    """16 hex digits naming a pretraining by what decides its result: the options and the shards' data versions."""
+    blob = {"schema": GEOMETRY_SCHEMA_VERSION, "options": dataclasses.asdict(opts), "inputs": inputs}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_geometry_encoder(store: Store, regions: list[str], log: Log | None = None, **options) -> GeometryEncoderResult:
     """Pretrain the PolygonGNN on the regions' pieces; save weights (safetensors) + config + history.
 
+    One run at a time (``Store.exclusive``). When the CURRENT encoder was pretrained with the same
+    options on the same shards (its manifest's ``build_key``), it is returned as it is: a concurrent
+    run waits for the first one and reuses its encoder; a re-run pretrains nothing.
     ``options``: fields of ``GeometryEncoderOptions`` (steps, max_pieces, dim, seed)."""
+    opts = GeometryEncoderOptions(**options)
+    with store.exclusive(GEOMETRY, GLOBAL_SCOPE, log=log):
+        inputs = {n: store.require(TILES, n).data_version for n in sorted(regions)}
+        key = geometry_build_key(opts, inputs)
+        current = store.current(GEOMETRY, GLOBAL_SCOPE)
+        if current is not None and current.manifest.get("build_key") == key:
+            config = json.loads(current.file(CONFIG_FILE).read_text())
+            history = json.loads(current.file(HISTORY_FILE).read_text())
+            if log:
+                log(f"geometry encoder: unchanged (same options, same shards): {current.label}")
+            return GeometryEncoderResult(current, config["n_train"], config["n_probe"], history["loss"], history["probe_r2"],
+                                         {"train_s": 0.0, "total_s": 0.0}, reused=True)
+        return _build_geometry_encoder(store, regions, log, opts, inputs, key)
+
+
+def _build_geometry_encoder(store: Store, regions: list[str], log: Log | None, opts: GeometryEncoderOptions,
+                            inputs: dict, key: str) -> GeometryEncoderResult:
     import torch
     from safetensors.torch import save_file
 
@@ -240,7 +276,6 @@ def build_geometry_encoder(store: Store, regions: list[str], log: Log | None = N
         probe,
     )
 
-    opts = GeometryEncoderOptions(**options)
     steps, max_pieces, dim, seed = opts.steps, opts.max_pieces, opts.dim, opts.seed
     t0 = time.perf_counter()
     geoms = sample_pieces(store, regions, max_pieces, seed)
@@ -258,11 +293,12 @@ def build_geometry_encoder(store: Store, regions: list[str], log: Log | None = N
     with store.writing(GEOMETRY, GLOBAL_SCOPE) as staging:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging.file(WEIGHTS_FILE)))
         config = {"encoder": enc_cfg.to_dict(), "pretrain": train_cfg.to_dict(), "objective": "InfoNCE between a jittered and a simplified view",
-                  "node_features": 9, "edge_features": 3, "inputs": {n: store.current_version(TILES, n) for n in sorted(regions)},
+                  "node_features": 9, "edge_features": 3, "inputs": inputs,
                   "n_train": len(train_set), "n_probe": len(probe_set)}
         staging.file(CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
         staging.file(HISTORY_FILE).write_text(json.dumps({"loss": [round(v, 5) for v in losses], "probe_r2": report}, sort_keys=True) + "\n")
-        staging.manifest = {"schema_version": GEOMETRY_SCHEMA_VERSION, "dim": dim, "regions": sorted(regions), "probe_r2": report}
+        staging.manifest = {"schema_version": GEOMETRY_SCHEMA_VERSION, "dim": dim, "regions": sorted(regions), "probe_r2": report,
+                            "inputs": inputs, "build_key": key}
     return GeometryEncoderResult(staging.dataset, len(train_set), len(probe_set), losses, report,
                                  {"train_s": t_train, "total_s": time.perf_counter() - t0})
 

@@ -133,9 +133,17 @@ def build_checkpoint(
     ``regions`` (default: every region with tile_tokens) minus ``holdout_regions``, which pretraining never
     reads. ``processes`` > 1 trains with DDP under torchrun (one process per GPU, or CPU ranks with gloo).
     """
+    cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
+    with store.exclusive(CHECKPOINTS, variant, log=log):  # one training of a variant at a time; a waiting run may reuse it
+        return _train_and_commit(variant, store, settings, cfg, regions, holdout_regions, tags, log, processes)
+
+
+def _train_and_commit(variant: str, store: Store, settings: Settings, cfg: TrainConfig, regions: list[str] | None,
+                      holdout_regions: list[str] | None, tags: dict | None, log: Callable[[str], None],
+                      processes: int) -> CheckpointResult:
+    """``build_checkpoint`` under the variant's lock: the regions and their tokens are read here, as they are now."""
     from ..train.tracking import git_commit, log_training, registered_version, tracking_uri
 
-    cfg = TrainConfig(**{**cfg.to_dict(), "variant": variant})
     if regions is None:
         regions = store.regions(TOKENS)
     holdout = set(holdout_regions or ())
@@ -147,6 +155,7 @@ def build_checkpoint(
         if tok is not None and name in store.dataset(GEOMETRY, GLOBAL_SCOPE, tok.manifest["inputs"]["geometry_encoder"]).manifest.get("regions", []):
             raise GeojepaError(f"held-out region {name!r}: its tile_tokens use a geometry encoder pretrained on it; materialize "
                                f"geometry_encoder and tile_tokens with it held out (geojepa materialize --holdout {name})")
+
     sources, inputs = training_sources(store, regions, with_images=VARIANTS[variant].images)
     key = train_key(cfg, inputs)
     uri = tracking_uri(settings.mlflow_dir)

@@ -32,8 +32,8 @@ def test_materialize_twice_gives_the_same_data_versions(home):
         assert first.success
         checks = first.get_asset_check_evaluations()
         assert {c.check_name: c.passed for c in checks} == {
-            "schema": True, "entity_accounting": True, "clipped_area": True, "aligned_with_tiles": True,
-            "aligned_with_entities": True}
+            "schema": True, "entity_accounting": True, "clipped_area": True, "valid_geometry": True,
+            "aligned_with_tiles": True, "aligned_with_entities": True}
         tiles_meta = _latest(instance, "tile_shards", "t").metadata
         extract_meta = _latest(instance, "osm_extract", "t").metadata
         assert tiles_meta["n_tiles"].value > 10 and tiles_meta["epsg"].value == 32635

@@ -62,3 +62,10 @@ def test_quiet_prints_nothing_and_verbose_prints_dagsters_events(home, capsys):
 def test_verify_on_an_empty_store_says_what_to_do(home, capsys):
     code, out, _ = run(capsys, "verify")
     assert code == 0 and out.strip() == "nothing to verify yet: no dataset is materialized (geojepa materialize)"
+
+
+def test_sql_help_names_every_view(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sql", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "views: tiles, entities, images" in " ".join(out.split())
