@@ -333,8 +333,12 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
         names = sorted(set(names) | set(holdout))  # held-out regions are materialized too, just not trained on
     wanted = {k for a in ALL_ASSETS for k in a.keys}
     if select:
+        import warnings
+
         try:
-            wanted = dg.AssetSelection.from_string(select).resolve(defs.resolve_asset_graph())
+            with warnings.catch_warnings():  # 'group:x' calls a parameter Dagster marks beta: not the user's concern
+                warnings.simplefilter("ignore", dg.BetaWarning)
+                wanted = dg.AssetSelection.from_string(select).resolve(defs.resolve_asset_graph())
         except Exception as exc:
             raise GeojepaError(f"invalid --select {select!r} ({str(exc).splitlines()[0]}); e.g. --select tile_shards, --select group:imagery or --select 'key:osm_extract or key:tile_shards'") from None
     trained = [n for n in region_names or [] if n not in holdout]

@@ -54,7 +54,7 @@ class _ConsoleHandler(logging.Handler):
     def __init__(self, verbosity: str, log_file: str | None):
         super().__init__(logging.DEBUG)
         self.verbosity = verbosity
-        self.file = open(log_file, "a", encoding="utf-8") if log_file else None
+        self.log_file = log_file
 
     def emit(self, record: logging.LogRecord) -> None:
         meta = record.__dict__.get("dagster_meta", {})
@@ -64,9 +64,9 @@ class _ConsoleHandler(logging.Handler):
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
         full = f"{stamp} {record.levelname} {meta.get('run_id', '')[:8]} {step} - {message}"
         error = getattr(getattr(event, "event_specific_data", None), "error", None)
-        if self.file is not None:
-            self.file.write(full + "\n" + (error.to_string() if error is not None else ""))
-            self.file.flush()
+        if self.log_file:  # opened per record (a few hundred a run): Dagster never closes a run's loggers
+            with open(self.log_file, "a", encoding="utf-8") as fh:
+                fh.write(full + "\n" + (error.to_string() if error is not None else ""))
         if event is None and message.startswith(_ENGINE_MESSAGES):
             event = "engine"  # Dagster's word on a step it skips: the failure itself is the CLI's one line
         if record.levelno >= logging.WARNING and event is None:
