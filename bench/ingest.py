@@ -1,6 +1,6 @@
 """Ingestion benchmark: this project's tiling vs the naive pyrosm + geopandas.overlay baseline.
 
-    python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline]
+    python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline] [--clip W,S,E,N]
 
 Builds the N x N replicated Liechtenstein extract (``bench/replicate.py``; cached under
 ``bench/_cache``), then, in one invocation, runs each approach in its own subprocess on the
@@ -76,15 +76,17 @@ def run_baseline(path: str) -> dict:
             "n_tiles": int(out["cell"].nunique()), "n_pieces": len(out), "grid_cells": len(grid), "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_ours(path: str) -> dict:
+def run_ours(path: str, clip: str | None = None) -> dict:
     import pyrosm.pbfreader  # noqa: F401  (imported before the clock starts, like the baseline's imports)
 
+    from geojepa_pipeline.geo.clip import ClipArea
     from geojepa_pipeline.stages.osm import build_tile_shards
     from geojepa_pipeline.store import Store
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = build_tile_shards("bench", Store(tmp), extract_path=Path(path), source={"uri": path})
+        result = build_tile_shards("bench", Store(tmp), extract_path=Path(path), source={"uri": path},
+                                   clip=ClipArea.parse(clip) if clip else None)
         total = time.perf_counter() - t0
         acc = result.tiled.accounting()
         return {"wall_s": total, "n_input": acc["n_input"], "n_entities": acc["n_entities_kept"],
@@ -92,11 +94,11 @@ def run_ours(path: str) -> dict:
                 "phases_s": {k: round(v, 2) for k, v in result.timings_s.items()}, "peak_rss_mb": _peak_rss_mb()}
 
 
-def _subprocess(which: str, path: Path) -> dict:
+def _subprocess(which: str, path: Path, clip: str | None = None) -> dict:
     # pyrosm keeps a result cache in $TMPDIR/pyrosm/cache: a fresh TMPDIR makes every run cold
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, __file__, "--worker", which, str(path)], capture_output=True, text=True,
-                              env={**os.environ, "TMPDIR": tmp})
+        proc = subprocess.run([sys.executable, __file__, "--worker", which, str(path)] + (["--clip", clip] if clip else []),
+                              capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -123,11 +125,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="N for the N x N replicated extract")
     ap.add_argument("--scaling", default="1,2,4,8", help="comma-separated N values for the scaling table ('' to skip)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--clip", help="W,S,E,N: also ingest only that area of the same file (geojepa regions add --clip), "
+                                   "and compare with the whole file")
     ap.add_argument("--worker", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         which, path = args.worker
-        print(json.dumps(run_baseline(path) if which == "baseline" else run_ours(path)))
+        print(json.dumps(run_baseline(path) if which == "baseline" else run_ours(path, args.clip)))
         return
 
     big = replicated(args.src, args.n)
@@ -135,6 +139,13 @@ def main() -> None:
     ours = _subprocess("ours", big)
     print(f"ours:     {ours['wall_s']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
           f"{ours['n_tiles']:,} tiles, {ours['n_pieces']:,} pieces, {ours['n_entities']:,} entities  phases {ours['phases_s']}", flush=True)
+    if args.clip:
+        clipped = _subprocess("ours", big, args.clip)
+        print(f"clipped:  {clipped['wall_s']:6.1f} s  peak RSS {clipped['peak_rss_mb']:6.0f} MB  "
+              f"{clipped['n_tiles']:,} tiles, {clipped['n_pieces']:,} pieces, {clipped['n_entities']:,} entities  "
+              f"phases {clipped['phases_s']}", flush=True)
+        print(f"ratio clipped/whole: wall {clipped['wall_s'] / ours['wall_s']:.2f}, peak RSS "
+              f"{clipped['peak_rss_mb'] / ours['peak_rss_mb']:.2f}, tiles {clipped['n_tiles'] / ours['n_tiles']:.3f}", flush=True)
     if not args.skip_baseline:
         base = _subprocess("baseline", big)
         print(f"baseline: {base['wall_s']:6.1f} s  peak RSS {base['peak_rss_mb']:6.0f} MB  "

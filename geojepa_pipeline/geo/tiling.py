@@ -39,6 +39,7 @@ import pyarrow as pa
 import shapely
 from pyproj import Transformer
 
+from .clip import tiles_touching
 from .grid import TILE_SIZE_M, clip_to_grid, cut_lines, dense_key, ranges, tile_ids, unique_ints, utm_epsg
 from .osm_read import OSM_TYPE_NAMES, OsmData
 from .minbox import minbox_from_coords
@@ -157,6 +158,7 @@ class _Region:
     complete: np.ndarray  # (N,) bool
     rel_member_offsets: np.ndarray  # (Nr + 1,) relation k's members are rel_member[offsets[k]:offsets[k + 1]]
     rel_member: np.ndarray  # (M,) entity index of every relation member, in member order
+    clip_utm: object = None  # shapely polygon in metres: only tiles touching it are kept (None: every tile)
 
     @property
     def first_rel(self) -> int:
@@ -171,9 +173,12 @@ def _project(lonlat: np.ndarray, transformer: Transformer) -> np.ndarray:
     return np.column_stack([x, y])
 
 
-def _prepare(data: OsmData, region: str, s: float) -> _Region:
-    minx, miny, maxx, maxy = data.lonlat_bounds()
-    epsg = utm_epsg((minx + maxx) / 2.0, (miny + maxy) / 2.0)
+def _prepare(data: OsmData, region: str, s: float, clip=None) -> _Region:
+    if clip is not None:
+        epsg = clip.epsg
+    else:
+        minx, miny, maxx, maxy = data.lonlat_bounds()
+        epsg = utm_epsg((minx + maxx) / 2.0, (miny + maxy) / 2.0)
     to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
     node_xy = _project(data.node_lonlat, to_utm)
     way_xy = _project(data.way_coords, to_utm)
@@ -213,7 +218,8 @@ def _prepare(data: OsmData, region: str, s: float) -> _Region:
     member_offsets = np.zeros(n_rel + 1, np.int64)
     np.cumsum(n_members, out=member_offsets[1:])
     return _Region(data, region, epsg, s, node_xy, node_cell, way_xy, way_cx, ent_cx[first_rel:], rel_depth,
-                   data.osm_type, data.osm_id, complete, member_offsets, member)
+                   data.osm_type, data.osm_id, complete, member_offsets, member,
+                   clip.projected(epsg) if clip is not None else None)
 
 
 # ---- one band ---------------------------------------------------------------------------------
@@ -252,6 +258,8 @@ class _BandResult:
     repaired: dict  # reason -> entity indices
     empty: np.ndarray  # polygon entities empty after repair
     timings: dict
+    outside_owner: np.ndarray  # (K,) entity of each piece left out (its tile does not touch the clip area)
+    outside_area: np.ndarray  # (K,) its area, m^2 (the clipped-area check counts the whole polygon)
 
 
 def _ring(xy: np.ndarray):
@@ -411,6 +419,17 @@ def _relation_pieces(R: _Region, pieces: "_Pieces", collect_rels: np.ndarray) ->
         pieces.add(pairs[rep[first], 0], ptx[pos][first], pty[pos][first], geoms)
 
 
+def _clip_pieces(R: _Region, pieces: "_Pieces") -> tuple["_Pieces", np.ndarray, np.ndarray]:
+    """(the pieces in tiles touching the clip area, owner and area of the others); all of them without a clip."""
+    if R.clip_utm is None:
+        return pieces, np.zeros(0, np.int64), np.zeros(0)
+    owner, tx, ty, geom, length = pieces.arrays()
+    keep = tiles_touching(R.clip_utm, tx, ty, R.s)
+    kept = _Pieces()
+    kept.add(owner[keep], tx[keep], ty[keep], geom[keep], length[keep])
+    return kept, owner[~keep], shapely.area(geom[~keep])
+
+
 def _ordered_pieces(R: _Region, pieces: "_Pieces"):
     """The pieces in shard order (block column, block row, row-major in the block; then type, id):
     (owner, tx, ty, geom, length, tile_start (first piece of each tile), piece_tile (tile of each piece))."""
@@ -518,6 +537,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     t = time.perf_counter()
     _relation_pieces(R, pieces, polygons.collect_rels)
     timings["relations"] = time.perf_counter() - t
+    pieces, outside_owner, outside_area = _clip_pieces(R, pieces)
     t = time.perf_counter()
     owner, tx, ty, geom, length, tile_start, piece_tile = _ordered_pieces(R, pieces)
     timings["order"] = time.perf_counter() - t
@@ -537,7 +557,8 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
         spill_path, entities = _spill(entities, spill_dir, band_index), None
         timings["spill"] = time.perf_counter() - t
     return _BandResult(entities, spill_path, owner, area, tiles, polygons.owner, shapely.area(polygons.geoms),
-                       {k: np.asarray(v, np.int64) for k, v in repaired.items()}, polygons.empty, timings)
+                       {k: np.asarray(v, np.int64) for k, v in repaired.items()}, polygons.empty, timings,
+                       outside_owner, outside_area)
 
 
 # ---- bands and workers ------------------------------------------------------------------------
@@ -583,18 +604,21 @@ def _bands(R: _Region, band_entities: int) -> tuple[list[tuple[int, int]], np.nd
 @gc_paused()  # forked band workers inherit the paused collector
 def tile_osm(
     data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=None,
-    workers: int | None = None, band_entities: int = BAND_ENTITIES, spill_dir: Path | None = None,
+    workers: int | None = None, band_entities: int = BAND_ENTITIES, spill_dir: Path | None = None, clip=None,
 ) -> TiledRegion:
     """Project, repair, clip and describe every kept feature (see the module docstring).
 
     ``spill_dir``: write each band's pieces there (Arrow IPC) instead of returning them in
-    memory; ``TiledRegion.entity_chunks()`` reads them back one band at a time.
+    memory; ``TiledRegion.entity_chunks()`` reads them back one band at a time. ``clip``: a
+    ``clip.ClipArea``; only the tiles touching it are kept, in its centre's UTM zone (``data``:
+    what ``clip.clip_osm`` kept). Entities whose pieces all lie in other tiles are dropped as
+    ``outside_clip``; ``is_clipped`` and the area check count every piece of an entity.
     """
     global _SHARED
     t0 = time.perf_counter()
     if len(data) == 0:
         raise ValueError("the extract holds no tagged features to tile")
-    R = _prepare(data, region, float(tile_size_m))
+    R = _prepare(data, region, float(tile_size_m), clip)
     bands, band_cost = _bands(R, band_entities)
     # loaded once here (numba's first call in a process: ~0.25 s, mostly its type registries;
     # a loader thread during _prepare hid that but raised peak RSS by ~110 MiB), so the
@@ -640,7 +664,9 @@ def tile_osm(
     t = time.perf_counter()
     n_ent = len(data)
     owner = np.concatenate([r.owner for r in results]) if results else np.zeros(0, np.int64)
-    pieces_per_entity = np.bincount(owner, minlength=n_ent)
+    outside_owner = np.concatenate([r.outside_owner for r in results]) if results else np.zeros(0, np.int64)
+    n_outside = np.bincount(outside_owner, minlength=n_ent)
+    pieces_per_entity = np.bincount(owner, minlength=n_ent) + n_outside  # is_clipped: over all the entity's tiles
     tiles = pa.concat_tables([r.tiles for r in results]) if results else TILES_SCHEMA.empty_table()
     entities, band_files = None, []
     if spill_dir is None:
@@ -649,11 +675,14 @@ def tile_osm(
                                        pa.array(pieces_per_entity[owner] > 1, pa.bool_()))
     else:
         band_files = [(r.spill_path, r.tiles.num_rows, pieces_per_entity[r.owner] > 1) for r in results]
-    has_piece = pieces_per_entity > 0
+    has_piece = pieces_per_entity - n_outside > 0
     dropped, repaired = Counter(data.dropped), Counter(data.repaired)
     empty = unique_ints(np.concatenate([r.empty for r in results])) if results else np.zeros(0, np.int64)
     dropped["empty_after_repair"] += len(empty)
-    dropped["no_tile_piece"] += int(n_ent - has_piece.sum()) - len(empty)
+    only_outside = int(((n_outside > 0) & ~has_piece).sum())
+    if clip is not None:
+        dropped["outside_clip"] += only_outside
+    dropped["no_tile_piece"] += int(n_ent - has_piece.sum()) - len(empty) - only_outside
     for reason in _BAND_REPAIRS:
         n = len(unique_ints(np.concatenate([r.repaired[reason] for r in results]))) if results else 0
         if n:
@@ -667,7 +696,9 @@ def tile_osm(
         orig_area[r.poly_idx] = r.poly_area
         is_poly[r.poly_idx] = True
     check = is_poly & R.complete & has_piece
-    piece_area = np.bincount(owner, weights=np.where(check[owner], area_col, 0.0), minlength=n_ent)
+    outside_area = np.concatenate([r.outside_area for r in results]) if results else np.zeros(0)
+    piece_area = (np.bincount(owner, weights=np.where(check[owner], area_col, 0.0), minlength=n_ent)
+                  + np.bincount(outside_owner, weights=np.where(check[outside_owner], outside_area, 0.0), minlength=n_ent))
     rel = np.abs(piece_area[check] - orig_area[check]) / np.maximum(orig_area[check], 1e-12)
     area_check = {
         "n_polygons_checked": int(check.sum()),

@@ -13,6 +13,7 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
+from ..geo.clip import ClipArea, clip_osm
 from ..geo.osm_read import PbfSummary, read_osm, validate_pbf
 from ..geo.shards import DEFAULT_SHARD_TILES, invalid_pieces, write_tile_shards
 from ..geo.parallel import default_workers
@@ -191,14 +192,15 @@ class TileShardsOptions:
 
 
 def build_tile_shards(region: str, store: Store, extract_path: Path | None = None, source: dict | None = None,
-                      log: Log | None = None, **options) -> TileShardsResult:
+                      log: Log | None = None, clip: ClipArea | None = None, **options) -> TileShardsResult:
     """Read, tile and shard the region's extract into an immutable ``tiles/<region>/<data_version>``.
 
     Nothing becomes visible until the dataset is complete: shards are written to a staging
     directory that is renamed in one step. ``CURRENT`` then moves to it only if every one of
     ``shard_checks`` passes; otherwise the new version stays on disk, readable by its version,
     and ``CURRENT`` stays where it was (``result.failed_checks`` says why). ``options``: fields of
-    ``TileShardsOptions``.
+    ``TileShardsOptions``. ``clip``: only the tiles touching that area, their entities whole
+    (``geo.clip``); the manifest records it.
     """
     opts = TileShardsOptions(**options)
     shard_tiles, tile_size_m, workers = opts.shard_tiles, opts.tile_size_m, opts.workers or default_workers()
@@ -207,16 +209,23 @@ def build_tile_shards(region: str, store: Store, extract_path: Path | None = Non
         source = {**(source or {}), "sha256": sha}
     t0 = time.perf_counter()
     data = read_osm(extract_path, log=log)
+    if clip is not None:
+        n_read = len(data)
+        data = clip_osm(data, clip, tile_size_m)
+        if log:
+            log(f"clip {clip.source}: {len(data):,} of {n_read:,} entities can reach it")
     t_read = time.perf_counter() - t0
     with store.writing(TILES, region, make_current=False) as staging:
         # staging.scratch: one Arrow IPC file of pieces per band, removed before the commit
-        tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=staging.scratch)
+        tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=staging.scratch, clip=clip)
         members = data.relation_members()
         del data
         t1 = time.perf_counter()
         manifest = write_tile_shards(tiled, staging, shard_tiles=shard_tiles, log=log)
         pq.write_table(members, staging.file(RELATION_MEMBERS_FILE), compression="zstd")
         manifest["source"] = source or {}
+        if clip is not None:
+            manifest["clip"] = clip.describe()
         staging.manifest = manifest
     dataset = staging.dataset
     t2 = time.perf_counter()
