@@ -16,7 +16,7 @@ def test_definitions_list_the_expected_assets_and_checks():
                                                                          "evaluation_report"}
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
     assert checks == {("tile_shards", "schema"), ("tile_shards", "entity_accounting"), ("tile_shards", "clipped_area"),
-                      ("tile_images", "aligned_with_tiles"), ("tile_tokens", "aligned_with_entities")}
+                      ("tile_shards", "valid_geometry"), ("tile_images", "aligned_with_tiles"), ("tile_tokens", "aligned_with_entities")}
     upstream = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
     assert upstream["tile_images"] == {"tile_shards", "naip_scenes"} and upstream["naip_scenes"] == {"tile_shards"}
     assert upstream["tag_embeddings"] == upstream["geometry_encoder"] == {"tile_shards"}
@@ -47,9 +47,9 @@ def test_workspace_yaml_loads_with_dagster_cli(tmp_path):
 
 
 def test_tile_shards_checks_block_everything_downstream():
-    """A failed schema, accounting or clipped-area check stops the run before tokens, chips or training read the shards."""
+    """A failed schema, accounting, clipped-area or validity check stops the run before tokens, chips or training read the shards."""
     from geojepa_pipeline.assets.osm import tile_shards
 
     specs = {spec.name: spec for spec in tile_shards.check_specs}
-    assert set(specs) == {"schema", "entity_accounting", "clipped_area"}
+    assert set(specs) == {"schema", "entity_accounting", "clipped_area", "valid_geometry"}
     assert all(spec.blocking for spec in specs.values())

@@ -60,6 +60,28 @@ def _pbf_error(label, exc: Exception) -> GeojepaError:
     return GeojepaError(f"{label} is not a readable OSM PBF ({msg}); the file is truncated or corrupt: download it again")
 
 
+class Reasons(Counter):
+    """Entities counted by reason (dropped or repaired); with ``record_ids``, ``ids[reason]`` also lists them as
+    (K, 2) int64 rows of (osm type, osm id), so that spatial blocks that share entities can be merged."""
+
+    def __init__(self, record_ids: bool = False):
+        super().__init__()
+        self.ids: dict | None = {} if record_ids else None
+
+    def add(self, reason: str, osm_type: int, ids) -> None:
+        ids = np.asarray(ids, np.int64)
+        self[reason] += len(ids)
+        if self.ids is not None and len(ids):
+            self.ids.setdefault(reason, []).append(np.stack([np.full(len(ids), osm_type, np.int64), ids], axis=1))
+
+    def copy(self) -> "Reasons":
+        out = Reasons(self.ids is not None)
+        out.update(self)
+        if self.ids is not None:
+            out.ids = {k: list(v) for k, v in self.ids.items()}
+        return out
+
+
 def _pbf(path) -> osmium.io.File:
     """An osmium file handle that is read as PBF whatever the file name says."""
     return osmium.io.File(str(path), "pbf")
@@ -160,29 +182,6 @@ class OsmData:
         return float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())
 
 
-class _TagColumns:
-    """Tags of one element type over all blocks: strings, owner element, raw and kept counts."""
-
-    def __init__(self):
-        self.keys, self.values, self.owner, self.n_raw = [], [], [], []
-
-    def add(self, table: "_StringTable", keys: np.ndarray, vals: np.ndarray, owner: np.ndarray, n_elements: int, base: int):
-        """``owner``: element index within the block of each (key, value); ``base``: elements before."""
-        self.n_raw.append(np.bincount(owner, minlength=n_elements))
-        keep = table.keep[keys]
-        self.keys.append(table.arrow.take(pa.array(keys[keep])))
-        self.values.append(table.arrow.take(pa.array(vals[keep])))
-        self.owner.append(owner[keep] + base)
-        return keep
-
-    def finish(self):
-        owner = np.concatenate(self.owner) if self.owner else np.zeros(0, np.int64)
-        keys = pa.concat_arrays(self.keys) if self.keys else pa.array([], pa.string())
-        values = pa.concat_arrays(self.values) if self.values else pa.array([], pa.string())
-        n_raw = np.concatenate(self.n_raw) if self.n_raw else np.zeros(0, np.int64)
-        return keys, values, owner, n_raw
-
-
 class _StringTable:
     """A block's string table: Arrow strings and which of them are keys we keep."""
 
@@ -262,70 +261,134 @@ class _Decoded:
         return unique_ints(self.mem_ref[self.mem_type == osm_type])
 
 
-def _decode_blocks(path) -> _Decoded:
-    """Decode every block of the pbf in this one process.
+@dataclass
+class _Tags:
+    """One block's kept tags of one element type: (key, value) rows, the element of each (block-local), raw counts."""
 
-    On the 8x8 Liechtenstein, runs of blocks on 2 forked workers took 1.39 s against 1.21 s here, as
-    sending 230 MB of columns back cost more than the halved decode (0.80 s with nothing sent back)."""
+    keys: pa.Array
+    values: pa.Array
+    owner: np.ndarray  # (T,) int64 element index within the block, rows in file order
+    n_raw: np.ndarray  # (E,) tags per element before filtering
+
+
+def _block_tags(table: "_StringTable", keys: np.ndarray, vals: np.ndarray, owner: np.ndarray, n: int) -> _Tags:
+    keep = table.keep[keys]
+    return _Tags(table.arrow.take(pa.array(keys[keep])), table.arrow.take(pa.array(vals[keep])), owner[keep],
+                 np.bincount(owner, minlength=n))
+
+
+@dataclass
+class _Block:
+    """The columns of one decoded pbf block (any of its three element types may be empty)."""
+
+    node_id: np.ndarray
+    node_lon: np.ndarray
+    node_lat: np.ndarray
+    node_tags: _Tags
+    way_id: np.ndarray
+    way_refs: np.ndarray
+    way_counts: np.ndarray
+    way_tags: _Tags
+    rel_id: np.ndarray
+    rel_tags: _Tags
+    rel_type_value: list
+    mem_type: np.ndarray
+    mem_ref: np.ndarray
+    mem_role: pa.Array
+    mem_counts: np.ndarray
+
+
+_NO_I64 = np.zeros(0, np.int64)
+
+
+def _no_tags() -> _Tags:
+    return _Tags(pa.array([], pa.string()), pa.array([], pa.string()), _NO_I64, _NO_I64)
+
+
+def iter_blocks(path):
+    """Yield every block of the pbf as a ``_Block``, its tags already filtered by ``osm_rules.keep_key``.
+
+    Memory: one block at a time (a pbf block holds up to 8,000 elements)."""
     from pyrosm.pbfreader import iter_decoded_blocks
 
-    node_id, node_lon, node_lat = [], [], []
-    node_tags, way_tags, rel_tags = _TagColumns(), _TagColumns(), _TagColumns()
-    way_id, way_refs, way_counts = [], [], []
-    rel_id, rel_mem_type, rel_mem_ref, rel_mem_role, rel_mem_counts = [], [], [], [], []
-    rel_type_value: list = []
-    n_nodes_total = n_ways = n_rels = 0
     try:
         for strings, header, nodes, ways, relations in iter_decoded_blocks(str(path)):
             used = [a for a, key in ((nodes, "keys_vals"), (ways, "keys"), (relations, "keys")) if a is not None and len(a.get(key, ()))]
             table = _StringTable(strings, np.concatenate([a["keys_vals" if "keys_vals" in a else "keys"] for a in used]) if used else np.zeros(0, np.int64))
+            block = _Block(_NO_I64, np.zeros(0), np.zeros(0), _no_tags(), _NO_I64, _NO_I64, _NO_I64, _no_tags(),
+                           _NO_I64, _no_tags(), [], _NO_I64, _NO_I64, pa.array([], pa.string()), _NO_I64)
             if nodes is not None and len(nodes["id"]):
                 n = len(nodes["id"])
                 g = header["granularity"]
-                node_id.append(nodes["id"])
-                node_lon.append((nodes["lon"] * g + header["lon_offset"]) / 1e9)
-                node_lat.append((nodes["lat"] * g + header["lat_offset"]) / 1e9)
+                block.node_id = nodes["id"]
+                block.node_lon = (nodes["lon"] * g + header["lon_offset"]) / 1e9
+                block.node_lat = (nodes["lat"] * g + header["lat_offset"]) / 1e9
                 kv = nodes["keys_vals"]
                 if len(kv):  # each node's key, value ids then a 0 (string 0 is never a key or value)
                     stop = kv == 0
                     node_of = np.cumsum(stop) - stop
                     pos = np.flatnonzero(~stop)
-                    node_tags.add(table, kv[pos[0::2]], kv[pos[1::2]], node_of[pos[0::2]], n, n_nodes_total)
+                    block.node_tags = _block_tags(table, kv[pos[0::2]], kv[pos[1::2]], node_of[pos[0::2]], n)
                 else:
-                    node_tags.add(table, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), n, n_nodes_total)
-                n_nodes_total += n
+                    block.node_tags = _block_tags(table, _NO_I64, _NO_I64, _NO_I64, n)
             if ways is not None and len(ways["id"]):
                 n = len(ways["id"])
-                way_id.append(ways["id"])
-                way_tags.add(table, ways["keys"], ways["vals"], _csr_owner(ways["tags_off"]), n, n_ways)
-                way_refs.append(ways["refs"])
-                way_counts.append(np.diff(ways["refs_off"]))
-                n_ways += n
+                block.way_id = ways["id"]
+                block.way_tags = _block_tags(table, ways["keys"], ways["vals"], _csr_owner(ways["tags_off"]), n)
+                block.way_refs = ways["refs"]
+                block.way_counts = np.diff(ways["refs_off"])
             if relations is not None and len(relations["id"]):
                 n = len(relations["id"])
-                rel_id.append(relations["id"])
-                rel_tags.add(table, relations["keys"], relations["vals"], _csr_owner(relations["tags_off"]), n, n_rels)
+                block.rel_id = relations["id"]
+                block.rel_tags = _block_tags(table, relations["keys"], relations["vals"], _csr_owner(relations["tags_off"]), n)
                 for r in range(n):  # the type tag decides how a relation is built
                     a, b = relations["tags_off"][r], relations["tags_off"][r + 1]
                     t = [strings[v] for k, v in zip(relations["keys"][a:b], relations["vals"][a:b]) if strings[k] == "type"]
-                    rel_type_value.append(t[0] if t else None)
-                rel_mem_type.append(relations["types"])
-                rel_mem_ref.append(relations["memids"])
-                rel_mem_role.append(table.arrow.take(pa.array(relations["roles"])) if len(relations["roles"]) else pa.array([], pa.string()))
-                rel_mem_counts.append(np.diff(relations["members_off"]))
-                n_rels += n
+                    block.rel_type_value.append(t[0] if t else None)
+                block.mem_type = relations["types"]
+                block.mem_ref = relations["memids"]
+                block.mem_role = table.arrow.take(pa.array(relations["roles"])) if len(relations["roles"]) else pa.array([], pa.string())
+                block.mem_counts = np.diff(relations["members_off"])
+            yield block
     except GeojepaError:
         raise
     except Exception as exc:  # pyrosm raises DecodeError / InvalidOSMFileError / zlib errors
         raise _pbf_error(path, exc) from None
-    cat = lambda parts, dtype=np.int64: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+
+
+def _concat_tags(parts: list[_Tags], counts: list[int]) -> tuple:
+    """``_Decoded``'s tag tuple (keys, values, owner, n_raw) from per-block tags of blocks with ``counts`` elements."""
+    bases = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64) if counts else []
+    owner = np.concatenate([t.owner + base for t, base in zip(parts, bases)]) if parts else _NO_I64
+    keys = pa.concat_arrays([t.keys for t in parts]) if parts else pa.array([], pa.string())
+    values = pa.concat_arrays([t.values for t in parts]) if parts else pa.array([], pa.string())
+    n_raw = np.concatenate([t.n_raw for t in parts]) if parts else _NO_I64
+    return keys, values, owner, n_raw
+
+
+def decoded_from_blocks(blocks) -> _Decoded:
+    """Concatenate ``_Block``s (all of a file, or one spatial block's share of it) into one ``_Decoded``."""
+    blocks = list(blocks)
+    cat = lambda name, dtype=np.int64: np.concatenate([getattr(b, name) for b in blocks]).astype(dtype, copy=False) if blocks else np.zeros(0, dtype)  # noqa: E731
+    nonempty = lambda ids, tags: [(len(getattr(b, ids)), getattr(b, tags)) for b in blocks if len(getattr(b, ids))]  # noqa: E731
+    tag_tuple = lambda ids, tags: _concat_tags([t for _, t in nonempty(ids, tags)], [n for n, _ in nonempty(ids, tags)])  # noqa: E731
+    roles = [b.mem_role for b in blocks if len(b.mem_role)]
     return _Decoded(
-        node_id=cat(node_id), node_lon=cat(node_lon, np.float64), node_lat=cat(node_lat, np.float64), node_tags=node_tags.finish(),
-        way_id=cat(way_id), way_refs=cat(way_refs), way_counts=cat(way_counts), way_tags=way_tags.finish(),
-        rel_id=cat(rel_id), mem_type=cat(rel_mem_type), mem_ref=cat(rel_mem_ref),
-        mem_role=pa.concat_arrays(rel_mem_role).to_pylist() if rel_mem_role else [], mem_counts=cat(rel_mem_counts),
-        rel_type_value=rel_type_value, rel_tags=rel_tags.finish(),
+        node_id=cat("node_id"), node_lon=cat("node_lon", np.float64), node_lat=cat("node_lat", np.float64),
+        node_tags=tag_tuple("node_id", "node_tags"),
+        way_id=cat("way_id"), way_refs=cat("way_refs"), way_counts=cat("way_counts"), way_tags=tag_tuple("way_id", "way_tags"),
+        rel_id=cat("rel_id"), mem_type=cat("mem_type"), mem_ref=cat("mem_ref"),
+        mem_role=pa.concat_arrays(roles).to_pylist() if roles else [], mem_counts=cat("mem_counts"),
+        rel_type_value=[v for b in blocks for v in b.rel_type_value], rel_tags=tag_tuple("rel_id", "rel_tags"),
     )
+
+
+def _decode_blocks(path) -> _Decoded:
+    """Decode every block of the pbf in this one process.
+
+    On the 8x8 Liechtenstein, runs of blocks on 2 forked workers took 1.39 s against 1.21 s here, as
+    sending 230 MB of columns back cost more than the halved decode (0.80 s with nothing sent back)."""
+    return decoded_from_blocks(iter_blocks(path))
 
 
 def _located(d: "_Decoded") -> np.ndarray:
@@ -344,22 +407,23 @@ def _node_lookup(node_id: np.ndarray, located: np.ndarray) -> tuple[np.ndarray, 
     return node_id[sort_pos], sort_pos
 
 
-def _kept_nodes(d: _Decoded, lookup, located: np.ndarray, dropped: Counter) -> tuple[np.ndarray, int]:
+def _kept_nodes(d: _Decoded, lookup, located: np.ndarray, dropped: "Reasons") -> tuple[np.ndarray, int]:
     """(positions of the kept nodes: tagged ones, then untagged relation members; how many were input)."""
     n_raw, n_kept_tags = d.node_tags[3], np.bincount(d.node_tags[2], minlength=d.n_nodes)
     member_nodes = d.members(NODE)
     tagged = np.flatnonzero(n_raw > 0)
     is_member = isin_sorted(d.node_id[tagged], member_nodes)
-    keep_tagged = tagged[(n_kept_tags[tagged] > 0) | is_member]
-    dropped["only_filtered_tags_not_member"] += int(len(tagged) - len(keep_tagged))
+    keep = (n_kept_tags[tagged] > 0) | is_member
+    dropped.add("only_filtered_tags_not_member", NODE, d.node_id[tagged[~keep]])
+    keep_tagged = tagged[keep]
     member_only = member_nodes[~isin_sorted(member_nodes, unique_ints(d.node_id[keep_tagged]))]
     off_globe = ~located[keep_tagged]
     if off_globe.any():
-        dropped["location_off_the_globe"] += int(off_globe.sum())
+        dropped.add("location_off_the_globe", NODE, d.node_id[keep_tagged[off_globe]])
         keep_tagged = keep_tagged[~off_globe]
     pos, found = _locate(member_only, *lookup)
     if (~found).any():
-        dropped["missing_node_locations"] += int((~found).sum())
+        dropped.add("missing_node_locations", NODE, member_only[~found])
     return np.concatenate([keep_tagged, pos[found]]), len(tagged) + len(member_only)
 
 
@@ -375,7 +439,7 @@ class _Ways:
     partial: np.ndarray  # (W,) some node lies outside the extract
 
 
-def _way_vertices(d: _Decoded, lookup, dropped: Counter, repaired: Counter) -> _Ways:
+def _way_vertices(d: _Decoded, lookup, dropped: "Reasons", repaired: "Reasons") -> _Ways:
     """Which ways stay, and their located vertices (consecutive repeats of a location dropped).
 
     Releases the decoded all-node and all-ref columns (``d.release_nodes()``) as soon as they are
@@ -385,18 +449,18 @@ def _way_vertices(d: _Decoded, lookup, dropped: Counter, repaired: Counter) -> _
     way_member = isin_sorted(d.way_id, d.members(WAY))
     untagged = (w_raw == 0) & ~way_member
     filtered_out = (w_raw > 0) & (w_kept_tags == 0) & ~way_member
-    dropped["untagged_not_member"] += int(untagged.sum())
-    dropped["only_filtered_tags_not_member"] += int(filtered_out.sum())
+    dropped.add("untagged_not_member", WAY, d.way_id[untagged])
+    dropped.add("only_filtered_tags_not_member", WAY, d.way_id[filtered_out])
     way_keep = ~untagged & ~filtered_out
     ref_way = np.repeat(np.arange(n_ways), way_counts)
     pos, found = _locate(way_refs, *lookup)
     n_found = np.bincount(ref_way, weights=found, minlength=n_ways).astype(np.int64)
     no_coords = way_keep & (n_found == 0)
-    dropped["missing_node_locations"] += int(no_coords.sum())
+    dropped.add("missing_node_locations", WAY, d.way_id[no_coords])
     way_keep &= ~no_coords
     partial = way_keep & (n_found < way_counts)
     if partial.any():
-        repaired["partial_way_missing_nodes"] += int(partial.sum())
+        repaired.add("partial_way_missing_nodes", WAY, d.way_id[partial])
     ref_starts = np.cumsum(way_counts) - way_counts
     closed = (way_counts >= 2) & (way_refs[np.maximum(ref_starts + way_counts - 1, 0)] == way_refs[ref_starts]) & ~partial
     vkeep = found & way_keep[ref_way]
@@ -420,7 +484,7 @@ def _way_vertices(d: _Decoded, lookup, dropped: Counter, repaired: Counter) -> _
     return _Ways(kept_ways, coords, offsets, counts, closed, partial)
 
 
-def _way_polygons(d: _Decoded, ways: _Ways, repaired: Counter) -> np.ndarray:
+def _way_polygons(d: _Decoded, ways: _Ways, repaired: "Reasons") -> np.ndarray:
     """(Wk,) bool: the kept ways that are areas. The area rule on closed, complete ways: one ``area_vote``
     per distinct (key, value) pair, not per tag; a ring under 4 points stays a line."""
     wk, wv, w_owner, _ = d.way_tags
@@ -438,7 +502,7 @@ def _way_polygons(d: _Decoded, ways: _Ways, repaired: Counter) -> np.ndarray:
     polygon = ways.closed & (yes | (~no & implied))
     short_ring = polygon[ways.kept] & (ways.counts < 4)
     if short_ring.any():
-        repaired["ring_under_4_points_as_line"] += int(short_ring.sum())
+        repaired.add("ring_under_4_points_as_line", WAY, d.way_id[ways.kept[short_ring]])
     return polygon[ways.kept] & (ways.counts >= 4)
 
 
@@ -478,14 +542,16 @@ def _resolve_relations(d: _Decoded, kept_node_id: np.ndarray, kept_way_id: np.nd
         has_geometry[i] = ok
         return ok
 
-    keep_rel = []
+    keep_rel, filtered, absent = [], [], []
     for i, rid in enumerate(rel_ids):
         if r_kept_tags[i] == 0 and rid not in member_rel_set:
-            dropped["only_filtered_tags_not_member"] += 1
+            filtered.append(rid)
         elif not present(i, frozenset({rid})):
-            dropped["relation_without_members_in_extract"] += 1
+            absent.append(rid)
         else:
             keep_rel.append(i)
+    dropped.add("only_filtered_tags_not_member", RELATION, filtered)
+    dropped.add("relation_without_members_in_extract", RELATION, absent)
     first_rel = n_nodes + n_kept_ways
     rel_index = {rel_ids[i]: first_rel + k for k, i in enumerate(keep_rel)}
     rel_members, rel_complete = [], []
@@ -517,11 +583,20 @@ def _resolve_relations(d: _Decoded, kept_node_id: np.ndarray, kept_way_id: np.nd
 def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     """Read all features of ``path`` (see the module docstring for the rules)."""
     check_pbf_header(path)
-    dropped: Counter = Counter()
-    repaired: Counter = Counter()
     d = _decode_blocks(path)
     if log:
         log(f"read {path}: {d.n_nodes:,} nodes, {d.n_ways:,} ways, {d.n_rels:,} relations decoded")
+    data = osm_data_from_decoded(d)
+    if log:
+        log(f"read {path}: {data.n_input:,} features, {len(data):,} kept, dropped {dict(data.dropped)}")
+    return data
+
+
+def osm_data_from_decoded(d: _Decoded, record_ids: bool = False) -> OsmData:
+    """The keep/drop rules (module docstring) on decoded columns: a whole file's, or one spatial block's
+    (``geo.blocks``), whose ways and relations are complete. Releases ``d``'s large columns as it goes.
+    ``record_ids``: ``dropped.ids`` and ``repaired.ids`` also say which entities (``Reasons``)."""
+    dropped, repaired = Reasons(record_ids), Reasons(record_ids)
     located = _located(d)
     lookup = _node_lookup(d.node_id, located)
     kept_nodes, n_node_input = _kept_nodes(d, lookup, located, dropped)
@@ -550,6 +625,4 @@ def read_osm(path: str | os.PathLike, log=None) -> OsmData:
     )
     if len(data) + sum(dropped.values()) != data.n_input:
         raise AssertionError(f"entity accounting broken: {len(data)} kept + {dict(dropped)} != {data.n_input}")
-    if log:
-        log(f"read {path}: {data.n_input:,} features, {len(data):,} kept, dropped {dict(dropped)}")
     return data
