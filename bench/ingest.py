@@ -1,6 +1,6 @@
 """Ingestion benchmark: this project's tiling vs the naive pyrosm + geopandas.overlay baseline.
 
-    python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline] [--clip W,S,E,N]
+    python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline] [--clip W,S,E,N] [--blocks BLOCK_TILES]
 
 Builds the N x N replicated Liechtenstein extract (``bench/replicate.py``; cached under
 ``bench/_cache``), then, in one invocation, runs each approach in its own subprocess on the
@@ -76,7 +76,7 @@ def run_baseline(path: str) -> dict:
             "n_tiles": int(out["cell"].nunique()), "n_pieces": len(out), "grid_cells": len(grid), "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_ours(path: str, clip: str | None = None) -> dict:
+def run_ours(path: str, clip: str | None = None, block_tiles: int = 0) -> dict:
     import pyrosm.pbfreader  # noqa: F401  (imported before the clock starts, like the baseline's imports)
 
     from geojepa_pipeline.geo.clip import ClipArea
@@ -85,19 +85,22 @@ def run_ours(path: str, clip: str | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
+        # block_tiles > 0: block by block, blocks of that side; -1: whole file; 0: the options' defaults (by size)
+        blocks = {"block_min_mb": 0, "block_tiles": block_tiles} if block_tiles > 0 else {"block_min_mb": -1} if block_tiles < 0 else {}
         result = build_tile_shards("bench", Store(tmp), extract_path=Path(path), source={"uri": path},
-                                   clip=ClipArea.parse(clip) if clip else None)
+                                   clip=ClipArea.parse(clip) if clip else None, **blocks)
         total = time.perf_counter() - t0
         acc = result.tiled.accounting()
-        return {"wall_s": total, "n_input": acc["n_input"], "n_entities": acc["n_entities_kept"],
+        return {"wall_s": total, "n_input": acc["n_input"], "n_entities": acc["n_entities_kept"], "data_version": result.dataset.data_version,
                 "n_tiles": result.manifest["n_tiles"], "n_pieces": result.manifest["n_pieces"],
                 "phases_s": {k: round(v, 2) for k, v in result.timings_s.items()}, "peak_rss_mb": _peak_rss_mb()}
 
 
-def _subprocess(which: str, path: Path, clip: str | None = None) -> dict:
+def _subprocess(which: str, path: Path, clip: str | None = None, block_tiles: int = 0) -> dict:
     # pyrosm keeps a result cache in $TMPDIR/pyrosm/cache: a fresh TMPDIR makes every run cold
     with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, __file__, "--worker", which, str(path)] + (["--clip", clip] if clip else []),
+        extra = (["--clip", clip] if clip else []) + (["--blocks", str(block_tiles)] if block_tiles else [])
+        proc = subprocess.run([sys.executable, __file__, "--worker", which, str(path)] + extra,
                               capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed:\n{proc.stderr[-3000:]}")
@@ -127,11 +130,13 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--clip", help="W,S,E,N: also ingest only that area of the same file (geojepa regions add --clip), "
                                    "and compare with the whole file")
+    ap.add_argument("--blocks", type=int, default=0, metavar="BLOCK_TILES",
+                    help="also ingest the same file block by block (blocks of BLOCK_TILES tiles a side), and compare")
     ap.add_argument("--worker", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         which, path = args.worker
-        print(json.dumps(run_baseline(path) if which == "baseline" else run_ours(path, args.clip)))
+        print(json.dumps(run_baseline(path) if which == "baseline" else run_ours(path, args.clip, args.blocks)))
         return
 
     big = replicated(args.src, args.n)
@@ -139,6 +144,14 @@ def main() -> None:
     ours = _subprocess("ours", big)
     print(f"ours:     {ours['wall_s']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
           f"{ours['n_tiles']:,} tiles, {ours['n_pieces']:,} pieces, {ours['n_entities']:,} entities  phases {ours['phases_s']}", flush=True)
+    if args.blocks:
+        whole = _subprocess("ours", big, block_tiles=-1)
+        blocks = _subprocess("ours", big, block_tiles=args.blocks)
+        for label, r in (("whole", whole), (f"blocks {args.blocks}", blocks)):
+            print(f"{label + ':':16s} {r['wall_s']:6.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+                  f"{r['n_tiles']:,} tiles, {r['n_pieces']:,} pieces  phases {r['phases_s']}", flush=True)
+        print(f"ratio blocks/whole: wall {blocks['wall_s'] / whole['wall_s']:.2f}, peak RSS {blocks['peak_rss_mb'] / whole['peak_rss_mb']:.2f}; "
+              f"same data version: {blocks['data_version'] == whole['data_version']}", flush=True)
     if args.clip:
         clipped = _subprocess("ours", big, args.clip)
         print(f"clipped:  {clipped['wall_s']:6.1f} s  peak RSS {clipped['peak_rss_mb']:6.0f} MB  "

@@ -159,16 +159,15 @@ def clip_to_grid(geoms: np.ndarray, tile_size_m: float = TILE_SIZE_M, x_range: t
     iy1 = np.floor(bounds[:, 3] / s).astype(np.int64)
     single = (ix0 == ix1) & (iy0 == iy1)
     multi_mask = ~single
-    if x_range is not None:
+    if x_range is not None:  # the halving below ignores the band, so a piece is the same whatever the bands
         single &= (ix0 >= x_range[0]) & (ix0 < x_range[1])
-        ix0, ix1 = np.maximum(ix0, x_range[0]), np.minimum(ix1, x_range[1] - 1)
-        multi_mask &= ix0 <= ix1
+        multi_mask &= (ix1 >= x_range[0]) & (ix0 < x_range[1])
 
     owners, txs, tys, pieces = [work_owner[single]], [ix0[single]], [iy0[single]], [work[single]]
     clipped = [np.zeros(int(single.sum()), bool)]
     multi = np.flatnonzero(multi_mask)
     if len(multi):
-        o, x, y, p = _clip_multi(work[multi], work_owner[multi], ix0[multi], iy0[multi], ix1[multi], iy1[multi], s)
+        o, x, y, p = _clip_multi(work[multi], work_owner[multi], ix0[multi], iy0[multi], ix1[multi], iy1[multi], s, x_range)
         owners.append(o), txs.append(x), tys.append(y), pieces.append(p), clipped.append(np.ones(len(o), bool))
     owner = np.concatenate(owners)
     tx, ty = np.concatenate(txs), np.concatenate(tys)
@@ -210,8 +209,10 @@ def _cells_of_ranges(ix0, iy0, ix1, iy1):
     return item, ix0[item] + local % nx[item], iy0[item] + local // nx[item]
 
 
-def _clip_multi(geoms, owner, ix0, iy0, ix1, iy1, s):
-    """Clip geometries spanning several cells; ``ix0..iy1`` are inclusive cell ranges."""
+def _clip_multi(geoms, owner, ix0, iy0, ix1, iy1, s, x_range=None):
+    """Clip geometries spanning several cells; ``ix0..iy1`` are inclusive cell ranges. ``x_range``: halves
+    wholly outside it are dropped, and cells outside it skipped; where the halves are cut does not depend on it."""
+    x_lo, x_hi = x_range if x_range is not None else (np.iinfo(np.int64).min, np.iinfo(np.int64).max)
     dims = shapely.get_dimensions(geoms)
     done = []  # (geoms, owner, dims, ix0, iy0, ix1, iy1) ready for the per-cell step
     full = []  # (owner, ix0, iy0, ix1, iy1) ranges wholly inside a polygon
@@ -232,6 +233,10 @@ def _clip_multi(geoms, owner, ix0, iy0, ix1, iy1, s):
         halves = [np.concatenate([a[k], b[k]]) for k in range(4)]
         src = np.concatenate([geoms, geoms])
         src_owner, src_dims = np.concatenate([owner, owner]), np.concatenate([dims, dims])
+        in_band = (halves[2] >= x_lo) & (halves[0] < x_hi)
+        if not in_band.all():
+            halves = [h[in_band] for h in halves]
+            src, src_owner, src_dims = src[in_band], src_owner[in_band], src_dims[in_band]
         boxes = shapely.box(halves[0] * s, halves[1] * s, (halves[2] + 1) * s, (halves[3] + 1) * s)
         shapely.prepare(geoms)
         inside = np.zeros(len(src), bool)
@@ -252,19 +257,23 @@ def _clip_multi(geoms, owner, ix0, iy0, ix1, iy1, s):
         ix1 = np.minimum(hx1, np.floor(b2[:, 2] / s).astype(np.int64))
         iy1 = np.minimum(hy1, np.floor(b2[:, 3] / s).astype(np.int64))
     g, o, d, x0, y0, x1, y1 = (np.concatenate([t[k] for t in done]) for k in range(7))
-    out = list(_clip_cells(g, o, d, x0, y0, x1, y1, s))
+    out = list(_clip_cells(g, o, d, x0, y0, x1, y1, s, x_lo, x_hi))
     if full:
         fo, fx0, fy0, fx1, fy1 = (np.concatenate([t[k] for t in full]) for k in range(5))
         item, tx, ty = _cells_of_ranges(fx0, fy0, fx1, fy1)
+        band = (tx >= x_lo) & (tx < x_hi)
+        item, tx, ty = item[band], tx[band], ty[band]
         boxes = shapely.box(tx * s, ty * s, (tx + 1) * s, (ty + 1) * s)
         out = [np.concatenate([out[0], fo[item]]), np.concatenate([out[1], tx]), np.concatenate([out[2], ty]),
                np.concatenate([out[3], boxes])]
     return tuple(out)
 
 
-def _clip_cells(geoms, owner, dims, ix0, iy0, ix1, iy1, s):
-    """Intersect each geometry with every cell of its (small) cell range, vectorized."""
+def _clip_cells(geoms, owner, dims, ix0, iy0, ix1, iy1, s, x_lo=np.iinfo(np.int64).min, x_hi=np.iinfo(np.int64).max):
+    """Intersect each geometry with every cell of its (small) cell range with ``x_lo <= tx < x_hi``, vectorized."""
     item, tx, ty = _cells_of_ranges(ix0, iy0, ix1, iy1)
+    band = (tx >= x_lo) & (tx < x_hi)
+    item, tx, ty = item[band], tx[band], ty[band]
     src, src_dims = geoms[item], dims[item]
     boxes = shapely.box(tx * s, ty * s, (tx + 1) * s, (ty + 1) * s)
     shapely.prepare(geoms)

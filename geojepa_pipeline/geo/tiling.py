@@ -57,6 +57,7 @@ GEOMETRY_TYPE_NAMES = (
     "Point", "LineString", "LinearRing", "Polygon", "MultiPoint", "MultiLineString", "MultiPolygon", "GeometryCollection",
 )
 _POINT, _LINESTRING = 0, 1
+KEPT, OUTSIDE_CLIP, EMPTY, NO_PIECE, ELSEWHERE = range(5)  # what became of an entity in a block (``outcomes``)
 _BAND_REPAIRS = ("make_valid", "multipolygon_unclosed_as_lines", "zero_length_line_as_point")  # entities repaired while tiling
 
 TILES_SCHEMA = pa.schema([
@@ -112,6 +113,7 @@ class TiledRegion:
     n_bands: int = 1
     n_pieces: int = 0
     band_files: list = field(default_factory=list)  # spilled bands: (ipc path, n_tiles, is_clipped (M,) bool)
+    outcomes: dict | None = None  # block mode (``block=``): per entity of the data, by (osm type, osm id)
 
     def entity_chunks(self):
         """(tiles, entities) tables of consecutive tiles, in the global order."""
@@ -159,6 +161,7 @@ class _Region:
     rel_member_offsets: np.ndarray  # (Nr + 1,) relation k's members are rel_member[offsets[k]:offsets[k + 1]]
     rel_member: np.ndarray  # (M,) entity index of every relation member, in member order
     clip_utm: object = None  # shapely polygon in metres: only tiles touching it are kept (None: every tile)
+    block: tuple | None = None  # (tx0, tx1, ty0, ty1): only tiles tx0 <= tx < tx1, ty0 <= ty < ty1 are kept
 
     @property
     def first_rel(self) -> int:
@@ -173,8 +176,10 @@ def _project(lonlat: np.ndarray, transformer: Transformer) -> np.ndarray:
     return np.column_stack([x, y])
 
 
-def _prepare(data: OsmData, region: str, s: float, clip=None) -> _Region:
-    if clip is not None:
+def _prepare(data: OsmData, region: str, s: float, clip=None, epsg: int | None = None, block=None) -> _Region:
+    if epsg is not None:
+        pass
+    elif clip is not None:
         epsg = clip.epsg
     else:
         minx, miny, maxx, maxy = data.lonlat_bounds()
@@ -219,7 +224,7 @@ def _prepare(data: OsmData, region: str, s: float, clip=None) -> _Region:
     np.cumsum(n_members, out=member_offsets[1:])
     return _Region(data, region, epsg, s, node_xy, node_cell, way_xy, way_cx, ent_cx[first_rel:], rel_depth,
                    data.osm_type, data.osm_id, complete, member_offsets, member,
-                   clip.projected(epsg) if clip is not None else None)
+                   clip.projected(epsg) if clip is not None else None, block)
 
 
 # ---- one band ---------------------------------------------------------------------------------
@@ -258,8 +263,9 @@ class _BandResult:
     repaired: dict  # reason -> entity indices
     empty: np.ndarray  # polygon entities empty after repair
     timings: dict
-    outside_owner: np.ndarray  # (K,) entity of each piece left out (its tile does not touch the clip area)
+    outside_owner: np.ndarray  # (K,) entity of each piece left out (another block's tile, or one off the clip area)
     outside_area: np.ndarray  # (K,) its area, m^2 (the clipped-area check counts the whole polygon)
+    outside_clip_owner: np.ndarray  # entity of each piece in this block's tiles that does not touch the clip area
 
 
 def _ring(xy: np.ndarray):
@@ -419,15 +425,23 @@ def _relation_pieces(R: _Region, pieces: "_Pieces", collect_rels: np.ndarray) ->
         pieces.add(pairs[rep[first], 0], ptx[pos][first], pty[pos][first], geoms)
 
 
-def _clip_pieces(R: _Region, pieces: "_Pieces") -> tuple["_Pieces", np.ndarray, np.ndarray]:
-    """(the pieces in tiles touching the clip area, owner and area of the others); all of them without a clip."""
-    if R.clip_utm is None:
-        return pieces, np.zeros(0, np.int64), np.zeros(0)
+def _filter_pieces(R: _Region, pieces: "_Pieces") -> tuple["_Pieces", np.ndarray, np.ndarray, np.ndarray]:
+    """(the pieces in the block's tiles that touch the clip area; owner and area of the others; owner of those
+    in the block's tiles off the clip area). Without a clip or a block: every piece, nothing left out."""
+    empty = np.zeros(0, np.int64)
+    if R.clip_utm is None and R.block is None:
+        return pieces, empty, np.zeros(0), empty
     owner, tx, ty, geom, length = pieces.arrays()
-    keep = tiles_touching(R.clip_utm, tx, ty, R.s)
+    in_block = np.ones(len(owner), bool)
+    if R.block is not None:
+        tx0, tx1, ty0, ty1 = R.block
+        in_block = (tx >= tx0) & (tx < tx1) & (ty >= ty0) & (ty < ty1)
+    keep = in_block.copy()
+    if R.clip_utm is not None:
+        keep[in_block] = tiles_touching(R.clip_utm, tx[in_block], ty[in_block], R.s)
     kept = _Pieces()
     kept.add(owner[keep], tx[keep], ty[keep], geom[keep], length[keep])
-    return kept, owner[~keep], shapely.area(geom[~keep])
+    return kept, owner[~keep], shapely.area(geom[~keep]), owner[in_block & ~keep]
 
 
 def _ordered_pieces(R: _Region, pieces: "_Pieces"):
@@ -537,7 +551,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
     t = time.perf_counter()
     _relation_pieces(R, pieces, polygons.collect_rels)
     timings["relations"] = time.perf_counter() - t
-    pieces, outside_owner, outside_area = _clip_pieces(R, pieces)
+    pieces, outside_owner, outside_area, outside_clip_owner = _filter_pieces(R, pieces)
     t = time.perf_counter()
     owner, tx, ty, geom, length, tile_start, piece_tile = _ordered_pieces(R, pieces)
     timings["order"] = time.perf_counter() - t
@@ -558,7 +572,7 @@ def _tile_band(R: _Region, x0: int, x1: int, band_index: int = 0, spill_dir: Pat
         timings["spill"] = time.perf_counter() - t
     return _BandResult(entities, spill_path, owner, area, tiles, polygons.owner, shapely.area(polygons.geoms),
                        {k: np.asarray(v, np.int64) for k, v in repaired.items()}, polygons.empty, timings,
-                       outside_owner, outside_area)
+                       outside_owner, outside_area, outside_clip_owner)
 
 
 # ---- bands and workers ------------------------------------------------------------------------
@@ -605,6 +619,7 @@ def _bands(R: _Region, band_entities: int) -> tuple[list[tuple[int, int]], np.nd
 def tile_osm(
     data: OsmData, region: str, tile_size_m: float = TILE_SIZE_M, log=None,
     workers: int | None = None, band_entities: int = BAND_ENTITIES, spill_dir: Path | None = None, clip=None,
+    epsg: int | None = None, block: tuple[int, int, int, int] | None = None,
 ) -> TiledRegion:
     """Project, repair, clip and describe every kept feature (see the module docstring).
 
@@ -613,12 +628,16 @@ def tile_osm(
     ``clip.ClipArea``; only the tiles touching it are kept, in its centre's UTM zone (``data``:
     what ``clip.clip_osm`` kept). Entities whose pieces all lie in other tiles are dropped as
     ``outside_clip``; ``is_clipped`` and the area check count every piece of an entity.
+
+    ``epsg``: the grid's UTM zone (default: the clip's, else the data's centre). ``block``: (tx0, tx1,
+    ty0, ty1), keep only those tiles; ``data`` is then one spatial block's share of a file
+    (``geo.blocks``), and ``TiledRegion.outcomes`` says what became of each of its entities, by id.
     """
     global _SHARED
     t0 = time.perf_counter()
     if len(data) == 0:
         raise ValueError("the extract holds no tagged features to tile")
-    R = _prepare(data, region, float(tile_size_m), clip)
+    R = _prepare(data, region, float(tile_size_m), clip, epsg, block)
     bands, band_cost = _bands(R, band_entities)
     # loaded once here (numba's first call in a process: ~0.25 s, mostly its type registries;
     # a loader thread during _prepare hid that but raised peak RSS by ~110 MiB), so the
@@ -679,10 +698,12 @@ def tile_osm(
     dropped, repaired = Counter(data.dropped), Counter(data.repaired)
     empty = unique_ints(np.concatenate([r.empty for r in results])) if results else np.zeros(0, np.int64)
     dropped["empty_after_repair"] += len(empty)
-    only_outside = int(((n_outside > 0) & ~has_piece).sum())
+    outside_clip_owner = np.concatenate([r.outside_clip_owner for r in results]) if results else np.zeros(0, np.int64)
+    off_clip = (np.bincount(outside_clip_owner, minlength=n_ent) > 0) & ~has_piece
     if clip is not None:
-        dropped["outside_clip"] += only_outside
-    dropped["no_tile_piece"] += int(n_ent - has_piece.sum()) - len(empty) - only_outside
+        dropped["outside_clip"] += int(off_clip.sum())
+    elsewhere = (n_outside > 0) & ~has_piece & ~off_clip  # pieces only in other blocks' tiles
+    dropped["no_tile_piece"] += int(n_ent - has_piece.sum()) - len(empty) - int(off_clip.sum()) - int(elsewhere.sum())
     for reason in _BAND_REPAIRS:
         n = len(unique_ints(np.concatenate([r.repaired[reason] for r in results]))) if results else 0
         if n:
@@ -700,6 +721,17 @@ def tile_osm(
     piece_area = (np.bincount(owner, weights=np.where(check[owner], area_col, 0.0), minlength=n_ent)
                   + np.bincount(outside_owner, weights=np.where(check[outside_owner], outside_area, 0.0), minlength=n_ent))
     rel = np.abs(piece_area[check] - orig_area[check]) / np.maximum(orig_area[check], 1e-12)
+    outcomes = None
+    if block is not None:
+        status = np.full(n_ent, NO_PIECE, np.int8)
+        status[elsewhere], status[off_clip], status[has_piece] = ELSEWHERE, OUTSIDE_CLIP, KEPT
+        status[empty] = EMPTY
+        ids = np.stack([R.osm_type.astype(np.int64), R.osm_id], axis=1)
+        outcomes = {
+            "ids": ids, "status": status,
+            "repaired": {k: ids[unique_ints(np.concatenate([r.repaired[k] for r in results]))] for k in _BAND_REPAIRS} if results else {},
+            "area_ids": ids[check], "area_rel_error": rel,
+        }
     area_check = {
         "n_polygons_checked": int(check.sum()),
         "max_rel_error": float(rel.max()) if len(rel) else 0.0,
@@ -712,6 +744,7 @@ def tile_osm(
         epsg=R.epsg, tiles=tiles, entities=entities, n_input=data.n_input,
         n_entities_kept=int(has_piece.sum()), dropped=dropped, repaired=repaired,
         area_check=area_check, timings_s=timings, n_bands=len(bands), n_pieces=len(owner), band_files=band_files,
+        outcomes=outcomes,
     )
     if log:
         log(f"tiled {region}: EPSG:{R.epsg}, {tiles.num_rows:,} tiles, {len(owner):,} pieces of {result.n_entities_kept:,} entities")

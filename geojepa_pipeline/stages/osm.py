@@ -14,7 +14,8 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from ..geo.clip import ClipArea, clip_osm
-from ..geo.osm_read import PbfSummary, read_osm, validate_pbf
+from ..geo.blocks import ingest_blocks
+from ..geo.osm_read import PbfSummary, check_pbf_header, read_osm, validate_pbf
 from ..geo.shards import DEFAULT_SHARD_TILES, invalid_pieces, write_tile_shards
 from ..geo.parallel import default_workers
 from ..geo.tiling import ENTITIES_SCHEMA, TILE_SIZE_M, TILES_SCHEMA, TiledRegion, tile_osm
@@ -189,6 +190,10 @@ class TileShardsOptions:
     shard_tiles: int = DEFAULT_SHARD_TILES  # tiles per Parquet shard
     tile_size_m: float = TILE_SIZE_M  # grid spacing in metres (the method uses 300)
     workers: int = 0  # processes for tiling; 0 = one per core, at most 2 (the output does not depend on it)
+    # extracts of at least this many MiB are ingested block by block (geo.blocks: memory bounded by a block, the
+    # same shards); 0: always, a negative number: never
+    block_min_mb: float = 64.0
+    block_tiles: int = 128  # a block's side in tiles (128: 38.4 km); a multiple of 16
 
 
 def build_tile_shards(region: str, store: Store, extract_path: Path | None = None, source: dict | None = None,
@@ -208,24 +213,37 @@ def build_tile_shards(region: str, store: Store, extract_path: Path | None = Non
         extract_path, sha = current_extract(store, region)
         source = {**(source or {}), "sha256": sha}
     t0 = time.perf_counter()
-    data = read_osm(extract_path, log=log)
-    if clip is not None:
-        n_read = len(data)
-        data = clip_osm(data, clip, tile_size_m)
-        if log:
-            log(f"clip {clip.source}: {len(data):,} of {n_read:,} entities can reach it")
-    t_read = time.perf_counter() - t0
+    size_mb = Path(extract_path).stat().st_size / 2**20
+    by_blocks = opts.block_min_mb >= 0 and size_mb >= opts.block_min_mb
+    data, t_read = None, 0.0
+    if not by_blocks:
+        data = read_osm(extract_path, log=log)
+        if clip is not None:
+            n_read = len(data)
+            data = clip_osm(data, clip, tile_size_m)
+            if log:
+                log(f"clip {clip.source}: {len(data):,} of {n_read:,} entities can reach it")
+        t_read = time.perf_counter() - t0
     with store.writing(TILES, region, make_current=False) as staging:
-        # staging.scratch: one Arrow IPC file of pieces per band, removed before the commit
-        tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=staging.scratch, clip=clip)
-        members = data.relation_members()
-        del data
+        # staging.scratch: the pieces (Arrow IPC, one file per band) and, by blocks, the decoded file; gone before the commit
+        if by_blocks:
+            if log:
+                log(f"{extract_path.name}: {size_mb:,.0f} MiB >= block_min_mb {opts.block_min_mb:g}: ingested block by block")
+            check_pbf_header(extract_path)
+            tiled, members = ingest_blocks(extract_path, region, staging.scratch, opts.block_tiles, tile_size_m, clip=clip,
+                                           workers=workers, log=log)
+        else:
+            tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=staging.scratch, clip=clip)
+            members = data.relation_members()
+            del data
         t1 = time.perf_counter()
         manifest = write_tile_shards(tiled, staging, shard_tiles=shard_tiles, log=log)
         pq.write_table(members, staging.file(RELATION_MEMBERS_FILE), compression="zstd")
         manifest["source"] = source or {}
         if clip is not None:
             manifest["clip"] = clip.describe()
+        if by_blocks:
+            manifest["ingestion"] = {"by_blocks": True, "block_tiles": opts.block_tiles, "n_blocks": len(tiled.shares)}
         staging.manifest = manifest
     dataset = staging.dataset
     t2 = time.perf_counter()

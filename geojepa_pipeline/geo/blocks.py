@@ -1,0 +1,569 @@
+"""Ingest an extract block by block: square spatial blocks of the 300 m grid, memory bounded by a block.
+
+1. ``spill_pbf`` decodes the pbf one pbf block at a time into Parquet tables on disk (nodes, ways, way
+   refs, relations, members, tags), so nothing holds the whole file.
+2. ``BlockPlan`` gives every node its block (``block_tiles`` x ``block_tiles`` tiles of the region's UTM
+   grid), every way and relation the range of blocks its nodes and members reach, in DuckDB (which spills
+   to disk past its memory limit).
+3. ``BlockPlan.decoded(block)`` reads back one block's share as a ``_Decoded``: what decoding an extract of
+   the block would give, with every way and relation complete (the members of a relation, and the
+   relations of a member, transitively), so the keep/drop rules decide each entity as they do for the
+   whole file. ``osm_read.osm_data_from_decoded`` then applies them and ``tiling.tile_osm(block=...)``
+   keeps the block's tiles.
+4. ``merge_blocks`` puts the blocks' tiles back in the global tile order and merges what became of every
+   entity, by id, into one accounting: the result is what a whole-file run gives (``tests/geo/test_blocks.py``).
+
+Entities in no block (ways and relations with no located node, tagged nodes off the globe) form one more
+share, ``NOWHERE``, which is decided but not tiled.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyproj import Transformer
+
+from .grid import TILE_SIZE_M, unique_ints, utm_epsg
+from .osm_read import NODE, OSM_TYPE_NAMES, RELATION, WAY, _Decoded, iter_blocks
+from .tiling import BLOCK_TILES, ELSEWHERE, EMPTY, ENTITIES_SCHEMA, KEPT, NO_PIECE, OUTSIDE_CLIP, TILES_SCHEMA, TiledRegion
+
+NOWHERE = None  # the share of the entities that reach no block
+_FLUSH_ROWS = 1 << 20  # rows buffered per table before a Parquet row group goes to disk
+
+_SCHEMAS = {
+    "nodes": pa.schema([("pos", pa.int64()), ("id", pa.int64()), ("lon", pa.float64()), ("lat", pa.float64()), ("n_raw", pa.int32())]),
+    "ways": pa.schema([("pos", pa.int64()), ("id", pa.int64()), ("n_raw", pa.int32())]),
+    "way_refs": pa.schema([("way_id", pa.int64()), ("seq", pa.int32()), ("node_id", pa.int64())]),
+    "rels": pa.schema([("pos", pa.int64()), ("id", pa.int64()), ("n_raw", pa.int32()), ("type_value", pa.string())]),
+    "members": pa.schema([("rel_id", pa.int64()), ("seq", pa.int32()), ("type", pa.int8()), ("ref", pa.int64()), ("role", pa.string())]),
+    **{f"{kind}_tags": pa.schema([("owner_id", pa.int64()), ("seq", pa.int32()), ("key", pa.string()), ("value", pa.string())])
+       for kind in ("node", "way", "rel")},
+}
+
+
+class _Writers:
+    """One buffered ParquetWriter per table of ``_SCHEMAS`` under ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.buffers: dict[str, list[pa.Table]] = {name: [] for name in _SCHEMAS}
+        self.rows = {name: 0 for name in _SCHEMAS}
+        self.writers = {name: pq.ParquetWriter(root / f"{name}.parquet", schema, compression="zstd") for name, schema in _SCHEMAS.items()}
+
+    def add(self, name: str, columns: dict) -> None:
+        table = pa.table(columns, schema=_SCHEMAS[name])
+        if table.num_rows:
+            self.buffers[name].append(table)
+            self.rows[name] += table.num_rows
+            if self.rows[name] >= _FLUSH_ROWS:
+                self.flush(name)
+
+    def flush(self, name: str) -> None:
+        if self.buffers[name]:
+            self.writers[name].write_table(pa.concat_tables(self.buffers[name]))
+        self.buffers[name], self.rows[name] = [], 0
+
+    def close(self) -> None:
+        for name, writer in self.writers.items():
+            self.flush(name)
+            writer.close()
+
+
+def _tag_rows(owner_ids: np.ndarray, tags) -> dict:
+    """Tag rows of one block: the owner's id, the row's rank within its owner (file order), key, value."""
+    owner = tags.owner
+    first = np.searchsorted(owner, owner, side="left")  # owner is sorted within a block
+    return {"owner_id": owner_ids[owner] if len(owner) else np.zeros(0, np.int64),
+            "seq": (np.arange(len(owner)) - first).astype(np.int32), "key": tags.keys, "value": tags.values}
+
+
+@dataclass
+class Spill:
+    """Where ``spill_pbf`` wrote the tables, and the lon/lat bounds of the located nodes."""
+
+    root: Path
+    bounds_lonlat: tuple[float, float, float, float] | None
+    n_nodes: int = 0
+    n_ways: int = 0
+    n_rels: int = 0
+
+
+def spill_pbf(path, root: Path) -> Spill:
+    """Decode ``path`` block by block into the Parquet tables of ``_SCHEMAS`` under ``root`` (a scratch dir)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = _Writers(root)
+    lo, hi = np.array([np.inf, np.inf]), np.array([-np.inf, -np.inf])
+    n_nodes = n_ways = n_rels = 0
+    try:
+        for b in iter_blocks(path):
+            if len(b.node_id):
+                n = len(b.node_id)
+                out.add("nodes", {"pos": np.arange(n_nodes, n_nodes + n), "id": b.node_id, "lon": b.node_lon, "lat": b.node_lat,
+                                  "n_raw": b.node_tags.n_raw.astype(np.int32)})
+                out.add("node_tags", _tag_rows(b.node_id, b.node_tags))
+                on_globe = (np.abs(b.node_lon) <= 180) & (np.abs(b.node_lat) <= 90)
+                if on_globe.any():
+                    lo = np.minimum(lo, [b.node_lon[on_globe].min(), b.node_lat[on_globe].min()])
+                    hi = np.maximum(hi, [b.node_lon[on_globe].max(), b.node_lat[on_globe].max()])
+                n_nodes += n
+            if len(b.way_id):
+                n = len(b.way_id)
+                out.add("ways", {"pos": np.arange(n_ways, n_ways + n), "id": b.way_id, "n_raw": b.way_tags.n_raw.astype(np.int32)})
+                owner = np.repeat(np.arange(n), b.way_counts)
+                starts = np.cumsum(b.way_counts) - b.way_counts
+                out.add("way_refs", {"way_id": b.way_id[owner], "seq": (np.arange(len(owner)) - starts[owner]).astype(np.int32),
+                                     "node_id": b.way_refs})
+                out.add("way_tags", _tag_rows(b.way_id, b.way_tags))
+                n_ways += n
+            if len(b.rel_id):
+                n = len(b.rel_id)
+                out.add("rels", {"pos": np.arange(n_rels, n_rels + n), "id": b.rel_id, "n_raw": b.rel_tags.n_raw.astype(np.int32),
+                                 "type_value": pa.array(b.rel_type_value, pa.string())})
+                owner = np.repeat(np.arange(n), b.mem_counts)
+                starts = np.cumsum(b.mem_counts) - b.mem_counts
+                out.add("members", {"rel_id": b.rel_id[owner], "seq": (np.arange(len(owner)) - starts[owner]).astype(np.int32),
+                                    "type": b.mem_type.astype(np.int8), "ref": b.mem_ref, "role": b.mem_role})
+                out.add("rel_tags", _tag_rows(b.rel_id, b.rel_tags))
+                n_rels += n
+    finally:
+        out.close()
+    bounds = (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])) if np.isfinite(lo).all() else None
+    return Spill(root, bounds, n_nodes, n_ways, n_rels)
+
+
+def _q(con, sql: str, params: list | None = None) -> pa.Table:
+    """The rows of one query, as Arrow."""
+    return con.sql(sql, params=params).to_arrow_table()
+
+
+def _do(con, sql: str) -> None:
+    """Run one statement that returns no rows (DDL)."""
+    con.sql(sql)
+
+
+def _ids_q(con, name: str, ids: np.ndarray) -> None:
+    """A temporary DuckDB table ``name(id BIGINT)`` of ``ids``."""
+    con.register(f"_{name}_arrow", pa.table({"id": pa.array(np.asarray(ids, np.int64))}))
+    _do(con, f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT DISTINCT id FROM _{name}_arrow")
+    con.unregister(f"_{name}_arrow")
+
+
+@dataclass
+class BlockPlan:
+    """The blocks of one spilled extract and the DuckDB views that read each block's share back.
+
+    ``block_tiles``: a block's side in tiles (a multiple of ``tiling.BLOCK_TILES``, the sort blocks, so that
+    the global tile order runs through whole ingestion blocks). ``epsg``: the grid (default: the UTM zone
+    of the located nodes' centre; a whole-file run takes the kept entities' centre, the same zone unless
+    stray nodes move it across a zone line).
+    """
+
+    spill: Spill
+    block_tiles: int
+    tile_size_m: float = TILE_SIZE_M
+    epsg: int | None = None
+    memory_limit: str = "1GB"
+    con: duckdb.DuckDBPyConnection = field(init=False, repr=False)
+    blocks: list = field(init=False, default_factory=list)  # (bx, by) of every block some entity reaches, sorted
+
+    def __post_init__(self):
+        if self.block_tiles < BLOCK_TILES or self.block_tiles % BLOCK_TILES:
+            raise ValueError(f"block_tiles must be a positive multiple of {BLOCK_TILES}, got {self.block_tiles}")
+        if self.epsg is None:
+            if self.spill.bounds_lonlat is None:
+                raise ValueError("the extract holds no node on the globe; nothing to tile")
+            w, s, e, n = self.spill.bounds_lonlat
+            self.epsg = utm_epsg((w + e) / 2.0, (s + n) / 2.0)
+        root = self.spill.root
+        (root / "duckdb").mkdir(exist_ok=True)
+        self.con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": str(root / "duckdb"),
+                                          "preserve_insertion_order": False})
+        for name in _SCHEMAS:
+            _do(self.con, f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{root / name}.parquet')")
+        self._node_blocks()
+        self._boxes()
+
+    # ---- planning ----------------------------------------------------------------------------
+    def _node_blocks(self) -> None:
+        """``nb(id, block_x, block_y)``: the block of every node on the globe, projected batch by batch."""
+        to_utm = Transformer.from_crs(4326, self.epsg, always_xy=True)
+        span = self.block_tiles * self.tile_size_m
+        parts = []
+        for batch in pq.ParquetFile(self.spill.root / "nodes.parquet").iter_batches(columns=["id", "lon", "lat"], batch_size=1 << 20):
+            lon, lat = batch.column("lon").to_numpy(), batch.column("lat").to_numpy()
+            ok = (np.abs(lon) <= 180) & (np.abs(lat) <= 90)
+            x, y = to_utm.transform(lon[ok], lat[ok])
+            parts.append(pa.table({"id": batch.column("id").filter(pa.array(ok)),
+                                   "block_x": np.floor(np.asarray(x) / span).astype(np.int32), "block_y": np.floor(np.asarray(y) / span).astype(np.int32)}))
+        nb = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.int64()), "block_x": pa.array([], pa.int32()), "block_y": pa.array([], pa.int32())})
+        self.con.register("_nb", nb)
+        _do(self.con, "CREATE TABLE nb AS SELECT * FROM _nb")
+        self.con.unregister("_nb")
+
+    def _boxes(self) -> None:
+        """``wbox`` and ``rbox(id, bx0, bx1, by0, by1)``: the blocks a way's nodes, a relation's members reach."""
+        con = self.con
+        _do(con, """CREATE TABLE wbox AS SELECT r.way_id AS id, min(block_x) AS bx0, max(block_x) AS bx1,
+                              min(block_y) AS by0, max(block_y) AS by1
+                       FROM way_refs r JOIN nb ON r.node_id = nb.id GROUP BY r.way_id""")
+        members = _q(con, """SELECT m.rel_id, m.type, m.ref,
+                                        coalesce(n.block_x, w.bx0) AS bx0, coalesce(n.block_x, w.bx1) AS bx1,
+                                        coalesce(n.block_y, w.by0) AS by0, coalesce(n.block_y, w.by1) AS by1
+                                 FROM members m
+                                 LEFT JOIN nb n ON m.type = 0 AND m.ref = n.id
+                                 LEFT JOIN wbox w ON m.type = 1 AND m.ref = w.id""")
+        rel_ids = np.sort(_q(con, "SELECT id FROM rels").column("id").to_numpy())
+        inf, big = np.iinfo(np.int32).max, np.iinfo(np.int32).min
+        box = np.stack([np.full(len(rel_ids), inf), np.full(len(rel_ids), big), np.full(len(rel_ids), inf), np.full(len(rel_ids), big)], 1)
+        if members.num_rows:
+            owner = np.searchsorted(rel_ids, members.column("rel_id").to_numpy())
+            mtype, ref = members.column("type").to_numpy(), members.column("ref").to_numpy()
+            mbox = np.stack([members.column(c).to_numpy(zero_copy_only=False) for c in ("bx0", "bx1", "by0", "by1")], 1)
+            mbox = np.where(np.isnan(mbox.astype(np.float64)), np.array([inf, big, inf, big]), mbox).astype(np.int64)
+            sub = np.flatnonzero(mtype == RELATION)
+            sub_pos = np.searchsorted(rel_ids, ref[sub])
+            sub_ok = (sub_pos < len(rel_ids)) & (rel_ids[np.minimum(sub_pos, len(rel_ids) - 1)] == ref[sub])
+            for _ in range(16):  # member relations' boxes, a level a pass
+                mbox[sub[sub_ok]] = box[sub_pos[sub_ok]]
+                new = box.copy()
+                np.minimum.at(new[:, 0], owner, mbox[:, 0])
+                np.maximum.at(new[:, 1], owner, mbox[:, 1])
+                np.minimum.at(new[:, 2], owner, mbox[:, 2])
+                np.maximum.at(new[:, 3], owner, mbox[:, 3])
+                if (new == box).all():
+                    break
+                box = new
+        has = box[:, 0] <= box[:, 1]
+        con.register("_rbox", pa.table({"id": rel_ids[has], "bx0": box[has, 0], "bx1": box[has, 1], "by0": box[has, 2], "by1": box[has, 3]}))
+        _do(con, "CREATE TABLE rbox AS SELECT * FROM _rbox")
+        con.unregister("_rbox")
+        self.blocks = sorted(self._reached_blocks())
+
+    def _reached_blocks(self) -> set:
+        """Every (bx, by) that a node lies in, or that a way's or relation's box covers."""
+        reached = {(r["block_x"], r["block_y"]) for r in _q(self.con, "SELECT DISTINCT block_x, block_y FROM nb").to_pylist()}
+        for table in ("wbox", "rbox"):
+            for r in _q(self.con, f"SELECT DISTINCT bx0, bx1, by0, by1 FROM {table} WHERE bx0 < bx1 OR by0 < by1").to_pylist():
+                bx0, bx1, by0, by1 = r["bx0"], r["bx1"], r["by0"], r["by1"]
+                reached.update((bx, by) for bx in range(bx0, bx1 + 1) for by in range(by0, by1 + 1))
+        return reached
+
+    def tile_range(self, block) -> tuple[int, int, int, int]:
+        """(tx0, tx1, ty0, ty1): the block's tiles, half-open."""
+        bx, by = block
+        k = self.block_tiles
+        return bx * k, (bx + 1) * k, by * k, (by + 1) * k
+
+    # ---- one block's share -------------------------------------------------------------------
+    def _seeds(self, block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        con = self.con
+        col = lambda sql, *p: _q(con, sql, list(p)).column(0).to_numpy()  # noqa: E731
+        if block is NOWHERE:
+            nodes = col("SELECT n.id FROM nodes n ANTI JOIN nb ON n.id = nb.id WHERE n.n_raw > 0")
+            ways = col("SELECT w.id FROM ways w ANTI JOIN wbox b ON w.id = b.id")
+            rels = col("SELECT r.id FROM rels r ANTI JOIN rbox b ON r.id = b.id")
+            return nodes, ways, rels
+        bx, by = block
+        nodes = col("SELECT nb.id FROM nb JOIN nodes n ON n.id = nb.id WHERE nb.block_x = ? AND nb.block_y = ? AND n.n_raw > 0", bx, by)
+        ways = col("SELECT id FROM wbox WHERE bx0 <= ? AND ? <= bx1 AND by0 <= ? AND ? <= by1", bx, bx, by, by)
+        rels = col("SELECT id FROM rbox WHERE bx0 <= ? AND ? <= bx1 AND by0 <= ? AND ? <= by1", bx, bx, by, by)
+        return nodes, ways, rels
+
+    def _closure(self, nodes: np.ndarray, ways: np.ndarray, rels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Add the relations that hold a member in the sets and every member of a relation in them, to a fixpoint."""
+        con = self.con
+        nodes, ways, rels = unique_ints(nodes), unique_ints(ways), unique_ints(rels)
+        for _ in range(64):
+            _ids_q(con, "sel_n", nodes)
+            _ids_q(con, "sel_w", ways)
+            _ids_q(con, "sel_r", rels)
+            up = _q(con, """SELECT DISTINCT m.rel_id FROM members m
+                                WHERE (m.type = 0 AND m.ref IN (SELECT id FROM sel_n)) OR (m.type = 1 AND m.ref IN (SELECT id FROM sel_w))
+                                   OR (m.type = 2 AND m.ref IN (SELECT id FROM sel_r))""").column(0).to_numpy()
+            down = _q(con, "SELECT m.type, m.ref FROM members m JOIN sel_r ON m.rel_id = sel_r.id")
+            dt, dr = down.column(0).to_numpy(), down.column(1).to_numpy()
+            new_nodes = unique_ints(np.concatenate([nodes, dr[dt == NODE]]))
+            new_ways = unique_ints(np.concatenate([ways, dr[dt == WAY]]))
+            new_rels = unique_ints(np.concatenate([rels, up, dr[dt == RELATION]]))
+            if len(new_nodes) == len(nodes) and len(new_ways) == len(ways) and len(new_rels) == len(rels):
+                return nodes, ways, rels
+            nodes, ways, rels = new_nodes, new_ways, new_rels
+        return nodes, ways, rels
+
+    def decoded(self, block) -> _Decoded:
+        """The block's share of the file (``NOWHERE``: the entities in no block), as ``osm_read`` decodes a file."""
+        con = self.con
+        nodes, ways, rels = self._closure(*self._seeds(block))
+        _ids_q(con, "sel_w", ways)
+        _ids_q(con, "sel_r", rels)
+        way_rows = _q(con, "SELECT w.id, w.n_raw FROM ways w JOIN sel_w USING (id) ORDER BY w.pos")
+        refs = _q(con, """SELECT r.way_id, r.node_id FROM way_refs r JOIN sel_w s ON r.way_id = s.id
+                              JOIN ways w ON w.id = r.way_id ORDER BY w.pos, r.seq""")
+        way_id = way_rows.column("id").to_numpy()
+        way_counts = _counts_in_order(way_id, refs.column("way_id").to_numpy())
+        _ids_q(con, "sel_n", np.concatenate([nodes, refs.column("node_id").to_numpy()]))
+        node_rows = _q(con, "SELECT n.id, n.lon, n.lat, n.n_raw FROM nodes n JOIN sel_n USING (id) ORDER BY n.pos")
+        rel_rows = _q(con, "SELECT r.id, r.n_raw, r.type_value FROM rels r JOIN sel_r USING (id) ORDER BY r.pos")
+        mem = _q(con, """SELECT m.rel_id, m.type, m.ref, m.role FROM members m JOIN sel_r s ON m.rel_id = s.id
+                             JOIN rels r ON r.id = m.rel_id ORDER BY r.pos, m.seq""")
+        node_id, rel_id = node_rows.column("id").to_numpy(), rel_rows.column("id").to_numpy()
+        mem_counts = _counts_in_order(rel_id, mem.column("rel_id").to_numpy())
+        return _Decoded(
+            node_id=node_id, node_lon=node_rows.column("lon").to_numpy(), node_lat=node_rows.column("lat").to_numpy(),
+            node_tags=self._tags("node_tags", "sel_n", node_id, node_rows.column("n_raw").to_numpy()),
+            way_id=way_id, way_refs=refs.column("node_id").to_numpy(), way_counts=way_counts,
+            way_tags=self._tags("way_tags", "sel_w", way_id, way_rows.column("n_raw").to_numpy()),
+            rel_id=rel_id, mem_type=mem.column("type").to_numpy().astype(np.int64), mem_ref=mem.column("ref").to_numpy(),
+            mem_role=mem.column("role").to_pylist(), mem_counts=mem_counts,
+            rel_type_value=rel_rows.column("type_value").to_pylist(),
+            rel_tags=self._tags("rel_tags", "sel_r", rel_id, rel_rows.column("n_raw").to_numpy()),
+        )
+
+    def _tags(self, table: str, sel: str, ids: np.ndarray, n_raw: np.ndarray) -> tuple:
+        """``_Decoded``'s tag tuple for the elements ``ids`` (in their order): rows by element, then file order."""
+        rows = _q(self.con, f"SELECT t.owner_id, t.seq, t.key, t.value FROM {table} t JOIN {sel} s ON t.owner_id = s.id")
+        order_of = np.argsort(ids, kind="stable")
+        owner = order_of[np.searchsorted(ids[order_of], rows.column("owner_id").to_numpy())] if rows.num_rows else np.zeros(0, np.int64)
+        sort = np.lexsort((rows.column("seq").to_numpy(), owner)) if rows.num_rows else np.zeros(0, np.int64)
+        rows = rows.take(pa.array(sort))
+        return rows.column("key").combine_chunks(), rows.column("value").combine_chunks(), owner[sort].astype(np.int64), n_raw.astype(np.int64)
+
+    def n_input(self) -> int:
+        """The features a whole-file read accounts for: tagged nodes, untagged member nodes (in the file or not), ways, relations."""
+        return int(_q(self.con, """SELECT (SELECT count(*) FROM nodes WHERE n_raw > 0)
+            + (SELECT count(DISTINCT m.ref) FROM members m WHERE m.type = 0 AND m.ref NOT IN (SELECT id FROM nodes WHERE n_raw > 0))
+            + (SELECT count(*) FROM ways) + (SELECT count(*) FROM rels)""").column(0)[0].as_py())
+
+    def rel_positions(self, rel_ids: np.ndarray) -> np.ndarray:
+        """File position of each relation id (for the file order of the relation-members table)."""
+        _ids_q(self.con, "sel_r", rel_ids)
+        rows = _q(self.con, "SELECT r.id, r.pos FROM rels r JOIN sel_r USING (id)")
+        ids, pos = rows.column("id").to_numpy(), rows.column("pos").to_numpy()
+        order = np.argsort(ids)
+        return pos[order][np.searchsorted(ids[order], rel_ids)]
+
+
+def _counts_in_order(ids: np.ndarray, owner_ids: np.ndarray) -> np.ndarray:
+    """(len(ids),) how many of ``owner_ids`` (grouped by owner, in ``ids`` order) each id owns."""
+    if len(ids) == 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(ids, kind="stable")
+    pos = order[np.searchsorted(ids[order], owner_ids)] if len(owner_ids) else np.zeros(0, np.int64)
+    return np.bincount(pos, minlength=len(ids)).astype(np.int64)
+
+
+# ---- block by block, then merged --------------------------------------------------------------
+_STATUS_REASON = {OUTSIDE_CLIP: "outside_clip", EMPTY: "empty_after_repair", NO_PIECE: "no_tile_piece"}
+_ALWAYS_COUNTED = ("empty_after_repair", "missing_node_locations", "no_tile_piece", "only_filtered_tags_not_member",
+                   "relation_without_members_in_extract", "untagged_not_member")  # the keys a whole-file run always lists
+_READ_RANK = 10  # read-level reasons rank after every tiling outcome (an entity is decided the same in every share)
+
+
+class BlockMergedRegion(TiledRegion):
+    """The blocks' ``TiledRegion``s as one: tiles in the global order, pieces streamed block by block."""
+
+    runs: list  # (share, first tile, end tile) in the global tile order
+    shares: list  # the blocks' TiledRegion, pieces spilled
+
+    def entity_chunks(self):
+        chunks = {}  # share -> [(first tile, tiles, entities)] of its spilled bands
+        for k, t0, t1 in self.runs:
+            if k not in chunks:
+                chunks[k], start = [], 0
+                for tiles, ents in self.shares[k].entity_chunks():
+                    chunks[k].append((start, tiles, ents))
+                    start += tiles.num_rows
+            for start, tiles, ents in chunks[k]:
+                lo, hi = max(t0, start), min(t1, start + tiles.num_rows)
+                if lo >= hi:
+                    continue
+                counts = np.asarray(tiles.column("n_entities"), np.int64)
+                piece_start = np.concatenate([[0], np.cumsum(counts)])
+                a, b = lo - start, hi - start
+                yield tiles.slice(a, b - a), ents.slice(int(piece_start[a]), int(piece_start[b] - piece_start[a]))
+
+
+def _global_runs(shares: list[TiledRegion]) -> list[tuple[int, int, int]]:
+    """(share, first tile, end tile) runs of one sort-block column each, in the global tile order
+    (sort-block column west to east, then south to north): a block's tiles are in that order already."""
+    runs = []
+    for k, tiled in enumerate(shares):
+        tx = tiled.tiles.column("tile_x").to_numpy().astype(np.int64)
+        ty = tiled.tiles.column("tile_y").to_numpy().astype(np.int64)
+        col = tx // BLOCK_TILES
+        cuts = np.flatnonzero(np.concatenate([[True], col[1:] != col[:-1], [True]]))
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            runs.append((int(col[a]), int(ty[a] // BLOCK_TILES), k, int(a), int(b)))
+    runs.sort()
+    return [(k, a, b) for _, _, k, a, b in runs]
+
+
+@dataclass
+class _Outcomes:
+    """What each share said of its entities, to be merged by id."""
+
+    ids: list = field(default_factory=list)  # (K, 2) arrays of (osm type, osm id)
+    rank: list = field(default_factory=list)  # (K,) tiling status, or _READ_RANK + reason index
+    repaired: dict = field(default_factory=dict)  # reason -> [(K, 2)]
+    area_ids: list = field(default_factory=list)
+    area_error: list = field(default_factory=list)
+    members: list = field(default_factory=list)  # the shares' relation-members tables
+    reasons: list = field(default_factory=list)  # read-level reason names, in rank order
+
+    def read_rank(self, reason: str) -> int:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return _READ_RANK + self.reasons.index(reason)
+
+    def add(self, ids: np.ndarray, rank) -> None:
+        if len(ids):
+            self.ids.append(ids)
+            self.rank.append(np.broadcast_to(np.asarray(rank, np.int64), (len(ids),)))
+
+    def add_repaired(self, reason: str, ids: np.ndarray) -> None:
+        if len(ids):
+            self.repaired.setdefault(reason, []).append(ids)
+
+
+def _first_by_id(ids: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids and, for each, the lowest rank any share gave it."""
+    if len(ids) == 0:
+        return ids.reshape(0, 2), rank
+    order = np.lexsort((rank, ids[:, 1], ids[:, 0]))
+    ids, rank = ids[order], rank[order]
+    first = np.concatenate([[True], (ids[1:] != ids[:-1]).any(axis=1)])
+    return ids[first], rank[first]
+
+
+def _block_touches(plan: BlockPlan, block, area_utm) -> bool:
+    import shapely
+
+    tx0, tx1, ty0, ty1 = plan.tile_range(block)
+    s = plan.tile_size_m
+    return bool(shapely.intersects(area_utm, shapely.box(tx0 * s, ty0 * s, tx1 * s, ty1 * s)))
+
+
+def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_m: float = TILE_SIZE_M, clip=None,
+                  workers: int | None = None, log=None, memory_limit: str = "1GB") -> tuple[TiledRegion, pa.Table]:
+    """Tile ``path`` block by block (module docstring): the merged ``TiledRegion`` (pieces spilled under
+    ``scratch``) and the relation-members table, as ``tile_osm`` and ``OsmData.relation_members`` give them
+    for the whole file."""
+    import time
+
+    from .osm_read import RELATION_MEMBERS_SCHEMA, osm_data_from_decoded
+    from .tiling import tile_osm
+
+    t0 = time.perf_counter()
+    scratch = Path(scratch)
+    spill = spill_pbf(path, scratch / "spill")
+    plan = BlockPlan(spill, block_tiles, tile_size_m, epsg=clip.epsg if clip is not None else None, memory_limit=memory_limit)
+    t_plan = time.perf_counter() - t0
+    area_utm = clip.projected(plan.epsg) if clip is not None else None
+    todo = [b for b in plan.blocks if area_utm is None or _block_touches(plan, b, area_utm)] + [NOWHERE]
+    if log:
+        log(f"blocks of {region}: {len(todo) - 1} of {len(plan.blocks)} blocks of {block_tiles}x{block_tiles} tiles "
+            f"({block_tiles * tile_size_m / 1000:.1f} km), EPSG:{plan.epsg}; plan {t_plan:.1f} s")
+    out, shares, timings = _Outcomes(), [], {"spill_and_plan": t_plan}
+    for i, block in enumerate(todo):
+        t = time.perf_counter()
+        data = osm_data_from_decoded(plan.decoded(block), record_ids=True)
+        for reason, parts in (data.dropped.ids or {}).items():
+            out.add(np.concatenate(parts), out.read_rank(reason))
+        for reason, parts in (data.repaired.ids or {}).items():
+            out.add_repaired(reason, np.concatenate(parts))
+        if len(data.rel_id):
+            out.members.append(data.relation_members())
+        kept_ids = np.stack([data.osm_type.astype(np.int64), data.osm_id], axis=1)
+        if block is NOWHERE or len(data) == 0:
+            out.add(kept_ids, ELSEWHERE)  # pulled in to decide membership; tiled in their blocks
+            continue
+        tiled = tile_osm(data, region, tile_size_m, workers=workers, spill_dir=scratch / f"block-{i:05d}", clip=clip,
+                         epsg=plan.epsg, block=plan.tile_range(block))
+        del data
+        o = tiled.outcomes
+        out.add(o["ids"], o["status"])
+        for reason, ids in o["repaired"].items():
+            out.add_repaired(reason, ids)
+        out.area_ids.append(o["area_ids"])
+        out.area_error.append(o["area_rel_error"])
+        if tiled.tiles.num_rows:
+            shares.append(tiled)
+        for k, v in tiled.timings_s.items():
+            timings[k] = timings.get(k, 0.0) + v
+        if log:
+            log(f"block {i + 1}/{len(todo) - 1} {block}: {tiled.tiles.num_rows:,} tiles, {tiled.n_pieces:,} pieces "
+                f"({time.perf_counter() - t:.1f} s)")
+
+    # ---- accounting, by id ------------------------------------------------------------------
+    ids, rank = _first_by_id(np.concatenate(out.ids) if out.ids else np.zeros((0, 2), np.int64),
+                             np.concatenate(out.rank) if out.rank else np.zeros(0, np.int64))
+    dropped = Counter({k: 0 for k in _ALWAYS_COUNTED})
+    if clip is not None:
+        dropped["outside_clip"] += 0
+    for r, n in zip(*np.unique(rank, return_counts=True)):
+        r, n = int(r), int(n)
+        if r == KEPT:
+            continue
+        if r == ELSEWHERE:  # every piece in a block that was not tiled: outside the clip
+            dropped["outside_clip" if clip is not None else "no_tile_piece"] += n
+        elif r >= _READ_RANK:
+            dropped[out.reasons[r - _READ_RANK]] += n
+        else:
+            dropped[_STATUS_REASON[r]] += n
+    n_input = plan.n_input()
+    unseen = n_input - len(ids)  # entities that reach only blocks the clip left out
+    if unseen and clip is None:
+        raise AssertionError(f"block accounting broken: {n_input} input features, {len(ids)} seen in the blocks")
+    if unseen:
+        dropped["outside_clip"] += unseen
+    repaired = Counter({k: len(_first_by_id(np.concatenate(v), np.zeros(sum(len(p) for p in v), np.int64))[0])
+                        for k, v in sorted(out.repaired.items())})
+    area_ids = np.concatenate(out.area_ids) if out.area_ids else np.zeros((0, 2), np.int64)
+    area_err = np.concatenate(out.area_error) if out.area_error else np.zeros(0)
+    worst = np.zeros(0)
+    if len(area_ids):  # a polygon checked in several blocks: the same sum each time; keep the largest error
+        order = np.lexsort((-area_err, area_ids[:, 1], area_ids[:, 0]))
+        a, e = area_ids[order], area_err[order]
+        worst = e[np.concatenate([[True], (a[1:] != a[:-1]).any(axis=1)])]
+    from .tiling import AREA_REL_TOL
+
+    area_check = {"n_polygons_checked": len(worst), "max_rel_error": float(worst.max()) if len(worst) else 0.0,
+                  "n_over_tolerance": int((worst > AREA_REL_TOL).sum()), "tolerance": AREA_REL_TOL}
+
+    # ---- tiles in the global order, and the relation members in file order --------------------
+    runs = _global_runs(shares)
+    tiles = pa.concat_tables([shares[k].tiles.slice(a, b - a) for k, a, b in runs]) if runs else TILES_SCHEMA.empty_table()
+    merged = BlockMergedRegion(
+        epsg=plan.epsg, tiles=tiles, entities=None, n_input=n_input, n_entities_kept=int((rank == KEPT).sum()),
+        dropped=dropped, repaired=repaired, area_check=area_check, timings_s={**timings, "total": time.perf_counter() - t0},
+        n_bands=sum(s.n_bands for s in shares), n_pieces=int(np.asarray(tiles.column("n_entities"), np.int64).sum()),
+    )
+    merged.runs, merged.shares = runs, shares
+    members = _merged_members(plan, out.members, RELATION_MEMBERS_SCHEMA)
+    plan.con.close()
+    return merged, members
+
+
+def _merged_members(plan: BlockPlan, tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+    """Each relation's rows from the first share that has it, relations in file order."""
+    if not tables:
+        return schema.empty_table()
+    table = pa.concat_tables(tables).combine_chunks()
+    rel = table.column("relation_id").to_numpy()
+    share = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
+    starts = np.flatnonzero(np.concatenate([[True], (rel[1:] != rel[:-1]) | (share[1:] != share[:-1])]))
+    ends = np.concatenate([starts[1:], [len(rel)]])
+    first_seen: dict[int, tuple[int, int]] = {}
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        first_seen.setdefault(int(rel[a]), (a, b))
+    rel_ids = np.fromiter(first_seen, np.int64, len(first_seen))
+    order = np.argsort(plan.rel_positions(rel_ids), kind="stable")
+    rows = np.concatenate([np.arange(*first_seen[int(r)]) for r in rel_ids[order]])
+    return table.take(pa.array(rows))
