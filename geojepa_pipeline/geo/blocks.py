@@ -148,7 +148,7 @@ def _do(con, sql: str) -> None:
     con.sql(sql)
 
 
-def _ids_q(con, name: str, ids: np.ndarray) -> None:
+def _ids_table(con, name: str, ids: np.ndarray) -> None:
     """A temporary DuckDB table ``name(id BIGINT)`` of ``ids``."""
     con.register(f"_{name}_arrow", pa.table({"id": pa.array(np.asarray(ids, np.int64))}))
     _do(con, f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT DISTINCT id FROM _{name}_arrow")
@@ -189,23 +189,25 @@ class BlockPlan:
             _do(self.con, f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{root / name}.parquet')")
         self._node_blocks()
         self._boxes()
+        self._partition()
 
     # ---- planning ----------------------------------------------------------------------------
     def _node_blocks(self) -> None:
-        """``nb(id, block_x, block_y)``: the block of every node on the globe, projected batch by batch."""
+        """``nb(id, block_x, block_y)``: the block of every node on the globe, projected batch by batch into
+        ``node_blocks.parquet`` (never all in memory)."""
         to_utm = Transformer.from_crs(4326, self.epsg, always_xy=True)
         span = self.block_tiles * self.tile_size_m
-        parts = []
-        for batch in pq.ParquetFile(self.spill.root / "nodes.parquet").iter_batches(columns=["id", "lon", "lat"], batch_size=1 << 20):
-            lon, lat = batch.column("lon").to_numpy(), batch.column("lat").to_numpy()
-            ok = (np.abs(lon) <= 180) & (np.abs(lat) <= 90)
-            x, y = to_utm.transform(lon[ok], lat[ok])
-            parts.append(pa.table({"id": batch.column("id").filter(pa.array(ok)),
-                                   "block_x": np.floor(np.asarray(x) / span).astype(np.int32), "block_y": np.floor(np.asarray(y) / span).astype(np.int32)}))
-        nb = pa.concat_tables(parts) if parts else pa.table({"id": pa.array([], pa.int64()), "block_x": pa.array([], pa.int32()), "block_y": pa.array([], pa.int32())})
-        self.con.register("_nb", nb)
-        _do(self.con, "CREATE TABLE nb AS SELECT * FROM _nb")
-        self.con.unregister("_nb")
+        schema = pa.schema([("id", pa.int64()), ("block_x", pa.int32()), ("block_y", pa.int32())])
+        path = self.spill.root / "node_blocks.parquet"
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+            for batch in pq.ParquetFile(self.spill.root / "nodes.parquet").iter_batches(columns=["id", "lon", "lat"], batch_size=1 << 20):
+                lon, lat = batch.column("lon").to_numpy(), batch.column("lat").to_numpy()
+                ok = (np.abs(lon) <= 180) & (np.abs(lat) <= 90)
+                x, y = to_utm.transform(lon[ok], lat[ok])
+                writer.write_table(pa.table({"id": batch.column("id").filter(pa.array(ok)),
+                                             "block_x": np.floor(np.asarray(x) / span).astype(np.int32),
+                                             "block_y": np.floor(np.asarray(y) / span).astype(np.int32)}, schema=schema))
+        _do(self.con, f"CREATE VIEW nb AS SELECT * FROM read_parquet('{path}')")
 
     def _boxes(self) -> None:
         """``wbox`` and ``rbox(id, bx0, bx1, by0, by1)``: the blocks a way's nodes, a relation's members reach."""
@@ -262,73 +264,115 @@ class BlockPlan:
         return bx * k, (bx + 1) * k, by * k, (by + 1) * k
 
     # ---- one block's share -------------------------------------------------------------------
-    def _seeds(self, block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        con = self.con
-        col = lambda sql, *p: _q(con, sql, list(p)).column(0).to_numpy()  # noqa: E731
-        if block is NOWHERE:
-            nodes = col("SELECT n.id FROM nodes n ANTI JOIN nb ON n.id = nb.id WHERE n.n_raw > 0")
-            ways = col("SELECT w.id FROM ways w ANTI JOIN wbox b ON w.id = b.id")
-            rels = col("SELECT r.id FROM rels r ANTI JOIN rbox b ON r.id = b.id")
-            return nodes, ways, rels
-        bx, by = block
-        nodes = col("SELECT nb.id FROM nb JOIN nodes n ON n.id = nb.id WHERE nb.block_x = ? AND nb.block_y = ? AND n.n_raw > 0", bx, by)
-        ways = col("SELECT id FROM wbox WHERE bx0 <= ? AND ? <= bx1 AND by0 <= ? AND ? <= by1", bx, bx, by, by)
-        rels = col("SELECT id FROM rbox WHERE bx0 <= ? AND ? <= bx1 AND by0 <= ? AND ? <= by1", bx, bx, by, by)
-        return nodes, ways, rels
+    def _members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t = _q(self.con, "SELECT rel_id, type, ref FROM members")
+        return t.column("rel_id").to_numpy(), t.column("type").to_numpy().astype(np.int64), t.column("ref").to_numpy()
 
-    def _closure(self, nodes: np.ndarray, ways: np.ndarray, rels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @staticmethod
+    def _closure(members, nodes: np.ndarray, ways: np.ndarray, rels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Add the relations that hold a member in the sets and every member of a relation in them, to a fixpoint."""
-        con = self.con
+        mem_rel, mem_type, mem_ref = members
         nodes, ways, rels = unique_ints(nodes), unique_ints(ways), unique_ints(rels)
         for _ in range(64):
-            _ids_q(con, "sel_n", nodes)
-            _ids_q(con, "sel_w", ways)
-            _ids_q(con, "sel_r", rels)
-            up = _q(con, """SELECT DISTINCT m.rel_id FROM members m
-                                WHERE (m.type = 0 AND m.ref IN (SELECT id FROM sel_n)) OR (m.type = 1 AND m.ref IN (SELECT id FROM sel_w))
-                                   OR (m.type = 2 AND m.ref IN (SELECT id FROM sel_r))""").column(0).to_numpy()
-            down = _q(con, "SELECT m.type, m.ref FROM members m JOIN sel_r ON m.rel_id = sel_r.id")
-            dt, dr = down.column(0).to_numpy(), down.column(1).to_numpy()
-            new_nodes = unique_ints(np.concatenate([nodes, dr[dt == NODE]]))
-            new_ways = unique_ints(np.concatenate([ways, dr[dt == WAY]]))
-            new_rels = unique_ints(np.concatenate([rels, up, dr[dt == RELATION]]))
+            held = (((mem_type == NODE) & np.isin(mem_ref, nodes)) | ((mem_type == WAY) & np.isin(mem_ref, ways))
+                    | ((mem_type == RELATION) & np.isin(mem_ref, rels)))
+            sel = np.isin(mem_rel, rels)
+            new_nodes = unique_ints(np.concatenate([nodes, mem_ref[sel & (mem_type == NODE)]]))
+            new_ways = unique_ints(np.concatenate([ways, mem_ref[sel & (mem_type == WAY)]]))
+            new_rels = unique_ints(np.concatenate([rels, mem_rel[held], mem_ref[sel & (mem_type == RELATION)]]))
             if len(new_nodes) == len(nodes) and len(new_ways) == len(ways) and len(new_rels) == len(rels):
-                return nodes, ways, rels
+                break
             nodes, ways, rels = new_nodes, new_ways, new_rels
         return nodes, ways, rels
 
+    def _partition(self) -> None:
+        """Write each share's rows (``self.shares``: every block, then ``NOWHERE``) to ``parts/<table>/k=<share>/``,
+        so that reading a share back reads only its own rows: one DuckDB join and partitioned write per table."""
+        con = self.con
+        self.shares = list(self.blocks) + [NOWHERE]
+        nowhere = len(self.blocks)
+        members = self._members()
+        col = lambda sql: _q(con, sql).column(0).to_numpy()  # noqa: E731
+        wbox = _q(con, "SELECT id, bx0, bx1, by0, by1 FROM wbox")
+        rbox = _q(con, "SELECT id, bx0, bx1, by0, by1 FROM rbox")
+        wb = {c: wbox.column(c).to_numpy() for c in wbox.column_names}
+        rb = {c: rbox.column(c).to_numpy() for c in rbox.column_names}
+        seeds = []
+        for bx, by in self.blocks:
+            covers = lambda b: (b["bx0"] <= bx) & (bx <= b["bx1"]) & (b["by0"] <= by) & (by <= b["by1"])  # noqa: E731
+            seeds.append((np.zeros(0, np.int64), wb["id"][covers(wb)], rb["id"][covers(rb)]))
+        seeds.append((col("SELECT n.id FROM nodes n ANTI JOIN nb ON n.id = nb.id WHERE n.n_raw > 0"),
+                      col("SELECT w.id FROM ways w ANTI JOIN wbox b ON w.id = b.id"),
+                      col("SELECT r.id FROM rels r ANTI JOIN rbox b ON r.id = b.id")))
+        assigned = {"n": [], "w": [], "r": []}
+        for k, (n, w, r) in enumerate(seeds):
+            n, w, r = self._closure(members, n, w, r)
+            for key, ids in (("n", n), ("w", w), ("r", r)):
+                assigned[key].append(pa.table({"id": ids, "k": np.full(len(ids), k, np.int32)}))
+        for key, parts in assigned.items():
+            con.register(f"_a{key}", pa.concat_tables(parts))
+            _do(con, f"CREATE TABLE a{key} AS SELECT * FROM _a{key}")
+            con.unregister(f"_a{key}")
+        blocks_table = pa.table({"block_x": np.array([b[0] for b in self.blocks], np.int32),
+                                 "block_y": np.array([b[1] for b in self.blocks], np.int32),
+                                 "k": np.arange(len(self.blocks), dtype=np.int32)})
+        con.register("_blocks", blocks_table)
+        _do(con, "CREATE TABLE blocks_k AS SELECT * FROM _blocks")
+        con.unregister("_blocks")
+        # the nodes of a share: its tagged nodes, its relations' member nodes, and every node its ways refer to
+        _do(con, f"""CREATE TABLE an_all AS SELECT DISTINCT k, id FROM (
+                       SELECT b.k, nb.id FROM nb JOIN blocks_k b USING (block_x, block_y) JOIN nodes n ON n.id = nb.id WHERE n.n_raw > 0
+                       UNION ALL SELECT k, id FROM an
+                       UNION ALL SELECT a.k, r.node_id AS id FROM way_refs r JOIN aw a ON r.way_id = a.id)""")
+        root = self.spill.root / "parts"
+        root.mkdir(exist_ok=True)
+        for table, sql in (
+            ("nodes", "SELECT a.k, n.* FROM nodes n JOIN an_all a USING (id)"),
+            ("node_tags", "SELECT a.k, t.* FROM node_tags t JOIN an_all a ON t.owner_id = a.id"),
+            ("ways", "SELECT a.k, w.* FROM ways w JOIN aw a USING (id)"),
+            ("way_refs", "SELECT a.k, r.* FROM way_refs r JOIN aw a ON r.way_id = a.id"),
+            ("way_tags", "SELECT a.k, t.* FROM way_tags t JOIN aw a ON t.owner_id = a.id"),
+            ("rels", "SELECT a.k, r.* FROM rels r JOIN ar a USING (id)"),
+            ("members", "SELECT a.k, m.* FROM members m JOIN ar a ON m.rel_id = a.id"),
+            ("rel_tags", "SELECT a.k, t.* FROM rel_tags t JOIN ar a ON t.owner_id = a.id"),
+        ):
+            _do(con, f"COPY ({sql}) TO '{root / table}' (FORMAT parquet, PARTITION_BY (k), OVERWRITE_OR_IGNORE)")
+        for name in ("an_all", "aw", "ar", "an"):
+            _do(con, f"DROP TABLE {name}")
+        self._nowhere = nowhere
+
+    def _part(self, table: str, k: int, columns: str, order: str) -> pa.Table:
+        """One share's rows of ``table``, ordered (an empty table when the share has none)."""
+        path = self.spill.root / "parts" / table / f"k={k}"
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else []
+        if not files:
+            return _q(self.con, f"SELECT {columns} FROM {table} LIMIT 0")
+        listed = ", ".join(f"'{f}'" for f in files)
+        return _q(self.con, f"SELECT {columns} FROM read_parquet([{listed}]) ORDER BY {order}")
+
     def decoded(self, block) -> _Decoded:
         """The block's share of the file (``NOWHERE``: the entities in no block), as ``osm_read`` decodes a file."""
-        con = self.con
-        nodes, ways, rels = self._closure(*self._seeds(block))
-        _ids_q(con, "sel_w", ways)
-        _ids_q(con, "sel_r", rels)
-        way_rows = _q(con, "SELECT w.id, w.n_raw FROM ways w JOIN sel_w USING (id) ORDER BY w.pos")
-        refs = _q(con, """SELECT r.way_id, r.node_id FROM way_refs r JOIN sel_w s ON r.way_id = s.id
-                              JOIN ways w ON w.id = r.way_id ORDER BY w.pos, r.seq""")
-        way_id = way_rows.column("id").to_numpy()
-        way_counts = _counts_in_order(way_id, refs.column("way_id").to_numpy())
-        _ids_q(con, "sel_n", np.concatenate([nodes, refs.column("node_id").to_numpy()]))
-        node_rows = _q(con, "SELECT n.id, n.lon, n.lat, n.n_raw FROM nodes n JOIN sel_n USING (id) ORDER BY n.pos")
-        rel_rows = _q(con, "SELECT r.id, r.n_raw, r.type_value FROM rels r JOIN sel_r USING (id) ORDER BY r.pos")
-        mem = _q(con, """SELECT m.rel_id, m.type, m.ref, m.role FROM members m JOIN sel_r s ON m.rel_id = s.id
-                             JOIN rels r ON r.id = m.rel_id ORDER BY r.pos, m.seq""")
-        node_id, rel_id = node_rows.column("id").to_numpy(), rel_rows.column("id").to_numpy()
-        mem_counts = _counts_in_order(rel_id, mem.column("rel_id").to_numpy())
+        k = self._nowhere if block is NOWHERE else self.blocks.index(block)
+        node_rows = self._part("nodes", k, "id, lon, lat, n_raw", "pos")
+        way_rows = self._part("ways", k, "id, n_raw", "pos")
+        rel_rows = self._part("rels", k, "id, n_raw, type_value", "pos")
+        way_id, node_id, rel_id = way_rows.column("id").to_numpy(), node_rows.column("id").to_numpy(), rel_rows.column("id").to_numpy()
+        refs = _order_by_owner(self._part("way_refs", k, "way_id, seq, node_id", "way_id, seq"), "way_id", way_id)
+        mem = _order_by_owner(self._part("members", k, "rel_id, seq, type, ref, role", "rel_id, seq"), "rel_id", rel_id)
         return _Decoded(
             node_id=node_id, node_lon=node_rows.column("lon").to_numpy(), node_lat=node_rows.column("lat").to_numpy(),
-            node_tags=self._tags("node_tags", "sel_n", node_id, node_rows.column("n_raw").to_numpy()),
-            way_id=way_id, way_refs=refs.column("node_id").to_numpy(), way_counts=way_counts,
-            way_tags=self._tags("way_tags", "sel_w", way_id, way_rows.column("n_raw").to_numpy()),
+            node_tags=self._tags(self._part("node_tags", k, "owner_id, seq, key, value", "owner_id, seq"), node_id, node_rows.column("n_raw").to_numpy()),
+            way_id=way_id, way_refs=refs.column("node_id").to_numpy(), way_counts=_counts_in_order(way_id, refs.column("way_id").to_numpy()),
+            way_tags=self._tags(self._part("way_tags", k, "owner_id, seq, key, value", "owner_id, seq"), way_id, way_rows.column("n_raw").to_numpy()),
             rel_id=rel_id, mem_type=mem.column("type").to_numpy().astype(np.int64), mem_ref=mem.column("ref").to_numpy(),
-            mem_role=mem.column("role").to_pylist(), mem_counts=mem_counts,
+            mem_role=mem.column("role").to_pylist(), mem_counts=_counts_in_order(rel_id, mem.column("rel_id").to_numpy()),
             rel_type_value=rel_rows.column("type_value").to_pylist(),
-            rel_tags=self._tags("rel_tags", "sel_r", rel_id, rel_rows.column("n_raw").to_numpy()),
+            rel_tags=self._tags(self._part("rel_tags", k, "owner_id, seq, key, value", "owner_id, seq"), rel_id, rel_rows.column("n_raw").to_numpy()),
         )
 
-    def _tags(self, table: str, sel: str, ids: np.ndarray, n_raw: np.ndarray) -> tuple:
-        """``_Decoded``'s tag tuple for the elements ``ids`` (in their order): rows by element, then file order."""
-        rows = _q(self.con, f"SELECT t.owner_id, t.seq, t.key, t.value FROM {table} t JOIN {sel} s ON t.owner_id = s.id")
+    @staticmethod
+    def _tags(rows: pa.Table, ids: np.ndarray, n_raw: np.ndarray) -> tuple:
+        """``_Decoded``'s tag tuple for the elements ``ids`` (in their order) from their tag ``rows``: by element, then file order."""
         order_of = np.argsort(ids, kind="stable")
         owner = order_of[np.searchsorted(ids[order_of], rows.column("owner_id").to_numpy())] if rows.num_rows else np.zeros(0, np.int64)
         sort = np.lexsort((rows.column("seq").to_numpy(), owner)) if rows.num_rows else np.zeros(0, np.int64)
@@ -343,11 +387,21 @@ class BlockPlan:
 
     def rel_positions(self, rel_ids: np.ndarray) -> np.ndarray:
         """File position of each relation id (for the file order of the relation-members table)."""
-        _ids_q(self.con, "sel_r", rel_ids)
+        _ids_table(self.con, "sel_r", rel_ids)
         rows = _q(self.con, "SELECT r.id, r.pos FROM rels r JOIN sel_r USING (id)")
         ids, pos = rows.column("id").to_numpy(), rows.column("pos").to_numpy()
         order = np.argsort(ids)
         return pos[order][np.searchsorted(ids[order], rel_ids)]
+
+
+def _order_by_owner(rows: pa.Table, owner_col: str, ids: np.ndarray) -> pa.Table:
+    """``rows`` (sorted by owner id, then seq) reordered so that owners follow ``ids``' order (file order)."""
+    if rows.num_rows == 0:
+        return rows
+    owner = rows.column(owner_col).to_numpy()
+    order_of = np.argsort(ids, kind="stable")
+    position = order_of[np.searchsorted(ids[order_of], owner)]  # of each row's owner among ids
+    return rows.take(pa.array(np.argsort(position, kind="stable")))
 
 
 def _counts_in_order(ids: np.ndarray, owner_ids: np.ndarray) -> np.ndarray:
