@@ -6,9 +6,9 @@
    grid), every way and relation the range of blocks its nodes and members reach, in DuckDB (which spills
    to disk past its memory limit).
 3. ``BlockPlan.decoded(block)`` reads back one block's share as a ``_Decoded``: what decoding an extract of
-   the block would give, with every way and relation complete (the members of a relation, and the
-   relations of a member, transitively), so the keep/drop rules decide each entity as they do for the
-   whole file. ``osm_read.osm_data_from_decoded`` then applies them and ``tiling.tile_osm(block=...)``
+   the block would give, with every way and relation complete (a relation's members, transitively) and
+   a flag for each element that some relation holds, so the keep/drop rules decide each entity as they
+   do for the whole file. ``osm_read.osm_data_from_decoded`` then applies them and ``tiling.tile_osm(block=...)``
    keeps the block's tiles.
 4. ``merge_blocks`` puts the blocks' tiles back in the global tile order and merges what became of every
    entity, by id, into one accounting: the result is what a whole-file run gives (``tests/geo/test_blocks.py``).
@@ -210,42 +210,31 @@ class BlockPlan:
         _do(self.con, f"CREATE VIEW nb AS SELECT * FROM read_parquet('{path}')")
 
     def _boxes(self) -> None:
-        """``wbox`` and ``rbox(id, bx0, bx1, by0, by1)``: the blocks a way's nodes, a relation's members reach."""
+        """``wbox`` and ``rbox(id, bx0, bx1, by0, by1)``: the blocks a way's nodes, a relation's members reach
+        (a member relation's box included, one nesting level a pass), all in DuckDB."""
         con = self.con
         _do(con, """CREATE TABLE wbox AS SELECT r.way_id AS id, min(block_x) AS bx0, max(block_x) AS bx1,
                               min(block_y) AS by0, max(block_y) AS by1
                        FROM way_refs r JOIN nb ON r.node_id = nb.id GROUP BY r.way_id""")
-        members = _q(con, """SELECT m.rel_id, m.type, m.ref,
-                                        coalesce(n.block_x, w.bx0) AS bx0, coalesce(n.block_x, w.bx1) AS bx1,
-                                        coalesce(n.block_y, w.by0) AS by0, coalesce(n.block_y, w.by1) AS by1
-                                 FROM members m
-                                 LEFT JOIN nb n ON m.type = 0 AND m.ref = n.id
-                                 LEFT JOIN wbox w ON m.type = 1 AND m.ref = w.id""")
-        rel_ids = np.sort(_q(con, "SELECT id FROM rels").column("id").to_numpy())
-        inf, big = np.iinfo(np.int32).max, np.iinfo(np.int32).min
-        box = np.stack([np.full(len(rel_ids), inf), np.full(len(rel_ids), big), np.full(len(rel_ids), inf), np.full(len(rel_ids), big)], 1)
-        if members.num_rows:
-            owner = np.searchsorted(rel_ids, members.column("rel_id").to_numpy())
-            mtype, ref = members.column("type").to_numpy(), members.column("ref").to_numpy()
-            mbox = np.stack([members.column(c).to_numpy(zero_copy_only=False) for c in ("bx0", "bx1", "by0", "by1")], 1)
-            mbox = np.where(np.isnan(mbox.astype(np.float64)), np.array([inf, big, inf, big]), mbox).astype(np.int64)
-            sub = np.flatnonzero(mtype == RELATION)
-            sub_pos = np.searchsorted(rel_ids, ref[sub])
-            sub_ok = (sub_pos < len(rel_ids)) & (rel_ids[np.minimum(sub_pos, len(rel_ids) - 1)] == ref[sub])
-            for _ in range(16):  # member relations' boxes, a level a pass
-                mbox[sub[sub_ok]] = box[sub_pos[sub_ok]]
-                new = box.copy()
-                np.minimum.at(new[:, 0], owner, mbox[:, 0])
-                np.maximum.at(new[:, 1], owner, mbox[:, 1])
-                np.minimum.at(new[:, 2], owner, mbox[:, 2])
-                np.maximum.at(new[:, 3], owner, mbox[:, 3])
-                if (new == box).all():
-                    break
-                box = new
-        has = box[:, 0] <= box[:, 1]
-        con.register("_rbox", pa.table({"id": rel_ids[has], "bx0": box[has, 0], "bx1": box[has, 1], "by0": box[has, 2], "by1": box[has, 3]}))
-        _do(con, "CREATE TABLE rbox AS SELECT * FROM _rbox")
-        con.unregister("_rbox")
+        _do(con, """CREATE TABLE rbox AS SELECT rel_id AS id, min(bx0) AS bx0, max(bx1) AS bx1, min(by0) AS by0, max(by1) AS by1
+                    FROM (SELECT m.rel_id, n.block_x AS bx0, n.block_x AS bx1, n.block_y AS by0, n.block_y AS by1
+                          FROM members m JOIN nb n ON m.ref = n.id WHERE m.type = 0
+                          UNION ALL SELECT m.rel_id, w.bx0, w.bx1, w.by0, w.by1
+                          FROM members m JOIN wbox w ON m.ref = w.id WHERE m.type = 1)
+                    GROUP BY rel_id""")
+        state = "SELECT count(*), sum(bx0), sum(bx1), sum(by0), sum(by1) FROM rbox"
+        before = _q(con, state).to_pylist()
+        for _ in range(16):  # boxes only grow: the same count and sums mean no box changed
+            _do(con, """CREATE TABLE rbox_next AS SELECT id, min(bx0) AS bx0, max(bx1) AS bx1, min(by0) AS by0, max(by1) AS by1
+                        FROM (SELECT * FROM rbox UNION ALL SELECT m.rel_id AS id, r.bx0, r.bx1, r.by0, r.by1
+                              FROM members m JOIN rbox r ON m.ref = r.id WHERE m.type = 2)
+                        GROUP BY id""")
+            _do(con, "DROP TABLE rbox")
+            _do(con, "ALTER TABLE rbox_next RENAME TO rbox")
+            after = _q(con, state).to_pylist()
+            if after == before:
+                break
+            before = after
         self.blocks = sorted(self._reached_blocks())
 
     def _reached_blocks(self) -> set:
@@ -263,99 +252,76 @@ class BlockPlan:
         k = self.block_tiles
         return bx * k, (bx + 1) * k, by * k, (by + 1) * k
 
-    # ---- one block's share -------------------------------------------------------------------
-    def _members(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        t = _q(self.con, "SELECT rel_id, type, ref FROM members")
-        return t.column("rel_id").to_numpy(), t.column("type").to_numpy().astype(np.int64), t.column("ref").to_numpy()
-
-    @staticmethod
-    def _closure(members, nodes: np.ndarray, ways: np.ndarray, rels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Add the relations that hold a member in the sets and every member of a relation in them, to a fixpoint."""
-        mem_rel, mem_type, mem_ref = members
-        nodes, ways, rels = unique_ints(nodes), unique_ints(ways), unique_ints(rels)
-        for _ in range(64):
-            held = (((mem_type == NODE) & np.isin(mem_ref, nodes)) | ((mem_type == WAY) & np.isin(mem_ref, ways))
-                    | ((mem_type == RELATION) & np.isin(mem_ref, rels)))
-            sel = np.isin(mem_rel, rels)
-            new_nodes = unique_ints(np.concatenate([nodes, mem_ref[sel & (mem_type == NODE)]]))
-            new_ways = unique_ints(np.concatenate([ways, mem_ref[sel & (mem_type == WAY)]]))
-            new_rels = unique_ints(np.concatenate([rels, mem_rel[held], mem_ref[sel & (mem_type == RELATION)]]))
-            if len(new_nodes) == len(nodes) and len(new_ways) == len(ways) and len(new_rels) == len(rels):
-                break
-            nodes, ways, rels = new_nodes, new_ways, new_rels
-        return nodes, ways, rels
-
+    # ---- each block's share -----------------------------------------------------------------
     def _partition(self) -> None:
         """Write each share's rows (``self.shares``: every block, then ``NOWHERE``) to ``parts/<table>/k=<share>/``,
-        so that reading a share back reads only its own rows: one DuckDB join and partitioned write per table."""
+        so that reading a share back reads only its own rows: DuckDB joins and one partitioned write per table.
+
+        A block's share: the ways and relations whose box covers it, the members of its relations (member
+        relations' too, transitively: a relation is built from all of them), the nodes its ways refer to and
+        its tagged nodes. Which relations hold an entity is not pulled in (that closure can reach a whole
+        state through shared boundary ways): a ``member`` flag, computed over the whole file, says it."""
         con = self.con
         self.shares = list(self.blocks) + [NOWHERE]
-        nowhere = len(self.blocks)
-        members = self._members()
-        col = lambda sql: _q(con, sql).column(0).to_numpy()  # noqa: E731
-        wbox = _q(con, "SELECT id, bx0, bx1, by0, by1 FROM wbox")
-        rbox = _q(con, "SELECT id, bx0, bx1, by0, by1 FROM rbox")
-        wb = {c: wbox.column(c).to_numpy() for c in wbox.column_names}
-        rb = {c: rbox.column(c).to_numpy() for c in rbox.column_names}
-        seeds = []
-        for bx, by in self.blocks:
-            covers = lambda b: (b["bx0"] <= bx) & (bx <= b["bx1"]) & (b["by0"] <= by) & (by <= b["by1"])  # noqa: E731
-            seeds.append((np.zeros(0, np.int64), wb["id"][covers(wb)], rb["id"][covers(rb)]))
-        seeds.append((col("SELECT n.id FROM nodes n ANTI JOIN nb ON n.id = nb.id WHERE n.n_raw > 0"),
-                      col("SELECT w.id FROM ways w ANTI JOIN wbox b ON w.id = b.id"),
-                      col("SELECT r.id FROM rels r ANTI JOIN rbox b ON r.id = b.id")))
-        assigned = {"n": [], "w": [], "r": []}
-        for k, (n, w, r) in enumerate(seeds):
-            n, w, r = self._closure(members, n, w, r)
-            for key, ids in (("n", n), ("w", w), ("r", r)):
-                assigned[key].append(pa.table({"id": ids, "k": np.full(len(ids), k, np.int32)}))
-        for key, parts in assigned.items():
-            con.register(f"_a{key}", pa.concat_tables(parts))
-            _do(con, f"CREATE TABLE a{key} AS SELECT * FROM _a{key}")
-            con.unregister(f"_a{key}")
-        blocks_table = pa.table({"block_x": np.array([b[0] for b in self.blocks], np.int32),
-                                 "block_y": np.array([b[1] for b in self.blocks], np.int32),
-                                 "k": np.arange(len(self.blocks), dtype=np.int32)})
-        con.register("_blocks", blocks_table)
+        nowhere = self._nowhere = len(self.blocks)
+        con.register("_blocks", pa.table({"block_x": np.array([b[0] for b in self.blocks], np.int32),
+                                          "block_y": np.array([b[1] for b in self.blocks], np.int32),
+                                          "k": np.arange(len(self.blocks), dtype=np.int32)}))
         _do(con, "CREATE TABLE blocks_k AS SELECT * FROM _blocks")
         con.unregister("_blocks")
+        covers = "b.block_x BETWEEN x.bx0 AND x.bx1 AND b.block_y BETWEEN x.by0 AND x.by1"
+        _do(con, f"""CREATE TABLE ar AS SELECT b.k, x.id FROM rbox x JOIN blocks_k b ON {covers}
+                     UNION SELECT {nowhere} AS k, r.id FROM rels r ANTI JOIN rbox x ON r.id = x.id""")
+        count = lambda: _q(con, "SELECT count(*) FROM ar").column(0)[0].as_py()  # noqa: E731
+        n = count()
+        for _ in range(64):  # member relations, a nesting level a pass
+            _do(con, """INSERT INTO ar SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 2
+                        EXCEPT SELECT k, id FROM ar""")
+            n, grown = count(), n
+            if n == grown:
+                break
+        _do(con, f"""CREATE TABLE aw AS SELECT b.k, x.id FROM wbox x JOIN blocks_k b ON {covers}
+                     UNION SELECT {nowhere} AS k, w.id FROM ways w ANTI JOIN wbox x ON w.id = x.id
+                     UNION SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 1""")
         # the nodes of a share: its tagged nodes, its relations' member nodes, and every node its ways refer to
         _do(con, f"""CREATE TABLE an_all AS SELECT DISTINCT k, id FROM (
                        SELECT b.k, nb.id FROM nb JOIN blocks_k b USING (block_x, block_y) JOIN nodes n ON n.id = nb.id WHERE n.n_raw > 0
-                       UNION ALL SELECT k, id FROM an
+                       UNION ALL SELECT {nowhere} AS k, n.id FROM nodes n ANTI JOIN nb ON n.id = nb.id WHERE n.n_raw > 0
+                       UNION ALL SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 0
                        UNION ALL SELECT a.k, r.node_id AS id FROM way_refs r JOIN aw a ON r.way_id = a.id)""")
+        _do(con, "CREATE TABLE member_of AS SELECT DISTINCT type, ref FROM members")
+        flag = lambda t, id_col: f"EXISTS (SELECT 1 FROM member_of f WHERE f.type = {t} AND f.ref = {id_col}) AS member"  # noqa: E731
         root = self.spill.root / "parts"
         root.mkdir(exist_ok=True)
         for table, sql in (
-            ("nodes", "SELECT a.k, n.* FROM nodes n JOIN an_all a USING (id)"),
+            ("nodes", f"SELECT a.k, n.*, {flag(NODE, 'n.id')} FROM nodes n JOIN an_all a USING (id)"),
             ("node_tags", "SELECT a.k, t.* FROM node_tags t JOIN an_all a ON t.owner_id = a.id"),
-            ("ways", "SELECT a.k, w.* FROM ways w JOIN aw a USING (id)"),
+            ("ways", f"SELECT a.k, w.*, {flag(WAY, 'w.id')} FROM ways w JOIN aw a USING (id)"),
             ("way_refs", "SELECT a.k, r.* FROM way_refs r JOIN aw a ON r.way_id = a.id"),
             ("way_tags", "SELECT a.k, t.* FROM way_tags t JOIN aw a ON t.owner_id = a.id"),
-            ("rels", "SELECT a.k, r.* FROM rels r JOIN ar a USING (id)"),
+            ("rels", f"SELECT a.k, r.*, {flag(RELATION, 'r.id')} FROM rels r JOIN ar a USING (id)"),
             ("members", "SELECT a.k, m.* FROM members m JOIN ar a ON m.rel_id = a.id"),
             ("rel_tags", "SELECT a.k, t.* FROM rel_tags t JOIN ar a ON t.owner_id = a.id"),
         ):
             _do(con, f"COPY ({sql}) TO '{root / table}' (FORMAT parquet, PARTITION_BY (k), OVERWRITE_OR_IGNORE)")
-        for name in ("an_all", "aw", "ar", "an"):
+        for name in ("an_all", "aw", "ar", "member_of"):
             _do(con, f"DROP TABLE {name}")
-        self._nowhere = nowhere
 
     def _part(self, table: str, k: int, columns: str, order: str) -> pa.Table:
         """One share's rows of ``table``, ordered (an empty table when the share has none)."""
         path = self.spill.root / "parts" / table / f"k={k}"
         files = sorted(path.glob("*.parquet")) if path.is_dir() else []
         if not files:
-            return _q(self.con, f"SELECT {columns} FROM {table} LIMIT 0")
+            return _q(self.con, f"SELECT {columns} FROM (SELECT *, false AS member FROM {table}) LIMIT 0")
         listed = ", ".join(f"'{f}'" for f in files)
         return _q(self.con, f"SELECT {columns} FROM read_parquet([{listed}]) ORDER BY {order}")
 
     def decoded(self, block) -> _Decoded:
         """The block's share of the file (``NOWHERE``: the entities in no block), as ``osm_read`` decodes a file."""
         k = self._nowhere if block is NOWHERE else self.blocks.index(block)
-        node_rows = self._part("nodes", k, "id, lon, lat, n_raw", "pos")
-        way_rows = self._part("ways", k, "id, n_raw", "pos")
-        rel_rows = self._part("rels", k, "id, n_raw, type_value", "pos")
+        node_rows = self._part("nodes", k, "id, lon, lat, n_raw, member", "pos")
+        way_rows = self._part("ways", k, "id, n_raw, member", "pos")
+        rel_rows = self._part("rels", k, "id, n_raw, type_value, member", "pos")
         way_id, node_id, rel_id = way_rows.column("id").to_numpy(), node_rows.column("id").to_numpy(), rel_rows.column("id").to_numpy()
         refs = _order_by_owner(self._part("way_refs", k, "way_id, seq, node_id", "way_id, seq"), "way_id", way_id)
         mem = _order_by_owner(self._part("members", k, "rel_id, seq, type, ref, role", "rel_id, seq"), "rel_id", rel_id)
@@ -368,6 +334,8 @@ class BlockPlan:
             mem_role=mem.column("role").to_pylist(), mem_counts=_counts_in_order(rel_id, mem.column("rel_id").to_numpy()),
             rel_type_value=rel_rows.column("type_value").to_pylist(),
             rel_tags=self._tags(self._part("rel_tags", k, "owner_id, seq, key, value", "owner_id, seq"), rel_id, rel_rows.column("n_raw").to_numpy()),
+            members_elsewhere={t: unique_ints(ids[rows.column("member").to_numpy(zero_copy_only=False)])
+                               for t, ids, rows in ((NODE, node_id, node_rows), (WAY, way_id, way_rows), (RELATION, rel_id, rel_rows))},
         )
 
     @staticmethod

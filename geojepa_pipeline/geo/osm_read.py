@@ -219,7 +219,9 @@ def _locate(ids: np.ndarray, sorted_ids: np.ndarray, sort_pos: np.ndarray | None
     node arrays (None when the nodes are already sorted, as in most extracts).
     """
     i, found = locate_sorted(ids, sorted_ids)
-    return (i if sort_pos is None else sort_pos[i]), found
+    if sort_pos is None or len(sort_pos) == 0:  # no located node: every position is a placeholder (found is False)
+        return i, found
+    return sort_pos[i], found
 
 
 @dataclass
@@ -243,6 +245,9 @@ class _Decoded:
     mem_counts: np.ndarray  # (R,) members per relation
     rel_type_value: list  # (R,) the value of each relation's 'type' tag, or None
     rel_tags: tuple
+    # osm type -> sorted ids of elements here that are members of relations not necessarily here (a block's
+    # share of a file, ``geo.blocks``): ``members`` counts them too
+    members_elsewhere: dict | None = None
 
     @property
     def n_nodes(self) -> int:
@@ -258,7 +263,10 @@ class _Decoded:
 
     def members(self, osm_type: int) -> np.ndarray:
         """Sorted distinct ids of the relation members of ``osm_type``."""
-        return unique_ints(self.mem_ref[self.mem_type == osm_type])
+        refs = self.mem_ref[self.mem_type == osm_type]
+        if self.members_elsewhere is not None:
+            refs = np.concatenate([refs, self.members_elsewhere[osm_type]])
+        return unique_ints(refs)
 
 
 @dataclass
