@@ -1,6 +1,6 @@
 """Ingestion benchmark: this project's tiling vs the naive pyrosm + geopandas.overlay baseline.
 
-    python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline] [--clip W,S,E,N] [--blocks BLOCK_TILES]
+    python bench/ingest.py [--n 8] [--scaling 1,2,4,8] [--skip-baseline] [--no-quackosm] [--clip W,S,E,N] [--blocks BLOCK_TILES]
 
 Builds the N x N replicated Liechtenstein extract (``bench/replicate.py``; cached under
 ``bench/_cache``), then, in one invocation, runs each approach in its own subprocess on the
@@ -12,6 +12,11 @@ network, POIs, landuse and natural; geopandas projects to UTM and overlays each 
 with a 300 m grid over the bounding box. Each run gets a fresh TMPDIR, so pyrosm's persistent
 result cache ($TMPDIR/pyrosm/cache) cannot turn a repeat run into a cache read. Ours: ``ingest.build_tile_shards`` end to end,
 including writing the zstd Parquet shards and the manifest.
+
+Second baseline, QuackOSM (``bench/quackosm_baseline.py``): its pbf reader, then DuckDB spatial cuts the
+features with the same 300 m grid into tiled GeoParquet. It runs in its own venv
+(``bench/_cache/quackosm-venv``, built on first use from the package index) because QuackOSM 0.19 needs
+DuckDB 1.5, and its ``spatial`` extension comes from a wheel instead of a run-time download.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ def run_ours(path: str, clip: str | None = None, block_tiles: int = 0) -> dict:
         total = time.perf_counter() - t0
         acc = result.tiled.accounting()
         return {"wall_s": total, "n_input": acc["n_input"], "n_entities": acc["n_entities_kept"], "data_version": result.dataset.data_version,
-                "n_tiles": result.manifest["n_tiles"], "n_pieces": result.manifest["n_pieces"],
+                "n_tiles": result.manifest["n_tiles"], "n_pieces": result.manifest["n_pieces"], "epsg": result.tiled.epsg,
                 "phases_s": {k: round(v, 2) for k, v in result.timings_s.items()}, "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -104,6 +109,34 @@ def _subprocess(which: str, path: Path, clip: str | None = None, block_tiles: in
                               capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
     if proc.returncode != 0:
         raise SystemExit(f"{which} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+QUACKOSM_VENV = CACHE / "quackosm-venv"
+QUACKOSM_PINS = ["quackosm==0.19.0", "duckdb==1.5.5", "duckdb-extensions==1.5.5", "duckdb-extension-spatial==1.5.5"]
+
+
+def quackosm_python() -> Path:
+    """The QuackOSM venv's python, built on first use (about a minute)."""
+    python = QUACKOSM_VENV / "bin" / "python"
+    stamp = QUACKOSM_VENV / ("installed-" + "-".join(QUACKOSM_PINS).replace("==", "_"))
+    if not stamp.exists():
+        print(f"building {QUACKOSM_VENV} ({', '.join(QUACKOSM_PINS)}) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(QUACKOSM_VENV)], check=True)
+        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", *QUACKOSM_PINS], capture_output=True, text=True)
+        if pip.returncode != 0:
+            raise SystemExit(f"cannot build the QuackOSM venv ({' '.join(QUACKOSM_PINS)}):\n{pip.stderr[-2000:]}")
+        stamp.touch()
+    return python
+
+
+def run_quackosm(path: Path, epsg: int) -> dict:
+    """``bench/quackosm_baseline.py`` in the QuackOSM venv, in a fresh scratch dir (no cache reuse)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([str(quackosm_python()), str(HERE / "quackosm_baseline.py"), str(path), str(epsg), tmp],
+                              capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
+    if proc.returncode != 0:
+        raise SystemExit(f"quackosm failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -127,7 +160,8 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=DEFAULT_SRC)
     ap.add_argument("--n", type=int, default=8, help="N for the N x N replicated extract")
     ap.add_argument("--scaling", default="1,2,4,8", help="comma-separated N values for the scaling table ('' to skip)")
-    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--skip-baseline", action="store_true", help="skip both baselines")
+    ap.add_argument("--no-quackosm", action="store_true", help="skip the QuackOSM baseline (it needs its own venv)")
     ap.add_argument("--clip", help="W,S,E,N: also ingest only that area of the same file (geojepa regions add --clip), "
                                    "and compare with the whole file")
     ap.add_argument("--blocks", type=int, default=0, metavar="BLOCK_TILES",
@@ -165,6 +199,13 @@ def main() -> None:
               f"{base['n_tiles']:,} tiles, {base['n_pieces']:,} pieces, {base['n_entities']:,} entities  "
               f"(pyrosm read {base['read_s']:.1f} s, overlay {base['overlay_s']:.1f} s)", flush=True)
         print(f"ratio ours/baseline wall time: {ours['wall_s'] / base['wall_s']:.2f}  (target <= 0.50)")
+        if not args.no_quackosm:
+            quack = run_quackosm(big, ours["epsg"])
+            print(f"quackosm: {quack['wall_s']:6.1f} s  peak RSS {quack['peak_rss_mb']:6.0f} MB  "
+                  f"{quack['n_tiles']:,} tiles, {quack['n_pieces']:,} pieces, {quack['n_entities']:,} entities  "
+                  f"(QuackOSM read {quack['read_s']:.1f} s, DuckDB spatial tiling {quack['tile_s']:.1f} s)", flush=True)
+            print(f"ratio ours/quackosm wall time: {ours['wall_s'] / quack['wall_s']:.2f}, peak RSS "
+                  f"{ours['peak_rss_mb'] / quack['peak_rss_mb']:.2f}", flush=True)
     if args.scaling:
         print("scaling (ours):  N   input features   wall s   s per 1k features   peak RSS MB")
         for n in [int(v) for v in args.scaling.split(",") if v]:

@@ -395,20 +395,23 @@ class BlockMergedRegion(TiledRegion):
     shares: list  # the blocks' TiledRegion, pieces spilled
 
     def entity_chunks(self):
-        chunks = {}  # share -> [(first tile, tiles, entities)] of its spilled bands
+        """Run by run, only the bands a run overlaps, one band held at a time (a band is memory-mapped: holding
+        every share's bands would map the whole region)."""
+        held = None  # ((share, band), tiles, entities) of the band read last
         for k, t0, t1 in self.runs:
-            if k not in chunks:
-                chunks[k], start = [], 0
-                for tiles, ents in self.shares[k].entity_chunks():
-                    chunks[k].append((start, tiles, ents))
-                    start += tiles.num_rows
-            for start, tiles, ents in chunks[k]:
-                lo, hi = max(t0, start), min(t1, start + tiles.num_rows)
+            share = self.shares[k]
+            starts = share.band_starts()
+            for i in range(len(share.band_files)):
+                lo, hi = max(t0, int(starts[i])), min(t1, int(starts[i + 1]))
                 if lo >= hi:
                     continue
+                if held is None or held[0] != (k, i):
+                    held = None
+                    held = ((k, i), *share.band_chunk(i))
+                _, tiles, ents = held
                 counts = np.asarray(tiles.column("n_entities"), np.int64)
                 piece_start = np.concatenate([[0], np.cumsum(counts)])
-                a, b = lo - start, hi - start
+                a, b = lo - int(starts[i]), hi - int(starts[i])
                 yield tiles.slice(a, b - a), ents.slice(int(piece_start[a]), int(piece_start[b] - piece_start[a]))
 
 

@@ -120,14 +120,21 @@ class TiledRegion:
         if self.entities is not None:
             yield self.tiles, self.entities
             return
-        t0 = 0
-        for path, n_tiles, clipped in self.band_files:
-            with pa.memory_map(str(path)) as source:
-                table = pa.ipc.open_file(source).read_all()
-            col = table.schema.get_field_index("is_clipped")
-            table = table.set_column(col, ENTITIES_SCHEMA.field("is_clipped"), pa.array(clipped, pa.bool_()))
-            yield self.tiles.slice(t0, n_tiles), table
-            t0 += n_tiles
+        for i in range(len(self.band_files)):
+            yield self.band_chunk(i)
+
+    def band_starts(self) -> np.ndarray:
+        """(n_bands + 1,) the first tile of each spilled band, then the number of tiles."""
+        return np.concatenate([[0], np.cumsum([n for _, n, _ in self.band_files])]).astype(np.int64)
+
+    def band_chunk(self, i: int) -> tuple[pa.Table, pa.Table]:
+        """(tiles, entities) of spilled band ``i``; the entities are memory-mapped, so drop them when done."""
+        path, n_tiles, clipped = self.band_files[i]
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        col = table.schema.get_field_index("is_clipped")
+        table = table.set_column(col, ENTITIES_SCHEMA.field("is_clipped"), pa.array(clipped, pa.bool_()))
+        return self.tiles.slice(int(self.band_starts()[i]), n_tiles), table
 
     def accounting(self) -> dict:
         """Counts that must add up: ``n_input == n_entities_kept + sum(dropped)``."""
