@@ -9,8 +9,9 @@
    the block would give, with every way and relation complete (a relation's members, transitively) and
    a flag for each element that some relation holds, so the keep/drop rules decide each entity as they
    do for the whole file. ``osm_read.osm_data_from_decoded`` then applies them and ``tiling.tile_osm(block=...)``
-   keeps the block's tiles.
-4. ``merge_blocks`` puts the blocks' tiles back in the global tile order and merges what became of every
+   keeps the block's tiles. ``tile_share`` is that unit of work; ``ingest_blocks`` runs ``workers`` of them
+   at once, each in a forked process (``ShareLayout`` is all a worker needs).
+4. ``ingest_blocks`` puts the blocks' tiles back in the global tile order and merges what became of every
    entity, by id, into one accounting: the result is what a whole-file run gives (``tests/geo/test_blocks.py``).
 
 Entities in no block (ways and relations with no located node, tagged nodes off the globe) form one more
@@ -148,13 +149,6 @@ def _do(con, sql: str) -> None:
     con.sql(sql)
 
 
-def _ids_table(con, name: str, ids: np.ndarray) -> None:
-    """A temporary DuckDB table ``name(id BIGINT)`` of ``ids``."""
-    con.register(f"_{name}_arrow", pa.table({"id": pa.array(np.asarray(ids, np.int64))}))
-    _do(con, f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT DISTINCT id FROM _{name}_arrow")
-    con.unregister(f"_{name}_arrow")
-
-
 @dataclass
 class BlockPlan:
     """The blocks of one spilled extract and the DuckDB views that read each block's share back.
@@ -185,6 +179,7 @@ class BlockPlan:
         (root / "duckdb").mkdir(exist_ok=True)
         self.con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": str(root / "duckdb"),
                                           "preserve_insertion_order": False})
+        self.con.sql("SET enable_progress_bar = false")  # long statements would draw bars on stderr
         for name in _SCHEMAS:
             _do(self.con, f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{root / name}.parquet')")
         self._node_blocks()
@@ -246,11 +241,12 @@ class BlockPlan:
                 reached.update((bx, by) for bx in range(bx0, bx1 + 1) for by in range(by0, by1 + 1))
         return reached
 
+    def layout(self) -> "ShareLayout":
+        """What a worker process needs to read and tile one share (picklable)."""
+        return ShareLayout(self.spill.root / "parts", tuple(self.blocks), self.block_tiles, self.tile_size_m, self.epsg)
+
     def tile_range(self, block) -> tuple[int, int, int, int]:
-        """(tx0, tx1, ty0, ty1): the block's tiles, half-open."""
-        bx, by = block
-        k = self.block_tiles
-        return bx * k, (bx + 1) * k, by * k, (by + 1) * k
+        return self.layout().tile_range(block)
 
     # ---- each block's share -----------------------------------------------------------------
     def _partition(self) -> None:
@@ -307,18 +303,54 @@ class BlockPlan:
         for name in ("an_all", "aw", "ar", "member_of"):
             _do(con, f"DROP TABLE {name}")
 
+    def n_input(self) -> int:
+        """The features a whole-file read accounts for: tagged nodes, untagged member nodes (in the file or not), ways, relations."""
+        return int(_q(self.con, """SELECT (SELECT count(*) FROM nodes WHERE n_raw > 0)
+            + (SELECT count(DISTINCT m.ref) FROM members m WHERE m.type = 0 AND m.ref NOT IN (SELECT id FROM nodes WHERE n_raw > 0))
+            + (SELECT count(*) FROM ways) + (SELECT count(*) FROM rels)""").column(0)[0].as_py())
+
+    def rel_positions(self, rel_ids: np.ndarray) -> np.ndarray:
+        """File position of each relation id (for the file order of the relation-members table)."""
+        rows = pq.read_table(self.spill.root / "rels.parquet", columns=["id", "pos"])
+        ids, pos = rows.column("id").to_numpy(), rows.column("pos").to_numpy()
+        order = np.argsort(ids)
+        return pos[order][np.searchsorted(ids[order], rel_ids)]
+
+
+@dataclass(frozen=True)
+class ShareLayout:
+    """Where ``BlockPlan`` wrote each share's rows, and its grid: all that reading and tiling a share needs.
+
+    Share ``k`` is the block ``blocks[k]``; share ``len(blocks)`` (``nowhere``) holds the entities in no block."""
+
+    parts: Path  # parts/<table>/k=<share>/*.parquet
+    blocks: tuple  # (bx, by) of each block share, in the global order
+    block_tiles: int
+    tile_size_m: float
+    epsg: int
+
+    @property
+    def nowhere(self) -> int:
+        return len(self.blocks)
+
+    def tile_range(self, block) -> tuple[int, int, int, int]:
+        """(tx0, tx1, ty0, ty1): the block's tiles, half-open."""
+        bx, by = block
+        k = self.block_tiles
+        return bx * k, (bx + 1) * k, by * k, (by + 1) * k
+
     def _part(self, table: str, k: int, columns: str, order: str) -> pa.Table:
         """One share's rows of ``table``, ordered (an empty table when the share has none)."""
-        path = self.spill.root / "parts" / table / f"k={k}"
+        path = self.parts / table / f"k={k}"
         files = sorted(path.glob("*.parquet")) if path.is_dir() else []
         if not files:
-            return _q(self.con, f"SELECT {columns} FROM (SELECT *, false AS member FROM {table}) LIMIT 0")
+            schema = _SCHEMAS[table].append(pa.field("member", pa.bool_()))
+            return schema.empty_table().select([c.strip() for c in columns.split(",")])
         listed = ", ".join(f"'{f}'" for f in files)
-        return _q(self.con, f"SELECT {columns} FROM read_parquet([{listed}]) ORDER BY {order}")
+        return _q(_reader(), f"SELECT {columns} FROM read_parquet([{listed}]) ORDER BY {order}")
 
-    def decoded(self, block) -> _Decoded:
-        """The block's share of the file (``NOWHERE``: the entities in no block), as ``osm_read`` decodes a file."""
-        k = self._nowhere if block is NOWHERE else self.blocks.index(block)
+    def decoded(self, k: int) -> _Decoded:
+        """Share ``k``'s part of the file (``blocks[k]``, or the entities in no block), as ``osm_read`` decodes a file."""
         node_rows = self._part("nodes", k, "id, lon, lat, n_raw, member", "pos")
         way_rows = self._part("ways", k, "id, n_raw, member", "pos")
         rel_rows = self._part("rels", k, "id, n_raw, type_value, member", "pos")
@@ -347,19 +379,20 @@ class BlockPlan:
         rows = rows.take(pa.array(sort))
         return rows.column("key").combine_chunks(), rows.column("value").combine_chunks(), owner[sort].astype(np.int64), n_raw.astype(np.int64)
 
-    def n_input(self) -> int:
-        """The features a whole-file read accounts for: tagged nodes, untagged member nodes (in the file or not), ways, relations."""
-        return int(_q(self.con, """SELECT (SELECT count(*) FROM nodes WHERE n_raw > 0)
-            + (SELECT count(DISTINCT m.ref) FROM members m WHERE m.type = 0 AND m.ref NOT IN (SELECT id FROM nodes WHERE n_raw > 0))
-            + (SELECT count(*) FROM ways) + (SELECT count(*) FROM rels)""").column(0)[0].as_py())
 
-    def rel_positions(self, rel_ids: np.ndarray) -> np.ndarray:
-        """File position of each relation id (for the file order of the relation-members table)."""
-        _ids_table(self.con, "sel_r", rel_ids)
-        rows = _q(self.con, "SELECT r.id, r.pos FROM rels r JOIN sel_r USING (id)")
-        ids, pos = rows.column("id").to_numpy(), rows.column("pos").to_numpy()
-        order = np.argsort(ids)
-        return pos[order][np.searchsorted(ids[order], rel_ids)]
+
+_READER = {}  # pid -> that process' DuckDB connection for reading shares
+
+
+def _reader() -> duckdb.DuckDBPyConnection:
+    """One small DuckDB connection per process (a worker must not use its parent's)."""
+    import os
+
+    pid = os.getpid()
+    if pid not in _READER:  # a forked worker leaves its parent's connection alone: closing it there can crash
+        _READER[pid] = con = duckdb.connect(config={"memory_limit": "512MB", "threads": 1})
+        con.sql("SET enable_progress_bar = false")
+    return _READER[pid]
 
 
 def _order_by_owner(rows: pa.Table, owner_col: str, ids: np.ndarray) -> pa.Table:
@@ -475,56 +508,118 @@ def _block_touches(plan: BlockPlan, block, area_utm) -> bool:
     return bool(shapely.intersects(area_utm, shapely.box(tx0 * s, ty0 * s, tx1 * s, ty1 * s)))
 
 
+@dataclass
+class ShareResult:
+    """What tiling one share gave (``tile_share``), to be merged by id: picklable, small (no pieces)."""
+
+    k: int
+    dropped: dict  # read-level reason -> (K, 2) (osm type, osm id)
+    repaired: list  # [(reason, (K, 2) ids)]
+    members: pa.Table | None  # the share's relation-members table
+    ids: np.ndarray  # (K, 2) the share's kept entities
+    status: np.ndarray  # (K,) what tiling made of each (tiling.KEPT ...), ELSEWHERE when not tiled here
+    area_ids: np.ndarray | None = None
+    area_error: np.ndarray | None = None
+    tiled: TiledRegion | None = None  # its tiles and spilled bands, when it has tiles
+    seconds: float = 0.0
+
+
+def tile_share(layout: ShareLayout, k: int, region: str, scratch: Path, clip=None, workers: int | None = 1) -> ShareResult:
+    """Read share ``k`` back, apply the keep/drop rules and tile it (pieces spilled under ``scratch``): the unit of
+    work of block ingestion, run in a worker process or in this one."""
+    import time
+
+    from .osm_read import osm_data_from_decoded
+    from .tiling import tile_osm
+
+    t = time.perf_counter()
+    data = osm_data_from_decoded(layout.decoded(k), record_ids=True)
+    result = ShareResult(k, dropped={r: np.concatenate(p) for r, p in (data.dropped.ids or {}).items()},
+                         repaired=[(r, np.concatenate(p)) for r, p in (data.repaired.ids or {}).items()],
+                         members=data.relation_members() if len(data.rel_id) else None,
+                         ids=np.stack([data.osm_type.astype(np.int64), data.osm_id], axis=1), status=np.zeros(0, np.int64))
+    if k == layout.nowhere or len(data) == 0:
+        result.status = np.full(len(result.ids), ELSEWHERE, np.int64)  # pulled in to decide membership; tiled in their blocks
+        return result
+    tiled = tile_osm(data, region, layout.tile_size_m, workers=workers, spill_dir=Path(scratch), clip=clip,
+                     epsg=layout.epsg, block=layout.tile_range(layout.blocks[k]))
+    del data
+    o, tiled.outcomes = tiled.outcomes, None
+    result.ids, result.status = o["ids"], np.asarray(o["status"], np.int64)
+    result.repaired += list(o["repaired"].items())
+    result.area_ids, result.area_error = o["area_ids"], o["area_rel_error"]
+    result.tiled = tiled if tiled.tiles.num_rows else None
+    result.seconds = time.perf_counter() - t
+    return result
+
+
+def _tile_share_args(args: tuple) -> ShareResult:
+    return tile_share(*args)
+
+
+def _shares_tiled(layout: ShareLayout, todo: list[int], region: str, scratch: Path, clip, workers: int):
+    """``tile_share`` of each share in ``todo``, in order: in this process (``workers`` 1: one tiling process),
+    else a share at a time in each of ``workers`` forked processes. Forked, not spawned: a spawned worker
+    re-imports the caller's main script, which need not guard itself. The plan's DuckDB connection is closed
+    by then (no DuckDB thread to inherit); each worker opens its own reader."""
+    jobs = [(layout, k, region, scratch / f"block-{k:05d}", clip, 1) for k in todo]
+    if workers <= 1 or len(todo) <= 1:
+        for layout_, k, region_, where, clip_, _ in jobs:
+            yield tile_share(layout_, k, region_, where, clip_, workers)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .parallel import fork_worker_init
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"), initializer=fork_worker_init) as pool:
+        yield from pool.map(_tile_share_args, jobs)
+
+
 def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_m: float = TILE_SIZE_M, clip=None,
                   workers: int | None = None, log=None, memory_limit: str = "1GB") -> tuple[TiledRegion, pa.Table]:
     """Tile ``path`` block by block (module docstring): the merged ``TiledRegion`` (pieces spilled under
     ``scratch``) and the relation-members table, as ``tile_osm`` and ``OsmData.relation_members`` give them
-    for the whole file."""
+    for the whole file. ``workers``: blocks tiled at once, each in its own process (default: one per core, at most 2)."""
     import time
 
-    from .osm_read import RELATION_MEMBERS_SCHEMA, osm_data_from_decoded
-    from .tiling import tile_osm
+    from .osm_read import RELATION_MEMBERS_SCHEMA
+    from .parallel import default_workers
 
     t0 = time.perf_counter()
     scratch = Path(scratch)
     spill = spill_pbf(path, scratch / "spill")
     plan = BlockPlan(spill, block_tiles, tile_size_m, epsg=clip.epsg if clip is not None else None, memory_limit=memory_limit)
+    n_input = plan.n_input()
+    plan.con.close()  # its buffers (up to memory_limit) go before the blocks are tiled
+    layout = plan.layout()
     t_plan = time.perf_counter() - t0
     area_utm = clip.projected(plan.epsg) if clip is not None else None
-    todo = [b for b in plan.blocks if area_utm is None or _block_touches(plan, b, area_utm)] + [NOWHERE]
+    todo = [k for k, b in enumerate(plan.blocks) if area_utm is None or _block_touches(plan, b, area_utm)] + [layout.nowhere]
+    workers = workers or default_workers()
     if log:
         log(f"blocks of {region}: {len(todo) - 1} of {len(plan.blocks)} blocks of {block_tiles}x{block_tiles} tiles "
-            f"({block_tiles * tile_size_m / 1000:.1f} km), EPSG:{plan.epsg}; plan {t_plan:.1f} s")
+            f"({block_tiles * tile_size_m / 1000:.1f} km), EPSG:{plan.epsg}; plan {t_plan:.1f} s; {workers} at a time")
     out, shares, timings = _Outcomes(), [], {"spill_and_plan": t_plan}
-    for i, block in enumerate(todo):
-        t = time.perf_counter()
-        data = osm_data_from_decoded(plan.decoded(block), record_ids=True)
-        for reason, parts in (data.dropped.ids or {}).items():
-            out.add(np.concatenate(parts), out.read_rank(reason))
-        for reason, parts in (data.repaired.ids or {}).items():
-            out.add_repaired(reason, np.concatenate(parts))
-        if len(data.rel_id):
-            out.members.append(data.relation_members())
-        kept_ids = np.stack([data.osm_type.astype(np.int64), data.osm_id], axis=1)
-        if block is NOWHERE or len(data) == 0:
-            out.add(kept_ids, ELSEWHERE)  # pulled in to decide membership; tiled in their blocks
-            continue
-        tiled = tile_osm(data, region, tile_size_m, workers=workers, spill_dir=scratch / f"block-{i:05d}", clip=clip,
-                         epsg=plan.epsg, block=plan.tile_range(block))
-        del data
-        o = tiled.outcomes
-        out.add(o["ids"], o["status"])
-        for reason, ids in o["repaired"].items():
+    for i, res in enumerate(_shares_tiled(layout, todo, region, scratch, clip, workers)):
+        for reason, ids in res.dropped.items():
+            out.add(ids, out.read_rank(reason))
+        for reason, ids in res.repaired:
             out.add_repaired(reason, ids)
-        out.area_ids.append(o["area_ids"])
-        out.area_error.append(o["area_rel_error"])
-        if tiled.tiles.num_rows:
+        if res.members is not None:
+            out.members.append(res.members)
+        out.add(res.ids, res.status)
+        if res.area_ids is not None:
+            out.area_ids.append(res.area_ids)
+            out.area_error.append(res.area_error)
+        tiled = res.tiled
+        if tiled is not None:
             shares.append(tiled)
-        for k, v in tiled.timings_s.items():
-            timings[k] = timings.get(k, 0.0) + v
-        if log:
-            log(f"block {i + 1}/{len(todo) - 1} {block}: {tiled.tiles.num_rows:,} tiles, {tiled.n_pieces:,} pieces "
-                f"({time.perf_counter() - t:.1f} s)")
+            for key, v in tiled.timings_s.items():
+                timings[key] = timings.get(key, 0.0) + v
+        if log and res.k != layout.nowhere:
+            log(f"block {i + 1}/{len(todo) - 1} {layout.blocks[res.k]}: {tiled.tiles.num_rows if tiled else 0:,} tiles, "
+                f"{tiled.n_pieces if tiled else 0:,} pieces ({res.seconds:.1f} s)")
 
     # ---- accounting, by id ------------------------------------------------------------------
     ids, rank = _first_by_id(np.concatenate(out.ids) if out.ids else np.zeros((0, 2), np.int64),
@@ -542,7 +637,6 @@ def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_
             dropped[out.reasons[r - _READ_RANK]] += n
         else:
             dropped[_STATUS_REASON[r]] += n
-    n_input = plan.n_input()
     unseen = n_input - len(ids)  # entities that reach only blocks the clip left out
     if unseen and clip is None:
         raise AssertionError(f"block accounting broken: {n_input} input features, {len(ids)} seen in the blocks")
@@ -572,7 +666,6 @@ def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_
     )
     merged.runs, merged.shares = runs, shares
     members = _merged_members(plan, out.members, RELATION_MEMBERS_SCHEMA)
-    plan.con.close()
     return merged, members
 
 

@@ -29,9 +29,10 @@ def _assert_same(merged, members, whole, whole_members):
 
 @needs_shared
 def test_liechtenstein_in_five_blocks_is_the_whole_file_run(tmp_path):
+    """Five blocks tiled two at a time, in spawned processes (``workers=2``), merged into the whole-file run."""
     data = read_osm(LIECHTENSTEIN)
     whole = tile_osm(data, "li", workers=1)
-    merged, members = ingest_blocks(LIECHTENSTEIN, "li", tmp_path, block_tiles=80, workers=1)
+    merged, members = ingest_blocks(LIECHTENSTEIN, "li", tmp_path, block_tiles=80, workers=2)
     assert len(merged.shares) == 5
     _assert_same(merged, members, whole, data.relation_members())
 
@@ -69,7 +70,8 @@ def test_a_clipped_region_by_blocks_is_the_clipped_whole_file_run(tmp_path, pyro
 def test_one_block_and_two_blocks_give_the_data_version_of_a_whole_file_run(tmp_path, pyrosm_test_pbf):
     whole = build_tile_shards("t", Store(tmp_path / "whole"), extract_path=pyrosm_test_pbf, source={}, block_min_mb=-1)
     one = build_tile_shards("t", Store(tmp_path / "one"), extract_path=pyrosm_test_pbf, source={}, block_min_mb=0, block_tiles=1024)
-    two = build_tile_shards("t", Store(tmp_path / "two"), extract_path=pyrosm_test_pbf, source={}, block_min_mb=0, block_tiles=16)
+    two = build_tile_shards("t", Store(tmp_path / "two"), extract_path=pyrosm_test_pbf, source={}, block_min_mb=0, block_tiles=16,
+                            workers=1)
     assert "ingestion" not in whole.manifest and one.manifest["ingestion"]["n_blocks"] == 1 and two.manifest["ingestion"]["n_blocks"] == 2
     assert one.dataset.data_version == two.dataset.data_version == whole.dataset.data_version
     assert one.manifest["accounting"] == two.manifest["accounting"] == whole.manifest["accounting"]
