@@ -179,7 +179,10 @@ def main() -> None:
     print(f"ours:     {ours['wall_s']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
           f"{ours['n_tiles']:,} tiles, {ours['n_pieces']:,} pieces, {ours['n_entities']:,} entities  phases {ours['phases_s']}", flush=True)
     if args.blocks:
-        whole = _subprocess("ours", big, block_tiles=-1)
+        from geojepa_pipeline.stages.osm import TileShardsOptions
+
+        # the default run is already the whole-file one unless blocks are on by default
+        whole = ours if TileShardsOptions().block_min_mb < 0 else _subprocess("ours", big, block_tiles=-1)
         blocks = _subprocess("ours", big, block_tiles=args.blocks)
         for label, r in (("whole", whole), (f"blocks {args.blocks}", blocks)):
             print(f"{label + ':':16s} {r['wall_s']:6.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "

@@ -189,10 +189,10 @@ class TileShardsOptions:
 
     shard_tiles: int = DEFAULT_SHARD_TILES  # tiles per Parquet shard
     tile_size_m: float = TILE_SIZE_M  # grid spacing in metres (the method uses 300)
-    workers: int = 0  # processes for tiling; 0 = one per core, at most 2 (the output does not depend on it)
+    workers: int = 0  # processes for tiling (by blocks: blocks tiled at once); 0 = one per core, at most 2 (the output does not depend on it)
     # extracts of at least this many MiB are ingested block by block (geo.blocks: the
-    # same shards); 0: always, a negative number: never (the default until the plan step is faster: 3.4x the whole-file
-    # time on the 16x16 Liechtenstein, for 0.84x its peak RSS)
+    # same shards); 0: always, a negative number: never (the default while it is slower: 1.42x the whole-file
+    # time on the 8x8 Liechtenstein, bench/ingest.py --blocks 128)
     block_min_mb: float = -1.0
     block_tiles: int = 128  # a block's side in tiles (128: 38.4 km); a multiple of 16
 
