@@ -15,7 +15,7 @@
    entity, by id, into one accounting: the result is what a whole-file run gives (``tests/geo/test_blocks.py``).
 
 Entities in no block (ways and relations with no located node, tagged nodes off the globe) form one more
-share, ``NOWHERE``, which is decided but not tiled.
+share, the last (``ShareLayout.nowhere``), which is decided but not tiled.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from .grid import TILE_SIZE_M, unique_ints, utm_epsg
 from .osm_read import NODE, OSM_TYPE_NAMES, RELATION, WAY, _Decoded, iter_blocks
 from .tiling import BLOCK_TILES, ELSEWHERE, EMPTY, ENTITIES_SCHEMA, KEPT, NO_PIECE, OUTSIDE_CLIP, TILES_SCHEMA, TiledRegion
 
-NOWHERE = None  # the share of the entities that reach no block
 _FLUSH_ROWS = 1 << 20  # rows buffered per table before a Parquet row group goes to disk
 
 _SCHEMAS = {
@@ -179,7 +178,7 @@ class BlockPlan:
         (root / "duckdb").mkdir(exist_ok=True)
         self.con = duckdb.connect(config={"memory_limit": self.memory_limit, "temp_directory": str(root / "duckdb"),
                                           "preserve_insertion_order": False})
-        self.con.sql("SET enable_progress_bar = false")  # long statements would draw bars on stderr
+        _do(self.con, "SET enable_progress_bar = false")  # long statements would draw bars on stderr
         for name in _SCHEMAS:
             _do(self.con, f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{root / name}.parquet')")
         self._node_blocks()
@@ -245,12 +244,9 @@ class BlockPlan:
         """What a worker process needs to read and tile one share (picklable)."""
         return ShareLayout(self.spill.root / "parts", tuple(self.blocks), self.block_tiles, self.tile_size_m, self.epsg)
 
-    def tile_range(self, block) -> tuple[int, int, int, int]:
-        return self.layout().tile_range(block)
-
     # ---- each block's share -----------------------------------------------------------------
     def _partition(self) -> None:
-        """Write each share's rows (``self.shares``: every block, then ``NOWHERE``) to ``parts/<table>/k=<share>/``,
+        """Write each share's rows (every block, then the entities in no block) to ``parts/<table>/k=<share>/``,
         so that reading a share back reads only its own rows: DuckDB joins and one partitioned write per table.
 
         A block's share: the ways and relations whose box covers it, the members of its relations (member
@@ -258,8 +254,7 @@ class BlockPlan:
         its tagged nodes. Which relations hold an entity is not pulled in (that closure can reach a whole
         state through shared boundary ways): a ``member`` flag, computed over the whole file, says it."""
         con = self.con
-        self.shares = list(self.blocks) + [NOWHERE]
-        nowhere = self._nowhere = len(self.blocks)
+        nowhere = len(self.blocks)
         con.register("_blocks", pa.table({"block_x": np.array([b[0] for b in self.blocks], np.int32),
                                           "block_y": np.array([b[1] for b in self.blocks], np.int32),
                                           "k": np.arange(len(self.blocks), dtype=np.int32)}))
@@ -391,7 +386,7 @@ def _reader() -> duckdb.DuckDBPyConnection:
     pid = os.getpid()
     if pid not in _READER:  # a forked worker leaves its parent's connection alone: closing it there can crash
         _READER[pid] = con = duckdb.connect(config={"memory_limit": "512MB", "threads": 1})
-        con.sql("SET enable_progress_bar = false")
+        _do(con, "SET enable_progress_bar = false")
     return _READER[pid]
 
 
@@ -439,7 +434,7 @@ class BlockMergedRegion(TiledRegion):
                 if lo >= hi:
                     continue
                 if held is None or held[0] != (k, i):
-                    held = None
+                    held = None  # unmap the last band before mapping the next
                     held = ((k, i), *share.band_chunk(i))
                 _, tiles, ents = held
                 counts = np.asarray(tiles.column("n_entities"), np.int64)
@@ -500,11 +495,11 @@ def _first_by_id(ids: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndar
     return ids[first], rank[first]
 
 
-def _block_touches(plan: BlockPlan, block, area_utm) -> bool:
+def _block_touches(layout: ShareLayout, block, area_utm) -> bool:
     import shapely
 
-    tx0, tx1, ty0, ty1 = plan.tile_range(block)
-    s = plan.tile_size_m
+    tx0, tx1, ty0, ty1 = layout.tile_range(block)
+    s = layout.tile_size_m
     return bool(shapely.intersects(area_utm, shapely.box(tx0 * s, ty0 * s, tx1 * s, ty1 * s)))
 
 
@@ -595,7 +590,7 @@ def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_
     layout = plan.layout()
     t_plan = time.perf_counter() - t0
     area_utm = clip.projected(plan.epsg) if clip is not None else None
-    todo = [k for k, b in enumerate(plan.blocks) if area_utm is None or _block_touches(plan, b, area_utm)] + [layout.nowhere]
+    todo = [k for k, b in enumerate(plan.blocks) if area_utm is None or _block_touches(layout, b, area_utm)] + [layout.nowhere]
     workers = workers or default_workers()
     if log:
         log(f"blocks of {region}: {len(todo) - 1} of {len(plan.blocks)} blocks of {block_tiles}x{block_tiles} tiles "
