@@ -304,13 +304,6 @@ class BlockPlan:
             + (SELECT count(DISTINCT m.ref) FROM members m WHERE m.type = 0 AND m.ref NOT IN (SELECT id FROM nodes WHERE n_raw > 0))
             + (SELECT count(*) FROM ways) + (SELECT count(*) FROM rels)""").column(0)[0].as_py())
 
-    def rel_positions(self, rel_ids: np.ndarray) -> np.ndarray:
-        """File position of each relation id (for the file order of the relation-members table)."""
-        rows = pq.read_table(self.spill.root / "rels.parquet", columns=["id", "pos"])
-        ids, pos = rows.column("id").to_numpy(), rows.column("pos").to_numpy()
-        order = np.argsort(ids)
-        return pos[order][np.searchsorted(ids[order], rel_ids)]
-
 
 @dataclass(frozen=True)
 class ShareLayout:
@@ -327,6 +320,17 @@ class ShareLayout:
     @property
     def nowhere(self) -> int:
         return len(self.blocks)
+
+    def rel_positions(self, rel_ids: np.ndarray) -> np.ndarray:
+        """File position of each relation id (for the file order of the relation-members table)."""
+        rows = pq.read_table(self.parts.parent / "rels.parquet", columns=["id", "pos"])
+        ids, pos = rows.column("id").to_numpy(), rows.column("pos").to_numpy()
+        order = np.argsort(ids)
+        return pos[order][np.searchsorted(ids[order], rel_ids)]
+
+    def label(self, k: int) -> str:
+        """A share's name for logs and Dagster mapping keys: ``block_<k>`` or ``nowhere``."""
+        return "nowhere" if k == self.nowhere else f"block_{k:05d}"
 
     def tile_range(self, block) -> tuple[int, int, int, int]:
         """(tx0, tx1, ty0, ty1): the block's tiles, half-open."""
@@ -552,13 +556,18 @@ def _tile_share_args(args: tuple) -> ShareResult:
     return tile_share(*args)
 
 
-def _shares_tiled(layout: ShareLayout, todo: list[int], region: str, scratch: Path, clip, workers: int):
+def share_dir(scratch: Path, k: int) -> Path:
+    """Where share ``k``'s pieces are spilled under a build's scratch directory."""
+    return Path(scratch) / f"block-{k:05d}"
+
+
+def shares_tiled(layout: ShareLayout, todo, region: str, scratch: Path, clip, workers: int):
     """``tile_share`` of each share in ``todo``, in order: in this process (``workers`` 1: one tiling process),
     else a share at a time in each of ``workers`` forked processes. Forked, not spawned: a spawned worker
     re-imports the caller's main script, which need not guard itself. The plan's DuckDB connection is closed
     by then (no DuckDB thread to inherit); each worker opens its own reader."""
-    jobs = [(layout, k, region, scratch / f"block-{k:05d}", clip, 1) for k in todo]
-    if workers <= 1 or len(todo) <= 1:
+    jobs = [(layout, k, region, share_dir(scratch, k), clip, 1) for k in todo]
+    if workers <= 1 or len(jobs) <= 1:
         for layout_, k, region_, where, clip_, _ in jobs:
             yield tile_share(layout_, k, region_, where, clip_, workers)
         return
@@ -571,6 +580,33 @@ def _shares_tiled(layout: ShareLayout, todo: list[int], region: str, scratch: Pa
         yield from pool.map(_tile_share_args, jobs)
 
 
+@dataclass(frozen=True)
+class PlannedBlocks:
+    """What ``plan_blocks`` leaves for the blocks' work and their merge (picklable: a Dagster op's output)."""
+
+    layout: ShareLayout
+    n_input: int  # the features a whole-file read accounts for
+    todo: tuple  # the shares to tile, in order: the blocks (those the clip touches), then ``layout.nowhere``
+    n_blocks: int  # blocks some entity reaches (``len(layout.blocks)``; more than ``len(todo) - 1`` under a clip)
+    seconds: float  # spill and plan, wall
+
+
+def plan_blocks(path, scratch: Path, block_tiles: int, tile_size_m: float = TILE_SIZE_M, clip=None,
+                memory_limit: str = "1GB") -> PlannedBlocks:
+    """Spill ``path`` under ``scratch`` and write every block's share (module docstring, steps 1-2)."""
+    import time
+
+    t0 = time.perf_counter()
+    spill = spill_pbf(path, Path(scratch) / "spill")
+    plan = BlockPlan(spill, block_tiles, tile_size_m, epsg=clip.epsg if clip is not None else None, memory_limit=memory_limit)
+    n_input = plan.n_input()
+    plan.con.close()  # its buffers (up to memory_limit) go before the blocks are tiled
+    layout = plan.layout()
+    area_utm = clip.projected(plan.epsg) if clip is not None else None
+    todo = [k for k, b in enumerate(plan.blocks) if area_utm is None or _block_touches(layout, b, area_utm)] + [layout.nowhere]
+    return PlannedBlocks(layout, n_input, tuple(todo), len(plan.blocks), time.perf_counter() - t0)
+
+
 def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_m: float = TILE_SIZE_M, clip=None,
                   workers: int | None = None, log=None, memory_limit: str = "1GB") -> tuple[TiledRegion, pa.Table]:
     """Tile ``path`` block by block (module docstring): the merged ``TiledRegion`` (pieces spilled under
@@ -578,43 +614,58 @@ def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_
     for the whole file. ``workers``: blocks tiled at once, each in its own process (default: one per core, at most 2)."""
     import time
 
-    from .osm_read import RELATION_MEMBERS_SCHEMA
     from .parallel import default_workers
 
     t0 = time.perf_counter()
-    scratch = Path(scratch)
-    spill = spill_pbf(path, scratch / "spill")
-    plan = BlockPlan(spill, block_tiles, tile_size_m, epsg=clip.epsg if clip is not None else None, memory_limit=memory_limit)
-    n_input = plan.n_input()
-    plan.con.close()  # its buffers (up to memory_limit) go before the blocks are tiled
-    layout = plan.layout()
-    t_plan = time.perf_counter() - t0
-    area_utm = clip.projected(plan.epsg) if clip is not None else None
-    todo = [k for k, b in enumerate(plan.blocks) if area_utm is None or _block_touches(layout, b, area_utm)] + [layout.nowhere]
+    planned = plan_blocks(path, scratch, block_tiles, tile_size_m, clip=clip, memory_limit=memory_limit)
     workers = workers or default_workers()
+    log_plan(planned, region, log, f"{workers} at a time")
+    results = shares_tiled(planned.layout, planned.todo, region, Path(scratch), clip, workers)
+    return merge_shares(planned, results, clip=clip, log=log, started=t0)
+
+
+def log_plan(planned: PlannedBlocks, region: str, log, how: str) -> None:
+    layout = planned.layout
     if log:
-        log(f"blocks of {region}: {len(todo) - 1} of {len(plan.blocks)} blocks of {block_tiles}x{block_tiles} tiles "
-            f"({block_tiles * tile_size_m / 1000:.1f} km), EPSG:{plan.epsg}; plan {t_plan:.1f} s; {workers} at a time")
-    out, shares, timings = _Outcomes(), [], {"spill_and_plan": t_plan}
-    for i, res in enumerate(_shares_tiled(layout, todo, region, scratch, clip, workers)):
+        log(f"blocks of {region}: {len(planned.todo) - 1} of {planned.n_blocks} blocks of {layout.block_tiles}x{layout.block_tiles} "
+            f"tiles ({layout.block_tiles * layout.tile_size_m / 1000:.1f} km), EPSG:{layout.epsg}; plan {planned.seconds:.1f} s; {how}")
+
+
+def merge_shares(planned: PlannedBlocks, results, clip=None, log=None, started: float | None = None) -> tuple[TiledRegion, pa.Table]:
+    """The ``ShareResult`` of every share of ``planned.todo`` (any order) merged by id into one ``TiledRegion``
+    and relation-members table: what a whole-file run gives. ``started``: ``time.perf_counter()`` at the
+    start, for the total (default: the plan's and the shares' seconds added up)."""
+    import time
+
+    from .osm_read import RELATION_MEMBERS_SCHEMA
+
+    layout, n_input = planned.layout, planned.n_input
+    out, by_k, timings = _Outcomes(), {}, {"spill_and_plan": planned.seconds}
+    n_tiled = 0
+    for res in results:
+        by_k[res.k] = res
         for reason, ids in res.dropped.items():
             out.add(ids, out.read_rank(reason))
         for reason, ids in res.repaired:
             out.add_repaired(reason, ids)
-        if res.members is not None:
-            out.members.append(res.members)
         out.add(res.ids, res.status)
         if res.area_ids is not None:
             out.area_ids.append(res.area_ids)
             out.area_error.append(res.area_error)
         tiled = res.tiled
         if tiled is not None:
-            shares.append(tiled)
             for key, v in tiled.timings_s.items():
                 timings[key] = timings.get(key, 0.0) + v
         if log and res.k != layout.nowhere:
-            log(f"block {i + 1}/{len(todo) - 1} {layout.blocks[res.k]}: {tiled.tiles.num_rows if tiled else 0:,} tiles, "
+            n_tiled += 1
+            log(f"block {n_tiled}/{len(planned.todo) - 1} {layout.blocks[res.k]}: {tiled.tiles.num_rows if tiled else 0:,} tiles, "
                 f"{tiled.n_pieces if tiled else 0:,} pieces ({res.seconds:.1f} s)")
+    if sorted(by_k) != sorted(planned.todo):
+        missed = sorted(set(planned.todo) - set(by_k))
+        raise ValueError(f"merge_shares: {len(missed)} of {len(planned.todo)} shares have no result (first: {missed[:5]})")
+    ordered = [by_k[k] for k in planned.todo]  # the merge does not depend on the order results came in
+    out.members = [r.members for r in ordered if r.members is not None]
+    shares = [r.tiled for r in ordered if r.tiled is not None]
 
     # ---- accounting, by id ------------------------------------------------------------------
     ids, rank = _first_by_id(np.concatenate(out.ids) if out.ids else np.zeros((0, 2), np.int64),
@@ -653,18 +704,19 @@ def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_
 
     # ---- tiles in the global order, and the relation members in file order --------------------
     runs = _global_runs(shares)
+    total = time.perf_counter() - started if started is not None else planned.seconds + sum(r.seconds for r in ordered)
     tiles = pa.concat_tables([shares[k].tiles.slice(a, b - a) for k, a, b in runs]) if runs else TILES_SCHEMA.empty_table()
     merged = BlockMergedRegion(
-        epsg=plan.epsg, tiles=tiles, entities=None, n_input=n_input, n_entities_kept=int((rank == KEPT).sum()),
-        dropped=dropped, repaired=repaired, area_check=area_check, timings_s={**timings, "total": time.perf_counter() - t0},
+        epsg=layout.epsg, tiles=tiles, entities=None, n_input=n_input, n_entities_kept=int((rank == KEPT).sum()),
+        dropped=dropped, repaired=repaired, area_check=area_check, timings_s={**timings, "total": total},
         n_bands=sum(s.n_bands for s in shares), n_pieces=int(np.asarray(tiles.column("n_entities"), np.int64).sum()),
     )
     merged.runs, merged.shares = runs, shares
-    members = _merged_members(plan, out.members, RELATION_MEMBERS_SCHEMA)
+    members = _merged_members(layout, out.members, RELATION_MEMBERS_SCHEMA)
     return merged, members
 
 
-def _merged_members(plan: BlockPlan, tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
+def _merged_members(layout: ShareLayout, tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
     """Each relation's rows from the first share that has it, relations in file order."""
     if not tables:
         return schema.empty_table()
@@ -677,6 +729,6 @@ def _merged_members(plan: BlockPlan, tables: list[pa.Table], schema: pa.Schema) 
     for a, b in zip(starts.tolist(), ends.tolist()):
         first_seen.setdefault(int(rel[a]), (a, b))
     rel_ids = np.fromiter(first_seen, np.int64, len(first_seen))
-    order = np.argsort(plan.rel_positions(rel_ids), kind="stable")
+    order = np.argsort(layout.rel_positions(rel_ids), kind="stable")
     rows = np.concatenate([np.arange(*first_seen[int(r)]) for r in rel_ids[order]])
     return table.take(pa.array(rows))

@@ -6,22 +6,27 @@ The Dagster assets ``osm_extract`` and ``tile_shards`` are thin wrappers around
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..geo.clip import ClipArea, clip_osm
-from ..geo.blocks import ingest_blocks
+from ..geo.blocks import PlannedBlocks, log_plan, merge_shares, plan_blocks, share_dir, shares_tiled, tile_share
 from ..geo.osm_read import PbfSummary, check_pbf_header, read_osm, validate_pbf
 from ..geo.shards import DEFAULT_SHARD_TILES, invalid_pieces, write_tile_shards
 from ..geo.parallel import default_workers
 from ..geo.tiling import ENTITIES_SCHEMA, TILE_SIZE_M, TILES_SCHEMA, TiledRegion, tile_osm
+from ..errors import GeojepaError
 from ..regions import Region
 from .sources import fetch_osm_source, local_source_path, source_fingerprint
-from ..store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, aligned_shards, missing, sha256_file
+from ..store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, aligned_shards, missing, pid_alive, sha256_file
 from ..tables import count_distinct_entities
 
 Log = Callable[[str], None]
@@ -197,53 +202,142 @@ class TileShardsOptions:
     block_tiles: int = 128  # a block's side in tiles (128: 38.4 km); a multiple of 16
 
 
-def build_tile_shards(region: str, store: Store, extract_path: Path | None = None, source: dict | None = None,
-                      log: Log | None = None, clip: ClipArea | None = None, **options) -> TileShardsResult:
-    """Read, tile and shard the region's extract into an immutable ``tiles/<region>/<data_version>``.
+WHOLE = -1  # the one unit of a build that reads the whole file at once
 
-    Nothing becomes visible until the dataset is complete: shards are written to a staging
-    directory that is renamed in one step. ``CURRENT`` then moves to it only if every one of
-    ``shard_checks`` passes; otherwise the new version stays on disk, readable by its version,
-    and ``CURRENT`` stays where it was (``result.failed_checks`` says why). ``options``: fields of
-    ``TileShardsOptions``. ``clip``: only the tiles touching that area, their entities whole
-    (``geo.clip``); the manifest records it.
-    """
+
+@dataclass(frozen=True)
+class WholeResult:
+    """What tiling the whole file gave (``tile_unit`` of ``WHOLE``): pieces spilled under the build's work."""
+
+    tiled: TiledRegion
+    members: pa.Table
+    read_s: float
+
+
+@dataclass(frozen=True)
+class ShardsPlan:
+    """One tile_shards build, planned (``plan_tile_shards``): picklable, so that each unit can run in its own
+    process or pod (the Dagster fan-out), and the build can be committed from their results.
+
+    ``work``: the build's scratch directory beside the region's versions (``store.work_dir``): the spilled
+    file, each block's share and the units' pieces; it goes when the build is committed. ``blocks``: None
+    for a whole-file build (one unit, ``WHOLE``)."""
+
+    region: str
+    work: Path
+    extract_path: Path
+    source: dict
+    options: TileShardsOptions
+    clip: ClipArea | None
+    blocks: PlannedBlocks | None
+
+    @property
+    def units(self) -> tuple[int, ...]:
+        """What to tile, in order: every share of the blocks (block ``k``, then the entities in no block), or ``WHOLE``."""
+        return self.blocks.todo if self.blocks is not None else (WHOLE,)
+
+    def unit_key(self, unit: int) -> str:
+        """The unit's name for logs and Dagster (``[A-Za-z0-9_]``): ``whole``, ``block_00012``, ``nowhere``."""
+        return "whole" if unit == WHOLE else self.blocks.layout.label(unit)
+
+    def unit_dir(self, unit: int) -> Path:
+        return self.work / "whole" if unit == WHOLE else share_dir(self.work, unit)
+
+
+_STALE_WORK_DAYS = 3  # a failed Dagster build's work is kept this long for Dagster's re-execution from failure
+
+
+def _clear_stale_work(store: Store, region: str, log: Log | None) -> None:
+    """Remove the work of builds that cannot go on: a dead process' (``.work-shards-pid-<pid>-*``), or a
+    Dagster run's (``.work-shards-run-*``) older than ``_STALE_WORK_DAYS``."""
+    parent = store.kind_dir(TILES, region)
+    for old in parent.glob(".work-shards-*") if parent.is_dir() else []:
+        owner = old.name[len(".work-shards-"):].split("-")
+        if owner[0] == "pid" and len(owner) > 1 and owner[1].isdigit():
+            stale, why = not pid_alive(int(owner[1])), f"process {owner[1]} is gone"
+        else:
+            age_days = (time.time() - old.stat().st_mtime) / 86400
+            stale, why = age_days > _STALE_WORK_DAYS, f"its build failed {age_days:.0f} days ago"
+        if stale:
+            shutil.rmtree(old, ignore_errors=True)
+            if log:
+                log(f"removed {old.name}: {why}")
+
+
+def plan_tile_shards(region: str, store: Store, extract_path: Path | None = None, source: dict | None = None,
+                     log: Log | None = None, clip: ClipArea | None = None, run_id: str | None = None,
+                     **options) -> ShardsPlan:
+    """Decide how the region's extract is cut (whole file, or block by block past ``block_min_mb``) and, by
+    blocks, spill it and write every block's share under a fresh work directory. ``options``: fields of
+    ``TileShardsOptions``. ``run_id``: the Dagster run that owns the build (its work outlives this process,
+    for the units' steps); None: this process owns it."""
     opts = TileShardsOptions(**options)
-    shard_tiles, tile_size_m, workers = opts.shard_tiles, opts.tile_size_m, opts.workers or default_workers()
     if extract_path is None:
         extract_path, sha = current_extract(store, region)
         source = {**(source or {}), "sha256": sha}
-    t0 = time.perf_counter()
+    _clear_stale_work(store, region, log)
+    owner = f"run-{run_id[:8]}" if run_id else f"pid-{os.getpid()}"
+    work = store.work_dir(TILES, region, f"shards-{owner}-{uuid.uuid4().hex[:8]}")
+    work.mkdir(parents=True)
     size_mb = Path(extract_path).stat().st_size / 2**20
-    by_blocks = opts.block_min_mb >= 0 and size_mb >= opts.block_min_mb
-    data, t_read = None, 0.0
-    if not by_blocks:
-        data = read_osm(extract_path, log=log)
-        if clip is not None:
-            n_read = len(data)
-            data = clip_osm(data, clip, tile_size_m)
+    blocks = None
+    try:
+        if opts.block_min_mb >= 0 and size_mb >= opts.block_min_mb:
             if log:
-                log(f"clip {clip.source}: {len(data):,} of {n_read:,} entities can reach it")
-        t_read = time.perf_counter() - t0
-    with store.writing(TILES, region, make_current=False) as staging:
-        # staging.scratch: the pieces (Arrow IPC, one file per band) and, by blocks, the decoded file; gone before the commit
-        if by_blocks:
-            if log:
-                log(f"{extract_path.name}: {size_mb:,.0f} MiB >= block_min_mb {opts.block_min_mb:g}: ingested block by block")
+                log(f"{Path(extract_path).name}: {size_mb:,.0f} MiB >= block_min_mb {opts.block_min_mb:g}: ingested block by block")
             check_pbf_header(extract_path)
-            tiled, members = ingest_blocks(extract_path, region, staging.scratch, opts.block_tiles, tile_size_m, clip=clip,
-                                           workers=workers, log=log)
-        else:
-            tiled = tile_osm(data, region, tile_size_m=tile_size_m, log=log, workers=workers, spill_dir=staging.scratch, clip=clip)
-            members = data.relation_members()
-            del data
+            blocks = plan_blocks(extract_path, work, opts.block_tiles, opts.tile_size_m, clip=clip)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ShardsPlan(region, work, Path(extract_path), dict(source or {}), opts, clip, blocks)
+
+
+def tile_unit(plan: ShardsPlan, unit: int, workers: int | None = None, log: Log | None = None):
+    """Tile one unit of ``plan``: a ``WholeResult``, or the ``ShareResult`` of block share ``unit``. Its pieces go
+    under ``plan.unit_dir(unit)``, emptied first (a retried unit starts clean). ``workers``: tiling processes."""
+    where = plan.unit_dir(unit)
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    workers = workers or default_workers()
+    opts, clip = plan.options, plan.clip
+    if unit != WHOLE:
+        return tile_share(plan.blocks.layout, unit, plan.region, where, clip, workers)
+    t0 = time.perf_counter()
+    data = read_osm(plan.extract_path, log=log)
+    if clip is not None:
+        n_read = len(data)
+        data = clip_osm(data, clip, opts.tile_size_m)
+        if log:
+            log(f"clip {clip.source}: {len(data):,} of {n_read:,} entities can reach it")
+    read_s = time.perf_counter() - t0
+    tiled = tile_osm(data, plan.region, tile_size_m=opts.tile_size_m, log=log, workers=workers, spill_dir=where, clip=clip)
+    return WholeResult(tiled, data.relation_members(), read_s)
+
+
+def commit_tile_shards(plan: ShardsPlan, store: Store, results, log: Log | None = None,
+                       started: float | None = None) -> TileShardsResult:
+    """Merge the units' results (``tile_unit`` of each of ``plan.units``, any order), write the shards into an
+    immutable ``tiles/<region>/<data_version>``, run ``shard_checks`` and move ``CURRENT`` if they pass
+    (``build_tile_shards``). The work directory goes once the version is committed."""
+    if not plan.work.is_dir():
+        raise GeojepaError(f"tile_shards[{plan.region}]: the work of this build ({plan.work}) is gone (older than "
+                           f"{_STALE_WORK_DAYS} days, or removed); materialize tile_shards[{plan.region}] again")
+    region, opts = plan.region, plan.options
+    t_read = 0.0
+    if plan.blocks is not None:
+        tiled, members = merge_shares(plan.blocks, results, clip=plan.clip, log=log, started=started)
+    else:
+        (whole,) = list(results)
+        tiled, members, t_read = whole.tiled, whole.members, whole.read_s
+    with store.writing(TILES, region, make_current=False) as staging:
         t1 = time.perf_counter()
-        manifest = write_tile_shards(tiled, staging, shard_tiles=shard_tiles, log=log)
+        manifest = write_tile_shards(tiled, staging, shard_tiles=opts.shard_tiles, log=log)
         pq.write_table(members, staging.file(RELATION_MEMBERS_FILE), compression="zstd")
-        manifest["source"] = source or {}
-        if clip is not None:
-            manifest["clip"] = clip.describe()
-        if by_blocks:
+        manifest["source"] = plan.source
+        if plan.clip is not None:
+            manifest["clip"] = plan.clip.describe()
+        if plan.blocks is not None:
             manifest["ingestion"] = {"by_blocks": True, "block_tiles": opts.block_tiles, "n_blocks": len(tiled.shares)}
         staging.manifest = manifest
     dataset = staging.dataset
@@ -252,9 +346,37 @@ def build_tile_shards(region: str, store: Store, extract_path: Path | None = Non
     timings = {"read_s": t_read, **{f"{k}_s": v for k, v in tiled.timings_s.items()}, "write_s": t2 - t1,
                "checks_s": time.perf_counter() - t2}
     result = TileShardsResult(dataset, tiled, dataset.manifest, timings, checks)
+    shutil.rmtree(plan.work, ignore_errors=True)  # the pieces are in the shards now
     if not result.failed_checks:
         store.set_current(TILES, region, dataset.data_version)
     result.current = store.current_version(TILES, region)
     if log:
         log(f"tile_shards[{region}] -> {dataset.path} ({len(manifest['shards'])} shards)")
     return result
+
+
+def build_tile_shards(region: str, store: Store, extract_path: Path | None = None, source: dict | None = None,
+                      log: Log | None = None, clip: ClipArea | None = None, **options) -> TileShardsResult:
+    """Read, tile and shard the region's extract into an immutable ``tiles/<region>/<data_version>``, in this
+    process: ``plan_tile_shards``, ``tile_unit`` of each unit (by blocks, ``workers`` blocks at once in forked
+    processes), then ``commit_tile_shards``. The Dagster asset runs the same three steps as ops, a unit per step.
+
+    Nothing becomes visible until the dataset is complete: shards are written to a staging
+    directory that is renamed in one step. ``CURRENT`` then moves to it only if every one of
+    ``shard_checks`` passes; otherwise the new version stays on disk, readable by its version,
+    and ``CURRENT`` stays where it was (``result.failed_checks`` says why). ``options``: fields of
+    ``TileShardsOptions``. ``clip``: only the tiles touching that area, their entities whole
+    (``geo.clip``); the manifest records it.
+    """
+    t0 = time.perf_counter()
+    plan = plan_tile_shards(region, store, extract_path, source, log=log, clip=clip, **options)
+    workers = plan.options.workers or default_workers()
+    try:
+        if plan.blocks is not None:
+            log_plan(plan.blocks, region, log, f"{workers} at a time")
+            results = shares_tiled(plan.blocks.layout, plan.units, region, plan.work, clip, workers)
+        else:
+            results = [tile_unit(plan, WHOLE, workers, log=log)]
+        return commit_tile_shards(plan, store, results, log=log, started=t0)
+    finally:
+        shutil.rmtree(plan.work, ignore_errors=True)  # nothing here resumes a build
