@@ -94,7 +94,7 @@ def test_http_region_end_to_end(home, capsys, http_server, pyrosm_test_pbf):
     lines = (out + err).strip().splitlines()
     assert len(lines) <= 20 and not [line for line in lines if "DEBUG" in line or "STEP_" in line], out + err
     full_log = Path(lines[-1].split("full log: ", 1)[1])
-    assert 'Started execution of step "tile_shards"' in full_log.read_text()
+    assert 'Started execution of step "tile_shards.tile_shards_plan"' in full_log.read_text()
     code, out, _ = run(capsys, "sql", "SELECT region, count(*) AS n FROM tiles GROUP BY region")
     assert code == 0 and "web" in out
     code, _, err = run(capsys, "sql", "SELECT nope FROM tiles")
