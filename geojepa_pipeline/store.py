@@ -182,6 +182,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def dead_process_dirs(parent: Path, prefix: str) -> list[Path]:
+    """The directories ``<prefix><pid>-*`` under ``parent`` whose process is gone (a killed writer's)."""
+    found = []
+    for path in parent.glob(prefix + "*") if parent.is_dir() else []:
+        pid = path.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            found.append(path)
+    return found
+
+
 @dataclass(frozen=True)
 class Dataset:
     """One committed, immutable dataset version."""
@@ -538,13 +548,8 @@ class Store:
         """A fresh hidden directory to write a dataset into; stale ones of dead processes go."""
         parent = self.kind_dir(kind, region)
         parent.mkdir(parents=True, exist_ok=True)
-        for stale in parent.glob(_STAGING_PREFIX + "*"):
-            try:
-                pid = int(stale.name[len(_STAGING_PREFIX):].split("-")[0])
-            except ValueError:
-                continue
-            if not pid_alive(pid):
-                shutil.rmtree(stale, ignore_errors=True)
+        for stale in dead_process_dirs(parent, _STAGING_PREFIX):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = parent / f"{_STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
         return staging

@@ -26,7 +26,7 @@ from ..geo.tiling import ENTITIES_SCHEMA, TILE_SIZE_M, TILES_SCHEMA, TiledRegion
 from ..errors import GeojepaError
 from ..regions import Region
 from .sources import fetch_osm_source, local_source_path, source_fingerprint
-from ..store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, aligned_shards, missing, pid_alive, sha256_file
+from ..store import OSM, RELATION_MEMBERS_FILE, TILES, Dataset, Store, aligned_shards, dead_process_dirs, missing, sha256_file
 from ..tables import count_distinct_entities
 
 Log = Callable[[str], None]
@@ -251,17 +251,15 @@ def _clear_stale_work(store: Store, region: str, log: Log | None) -> None:
     """Remove the work of builds that cannot go on: a dead process' (``.work-shards-pid-<pid>-*``), or a
     Dagster run's (``.work-shards-run-*``) older than ``_STALE_WORK_DAYS``."""
     parent = store.kind_dir(TILES, region)
-    for old in parent.glob(".work-shards-*") if parent.is_dir() else []:
-        owner = old.name[len(".work-shards-"):].split("-")
-        if owner[0] == "pid" and len(owner) > 1 and owner[1].isdigit():
-            stale, why = not pid_alive(int(owner[1])), f"process {owner[1]} is gone"
-        else:
-            age_days = (time.time() - old.stat().st_mtime) / 86400
-            stale, why = age_days > _STALE_WORK_DAYS, f"its build failed {age_days:.0f} days ago"
-        if stale:
-            shutil.rmtree(old, ignore_errors=True)
-            if log:
-                log(f"removed {old.name}: {why}")
+    stale = [(d, "its process is gone") for d in dead_process_dirs(parent, ".work-shards-pid-")]
+    for run_work in parent.glob(".work-shards-run-*") if parent.is_dir() else []:
+        age_days = (time.time() - run_work.stat().st_mtime) / 86400
+        if age_days > _STALE_WORK_DAYS:
+            stale.append((run_work, f"its run failed {age_days:.0f} days ago"))
+    for old, why in stale:
+        shutil.rmtree(old, ignore_errors=True)
+        if log:
+            log(f"removed {old.name}: {why}")
 
 
 def plan_tile_shards(region: str, store: Store, extract_path: Path | None = None, source: dict | None = None,
