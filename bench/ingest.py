@@ -4,7 +4,9 @@
 
 Builds the N x N replicated Liechtenstein extract (``bench/replicate.py``; cached under
 ``bench/_cache``), then, in one invocation, runs each approach in its own subprocess on the
-same file and prints wall time, peak RSS and the ratio. The scaling table runs this project's
+same file and prints wall time, peak memory and the ratio. Peak memory is the largest PSS of the run's
+process tree at once, sampled every 0.1 s (``bench/memtrace.py``); ``peak RSS bound`` is the older upper
+bound, the run's own peak RSS plus its largest child's. The scaling table runs this project's
 ingestion on 1x1 ... NxN copies and prints seconds per 1,000 input features.
 
 Baseline ("plain approach" of ../shared/data/README.md): pyrosm reads buildings, the full
@@ -81,30 +83,44 @@ def run_baseline(path: str) -> dict:
             "n_tiles": int(out["cell"].nunique()), "n_pieces": len(out), "grid_cells": len(grid), "peak_rss_mb": _peak_rss_mb()}
 
 
-def run_ours(path: str, clip: str | None = None, block_tiles: int = 0) -> dict:
+def run_ours(path: str, clip: str | None = None, block_tiles: int = 0, trace: str | None = None) -> dict:
     import pyrosm.pbfreader  # noqa: F401  (imported before the clock starts, like the baseline's imports)
 
     from geojepa_pipeline.geo.clip import ClipArea
     from geojepa_pipeline.stages.osm import build_tile_shards
     from geojepa_pipeline.store import Store
+    from memtrace import TreeMemory
 
-    with tempfile.TemporaryDirectory() as tmp:
+    lines: list[tuple[float, str]] = []  # (seconds, build log line), to say in which step memory peaked
+    with tempfile.TemporaryDirectory() as tmp, TreeMemory() as mem:
         t0 = time.perf_counter()
         # block_tiles > 0: block by block, blocks of that side; -1: whole file; 0: the options' defaults (by size)
         blocks = {"block_min_mb": 0, "block_tiles": block_tiles} if block_tiles > 0 else {"block_min_mb": -1} if block_tiles < 0 else {}
         result = build_tile_shards("bench", Store(tmp), extract_path=Path(path), source={"uri": path},
-                                   clip=ClipArea.parse(clip) if clip else None, **blocks)
+                                   clip=ClipArea.parse(clip) if clip else None,
+                                   log=lambda m: lines.append((time.perf_counter() - t0, m)), **blocks)
         total = time.perf_counter() - t0
-        acc = result.tiled.accounting()
-        return {"wall_s": total, "n_input": acc["n_input"], "n_entities": acc["n_entities_kept"], "data_version": result.dataset.data_version,
-                "n_tiles": result.manifest["n_tiles"], "n_pieces": result.manifest["n_pieces"], "epsg": result.tiled.epsg,
-                "phases_s": {k: round(v, 2) for k, v in result.timings_s.items()}, "peak_rss_mb": _peak_rss_mb()}
+    acc = result.tiled.accounting()
+    peak_t = max(mem.trace, key=lambda s: s[1])[0] if mem.trace else 0.0
+    during = [m for t, m in lines if t <= peak_t]
+    if trace:
+        with open(trace, "w") as f:
+            f.write("seconds,tree_pss_mb,main_rss_mb,processes,log\n")
+            events = sorted([(s[0], s) for s in mem.trace] + [(t, m) for t, m in lines], key=lambda e: e[0])
+            for t, e in events:
+                f.write(f"{t:.2f},{e[1]},{e[2]},{e[3]},\n" if isinstance(e, tuple) else f"{t:.2f},,,,{e!r}\n")
+    return {"wall_s": total, "n_input": acc["n_input"], "n_entities": acc["n_entities_kept"], "data_version": result.dataset.data_version,
+            "n_tiles": result.manifest["n_tiles"], "n_pieces": result.manifest["n_pieces"], "epsg": result.tiled.epsg,
+            "by_blocks": bool(result.manifest.get("ingestion", {}).get("by_blocks")),
+            "phases_s": {k: round(v, 2) for k, v in result.timings_s.items()}, "peak_mb": round(mem.peak_mb),
+            "peak_at": f"{peak_t:.0f} s, after: {during[-1][:70] if during else 'start'}", "peak_rss_mb": _peak_rss_mb()}
 
 
-def _subprocess(which: str, path: Path, clip: str | None = None, block_tiles: int = 0) -> dict:
+def _subprocess(which: str, path: Path, clip: str | None = None, block_tiles: int = 0, trace: str | None = None) -> dict:
     # pyrosm keeps a result cache in $TMPDIR/pyrosm/cache: a fresh TMPDIR makes every run cold
     with tempfile.TemporaryDirectory() as tmp:
-        extra = (["--clip", clip] if clip else []) + (["--blocks", str(block_tiles)] if block_tiles else [])
+        extra = ((["--clip", clip] if clip else []) + (["--blocks", str(block_tiles)] if block_tiles else [])
+                 + (["--trace", trace] if trace else []))
         proc = subprocess.run([sys.executable, __file__, "--worker", which, str(path)] + extra,
                               capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
     if proc.returncode != 0:
@@ -166,17 +182,19 @@ def main() -> None:
                                    "and compare with the whole file")
     ap.add_argument("--blocks", type=int, default=0, metavar="BLOCK_TILES",
                     help="also ingest the same file block by block (blocks of BLOCK_TILES tiles a side), and compare")
+    ap.add_argument("--trace", metavar="CSV", help="write the default run's memory trace (every 0.1 s) and build log lines to CSV")
     ap.add_argument("--worker", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         which, path = args.worker
-        print(json.dumps(run_baseline(path) if which == "baseline" else run_ours(path, args.clip, args.blocks)))
+        print(json.dumps(run_baseline(path) if which == "baseline" else run_ours(path, args.clip, args.blocks, args.trace)))
         return
 
     big = replicated(args.src, args.n)
     print(f"file: {big.name} ({big.stat().st_size / 2**20:.1f} MiB)", flush=True)
-    ours = _subprocess("ours", big)
-    print(f"ours:     {ours['wall_s']:6.1f} s  peak RSS {ours['peak_rss_mb']:6.0f} MB  "
+    ours = _subprocess("ours", big, trace=args.trace)
+    print(f"ours:     {ours['wall_s']:6.1f} s  peak memory {ours['peak_mb']:6,.0f} MB (at {ours['peak_at']}; peak RSS bound "
+          f"{ours['peak_rss_mb']:,.0f} MB)  {'by blocks' if ours['by_blocks'] else 'whole file'}  "
           f"{ours['n_tiles']:,} tiles, {ours['n_pieces']:,} pieces, {ours['n_entities']:,} entities  phases {ours['phases_s']}", flush=True)
     if args.blocks:
         from geojepa_pipeline.stages.osm import TileShardsOptions
@@ -185,17 +203,17 @@ def main() -> None:
         whole = ours if TileShardsOptions().block_min_mb < 0 else _subprocess("ours", big, block_tiles=-1)
         blocks = _subprocess("ours", big, block_tiles=args.blocks)
         for label, r in (("whole", whole), (f"blocks {args.blocks}", blocks)):
-            print(f"{label + ':':16s} {r['wall_s']:6.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB  "
+            print(f"{label + ':':16s} {r['wall_s']:6.1f} s  peak memory {r['peak_mb']:6,.0f} MB (RSS bound {r['peak_rss_mb']:,.0f})  "
                   f"{r['n_tiles']:,} tiles, {r['n_pieces']:,} pieces  phases {r['phases_s']}", flush=True)
-        print(f"ratio blocks/whole: wall {blocks['wall_s'] / whole['wall_s']:.2f}, peak RSS {blocks['peak_rss_mb'] / whole['peak_rss_mb']:.2f}; "
+        print(f"ratio blocks/whole: wall {blocks['wall_s'] / whole['wall_s']:.2f}, peak memory {blocks['peak_mb'] / whole['peak_mb']:.2f}; "
               f"same data version: {blocks['data_version'] == whole['data_version']}", flush=True)
     if args.clip:
         clipped = _subprocess("ours", big, args.clip)
-        print(f"clipped:  {clipped['wall_s']:6.1f} s  peak RSS {clipped['peak_rss_mb']:6.0f} MB  "
+        print(f"clipped:  {clipped['wall_s']:6.1f} s  peak memory {clipped['peak_mb']:6,.0f} MB  "
               f"{clipped['n_tiles']:,} tiles, {clipped['n_pieces']:,} pieces, {clipped['n_entities']:,} entities  "
               f"phases {clipped['phases_s']}", flush=True)
-        print(f"ratio clipped/whole: wall {clipped['wall_s'] / ours['wall_s']:.2f}, peak RSS "
-              f"{clipped['peak_rss_mb'] / ours['peak_rss_mb']:.2f}, tiles {clipped['n_tiles'] / ours['n_tiles']:.3f}", flush=True)
+        print(f"ratio clipped/whole: wall {clipped['wall_s'] / ours['wall_s']:.2f}, peak memory "
+              f"{clipped['peak_mb'] / ours['peak_mb']:.2f}, tiles {clipped['n_tiles'] / ours['n_tiles']:.3f}", flush=True)
     if not args.skip_baseline:
         base = _subprocess("baseline", big)
         print(f"baseline: {base['wall_s']:6.1f} s  peak RSS {base['peak_rss_mb']:6.0f} MB  "
@@ -210,10 +228,11 @@ def main() -> None:
             print(f"ratio ours/quackosm wall time: {ours['wall_s'] / quack['wall_s']:.2f}, peak RSS "
                   f"{ours['peak_rss_mb'] / quack['peak_rss_mb']:.2f}", flush=True)
     if args.scaling:
-        print("scaling (ours):  N   input features   wall s   s per 1k features   peak RSS MB")
+        print("scaling (ours):  N   input features   wall s   s per 1k features   peak memory MB   how")
         for n in [int(v) for v in args.scaling.split(",") if v]:
             r = ours if n == args.n else _subprocess("ours", replicated(args.src, n))
-            print(f"                 {n:<3} {r['n_input']:>14,}   {r['wall_s']:6.2f}   {1000 * r['wall_s'] / r['n_input']:17.4f}   {r['peak_rss_mb']:11.0f}", flush=True)
+            print(f"                 {n:<3} {r['n_input']:>14,}   {r['wall_s']:6.2f}   {1000 * r['wall_s'] / r['n_input']:17.4f}   "
+                  f"{r['peak_mb']:14,.0f}   {'by blocks' if r['by_blocks'] else 'whole file'}", flush=True)
 
 
 if __name__ == "__main__":

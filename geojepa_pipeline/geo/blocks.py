@@ -20,6 +20,7 @@ share, the last (``ShareLayout.nowhere``), which is decided but not tiled.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ class _Writers:
         self.root = root
         self.buffers: dict[str, list[pa.Table]] = {name: [] for name in _SCHEMAS}
         self.rows = {name: 0 for name in _SCHEMAS}
-        self.writers = {name: pq.ParquetWriter(root / f"{name}.parquet", schema, compression="zstd") for name, schema in _SCHEMAS.items()}
+        self.writers = {name: pq.ParquetWriter(root / f"{name}.parquet", schema, compression="lz4") for name, schema in _SCHEMAS.items()}
 
     def add(self, name: str, columns: dict) -> None:
         table = pa.table(columns, schema=_SCHEMAS[name])
@@ -162,7 +163,7 @@ class BlockPlan:
     block_tiles: int
     tile_size_m: float = TILE_SIZE_M
     epsg: int | None = None
-    memory_limit: str = "1GB"
+    memory_limit: str = "512MB"
     con: duckdb.DuckDBPyConnection = field(init=False, repr=False)
     blocks: list = field(init=False, default_factory=list)  # (bx, by) of every block some entity reaches, sorted
 
@@ -193,8 +194,11 @@ class BlockPlan:
         span = self.block_tiles * self.tile_size_m
         schema = pa.schema([("id", pa.int64()), ("block_x", pa.int32()), ("block_y", pa.int32())])
         path = self.spill.root / "node_blocks.parquet"
+        nodes = pq.ParquetFile(self.spill.root / "nodes.parquet")
         with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-            for batch in pq.ParquetFile(self.spill.root / "nodes.parquet").iter_batches(columns=["id", "lon", "lat"], batch_size=1 << 20):
+            # a row group (_FLUSH_ROWS rows) at a time: iter_batches reads ahead and held 0.9 GB more at 32x32
+            for i in range(nodes.metadata.num_row_groups):
+                batch = nodes.read_row_group(i, columns=["id", "lon", "lat"])
                 lon, lat = batch.column("lon").to_numpy(), batch.column("lat").to_numpy()
                 ok = (np.abs(lon) <= 180) & (np.abs(lat) <= 90)
                 x, y = to_utm.transform(lon[ok], lat[ok])
@@ -275,11 +279,16 @@ class BlockPlan:
                      UNION SELECT {nowhere} AS k, w.id FROM ways w ANTI JOIN wbox x ON w.id = x.id
                      UNION SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 1""")
         # the nodes of a share: its tagged nodes, its relations' member nodes, and every node its ways refer to
-        _do(con, f"""CREATE TABLE an_all AS SELECT DISTINCT k, id FROM (
-                       SELECT b.k, nb.id FROM nb JOIN blocks_k b USING (block_x, block_y) JOIN nodes n ON n.id = nb.id WHERE n.n_raw > 0
-                       UNION ALL SELECT {nowhere} AS k, n.id FROM nodes n ANTI JOIN nb ON n.id = nb.id WHERE n.n_raw > 0
-                       UNION ALL SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 0
-                       UNION ALL SELECT a.k, r.node_id AS id FROM way_refs r JOIN aw a ON r.way_id = a.id)""")
+        # (one statement each, then one DISTINCT: a UNION ALL of them ran out of a 512 MB limit at 16x16; nb holds
+        # exactly the nodes on the globe, so the tagged nodes in no block are a filter, not an anti join on nb)
+        _do(con, """CREATE TABLE an_raw AS SELECT b.k, nb.id FROM nb JOIN blocks_k b USING (block_x, block_y)
+                    JOIN (SELECT id FROM nodes WHERE n_raw > 0) n ON n.id = nb.id""")
+        _do(con, f"""INSERT INTO an_raw SELECT {nowhere} AS k, id FROM nodes
+                     WHERE n_raw > 0 AND NOT (abs(lon) <= 180 AND abs(lat) <= 90)""")
+        _do(con, "INSERT INTO an_raw SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 0")
+        _do(con, "INSERT INTO an_raw SELECT a.k, r.node_id AS id FROM way_refs r JOIN aw a ON r.way_id = a.id")
+        _do(con, "CREATE TABLE an_all AS SELECT DISTINCT k, id FROM an_raw")
+        _do(con, "DROP TABLE an_raw")
         _do(con, "CREATE TABLE member_of AS SELECT DISTINCT type, ref FROM members")
         flag = lambda t, id_col: f"EXISTS (SELECT 1 FROM member_of f WHERE f.type = {t} AND f.ref = {id_col}) AS member"  # noqa: E731
         root = self.spill.root / "parts"
@@ -462,41 +471,34 @@ def _global_runs(shares: list[TiledRegion]) -> list[tuple[int, int, int]]:
     return [(k, a, b) for _, _, k, a, b in runs]
 
 
-@dataclass
-class _Outcomes:
-    """What each share said of its entities, to be merged by id."""
-
-    ids: list = field(default_factory=list)  # (K, 2) arrays of (osm type, osm id)
-    rank: list = field(default_factory=list)  # (K,) tiling status, or _READ_RANK + reason index
-    repaired: dict = field(default_factory=dict)  # reason -> [(K, 2)]
-    area_ids: list = field(default_factory=list)
-    area_error: list = field(default_factory=list)
-    members: list = field(default_factory=list)  # the shares' relation-members tables
-    reasons: list = field(default_factory=list)  # read-level reason names, in rank order
-
-    def read_rank(self, reason: str) -> int:
-        if reason not in self.reasons:
-            self.reasons.append(reason)
-        return _READ_RANK + self.reasons.index(reason)
-
-    def add(self, ids: np.ndarray, rank) -> None:
-        if len(ids):
-            self.ids.append(ids)
-            self.rank.append(np.broadcast_to(np.asarray(rank, np.int64), (len(ids),)))
-
-    def add_repaired(self, reason: str, ids: np.ndarray) -> None:
-        if len(ids):
-            self.repaired.setdefault(reason, []).append(ids)
+_OUTCOME_FILES = {  # what a share said of its entities (``tile_share``), merged by id in DuckDB (``merge_shares``)
+    # rank: the tiling status (tiling.KEPT ...), or _READ_RANK with the read-level reason; the lowest wins
+    "outcomes": pa.schema([("type", pa.int8()), ("id", pa.int64()), ("rank", pa.int16()), ("reason", pa.string())]),
+    "repaired": pa.schema([("type", pa.int8()), ("id", pa.int64()), ("reason", pa.string())]),
+    "area": pa.schema([("type", pa.int8()), ("id", pa.int64()), ("error", pa.float64())]),
+}
 
 
-def _first_by_id(ids: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ids and, for each, the lowest rank any share gave it."""
-    if len(ids) == 0:
-        return ids.reshape(0, 2), rank
-    order = np.lexsort((rank, ids[:, 1], ids[:, 0]))
-    ids, rank = ids[order], rank[order]
-    first = np.concatenate([[True], (ids[1:] != ids[:-1]).any(axis=1)])
-    return ids[first], rank[first]
+def _id_columns(ids: np.ndarray) -> dict:
+    return {"type": ids[:, 0].astype(np.int8), "id": ids[:, 1].astype(np.int64)}
+
+
+def _write_outcomes(where: Path, outcomes: list, repaired: list, area_ids, area_error) -> None:
+    """A share's outcome files (``_OUTCOME_FILES``) under ``where``: ``outcomes`` [(ids (K, 2), rank, reason or None)],
+    ``repaired`` [(reason, ids (K, 2))], the polygons' area errors."""
+    def table(name: str, parts: list[dict]) -> pa.Table:
+        schema = _OUTCOME_FILES[name]
+        return pa.concat_tables([pa.table(c, schema=schema) for c in parts]) if parts else schema.empty_table()
+
+    rows = [{**_id_columns(ids), "rank": np.full(len(ids), rank, np.int16), "reason": pa.array([reason] * len(ids), pa.string())}
+            for ids, rank, reason in outcomes if len(ids) and np.ndim(rank) == 0]
+    rows += [{**_id_columns(ids), "rank": np.asarray(rank, np.int16), "reason": pa.nulls(len(ids), pa.string())}
+             for ids, rank, _ in outcomes if len(ids) and np.ndim(rank) == 1]
+    pq.write_table(table("outcomes", rows), where / "outcomes.parquet")
+    pq.write_table(table("repaired", [{**_id_columns(ids), "reason": pa.array([r] * len(ids), pa.string())}
+                                      for r, ids in repaired if len(ids)]), where / "repaired.parquet")
+    area = [] if area_ids is None or not len(area_ids) else [{**_id_columns(area_ids), "error": np.asarray(area_error, np.float64)}]
+    pq.write_table(table("area", area), where / "area.parquet")
 
 
 def _block_touches(layout: ShareLayout, block, area_utm) -> bool:
@@ -509,16 +511,13 @@ def _block_touches(layout: ShareLayout, block, area_utm) -> bool:
 
 @dataclass
 class ShareResult:
-    """What tiling one share gave (``tile_share``), to be merged by id: picklable, small (no pieces)."""
+    """What tiling one share gave (``tile_share``): picklable and small. What it made of each entity (the
+    ``_OUTCOME_FILES`` and the relation members) is on disk under ``where``, merged by id in ``merge_shares``."""
 
     k: int
-    dropped: dict  # read-level reason -> (K, 2) (osm type, osm id)
-    repaired: list  # [(reason, (K, 2) ids)]
-    members: pa.Table | None  # the share's relation-members table
-    ids: np.ndarray  # (K, 2) the share's kept entities
-    status: np.ndarray  # (K,) what tiling made of each (tiling.KEPT ...), ELSEWHERE when not tiled here
-    area_ids: np.ndarray | None = None
-    area_error: np.ndarray | None = None
+    where: Path  # the share's directory: outcome files, members.parquet, spilled bands
+    n_entities: int  # entities the share decided (kept ones, pulled-in ones, dropped ones)
+    has_members: bool
     tiled: TiledRegion | None = None  # its tiles and spilled bands, when it has tiles
     seconds: float = 0.0
 
@@ -532,24 +531,29 @@ def tile_share(layout: ShareLayout, k: int, region: str, scratch: Path, clip=Non
     from .tiling import tile_osm
 
     t = time.perf_counter()
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
     data = osm_data_from_decoded(layout.decoded(k), record_ids=True)
-    result = ShareResult(k, dropped={r: np.concatenate(p) for r, p in (data.dropped.ids or {}).items()},
-                         repaired=[(r, np.concatenate(p)) for r, p in (data.repaired.ids or {}).items()],
-                         members=data.relation_members() if len(data.rel_id) else None,
-                         ids=np.stack([data.osm_type.astype(np.int64), data.osm_id], axis=1), status=np.zeros(0, np.int64))
+    outcomes = [(np.concatenate(p), _READ_RANK, r) for r, p in (data.dropped.ids or {}).items()]
+    repaired = [(r, np.concatenate(p)) for r, p in (data.repaired.ids or {}).items()]
+    ids = np.stack([data.osm_type.astype(np.int64), data.osm_id], axis=1)
+    has_members = bool(len(data.rel_id))
+    if has_members:
+        pq.write_table(data.relation_members(), scratch / "members.parquet")
+    tiled = area_ids = area_error = None
     if k == layout.nowhere or len(data) == 0:
-        result.status = np.full(len(result.ids), ELSEWHERE, np.int64)  # pulled in to decide membership; tiled in their blocks
-        return result
-    tiled = tile_osm(data, region, layout.tile_size_m, workers=workers, spill_dir=Path(scratch), clip=clip,
-                     epsg=layout.epsg, block=layout.tile_range(layout.blocks[k]))
-    del data
-    o, tiled.outcomes = tiled.outcomes, None
-    result.ids, result.status = o["ids"], np.asarray(o["status"], np.int64)
-    result.repaired += list(o["repaired"].items())
-    result.area_ids, result.area_error = o["area_ids"], o["area_rel_error"]
-    result.tiled = tiled if tiled.tiles.num_rows else None
-    result.seconds = time.perf_counter() - t
-    return result
+        outcomes.append((ids, np.full(len(ids), ELSEWHERE, np.int16), None))  # pulled in to decide membership; tiled in their blocks
+    else:
+        tiled = tile_osm(data, region, layout.tile_size_m, workers=workers, spill_dir=scratch, clip=clip,
+                         epsg=layout.epsg, block=layout.tile_range(layout.blocks[k]))
+        del data
+        o, tiled.outcomes = tiled.outcomes, None
+        outcomes.append((o["ids"], np.asarray(o["status"], np.int16), None))
+        repaired += list(o["repaired"].items())
+        area_ids, area_error = o["area_ids"], o["area_rel_error"]
+        tiled = tiled if tiled.tiles.num_rows else None
+    _write_outcomes(scratch, outcomes, repaired, area_ids, area_error)
+    return ShareResult(k, scratch, sum(len(i) for i, _, _ in outcomes), has_members, tiled, time.perf_counter() - t)
 
 
 def _tile_share_args(args: tuple) -> ShareResult:
@@ -563,21 +567,19 @@ def share_dir(scratch: Path, k: int) -> Path:
 
 def shares_tiled(layout: ShareLayout, todo, region: str, scratch: Path, clip, workers: int):
     """``tile_share`` of each share in ``todo``, in order: in this process (``workers`` 1: one tiling process),
-    else a share at a time in each of ``workers`` forked processes. Forked, not spawned: a spawned worker
-    re-imports the caller's main script, which need not guard itself. The plan's DuckDB connection is closed
-    by then (no DuckDB thread to inherit); each worker opens its own reader."""
+    else each share in a fresh forked process, ``workers`` at a time. Forked, not spawned: a spawned worker
+    re-imports the caller's main script, which need not guard itself. Fresh for each share: a long-lived
+    worker's heap only grows (at 16x16, from about 310 to 660 MB PSS over 42 blocks each; a process per block
+    keeps it at one block's). The plan's DuckDB connection is closed by then (no DuckDB thread to inherit);
+    each worker opens its own reader."""
     jobs = [(layout, k, region, share_dir(scratch, k), clip, 1) for k in todo]
     if workers <= 1 or len(jobs) <= 1:
         for layout_, k, region_, where, clip_, _ in jobs:
             yield tile_share(layout_, k, region_, where, clip_, workers)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from .parallel import fork_each
 
-    from .parallel import fork_worker_init
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"), initializer=fork_worker_init) as pool:
-        yield from pool.map(_tile_share_args, jobs)
+    yield from fork_each(_tile_share_args, jobs, workers, name=lambda job: f"{layout.label(job[1])} {layout.blocks[job[1]] if job[1] < layout.nowhere else ''}".strip())
 
 
 @dataclass(frozen=True)
@@ -592,7 +594,7 @@ class PlannedBlocks:
 
 
 def plan_blocks(path, scratch: Path, block_tiles: int, tile_size_m: float = TILE_SIZE_M, clip=None,
-                memory_limit: str = "1GB") -> PlannedBlocks:
+                memory_limit: str = "512MB") -> PlannedBlocks:
     """Spill ``path`` under ``scratch`` and write every block's share (module docstring, steps 1-2)."""
     import time
 
@@ -608,7 +610,7 @@ def plan_blocks(path, scratch: Path, block_tiles: int, tile_size_m: float = TILE
 
 
 def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_m: float = TILE_SIZE_M, clip=None,
-                  workers: int | None = None, log=None, memory_limit: str = "1GB") -> tuple[TiledRegion, pa.Table]:
+                  workers: int | None = None, log=None, memory_limit: str = "512MB") -> tuple[TiledRegion, pa.Table]:
     """Tile ``path`` block by block (module docstring): the merged ``TiledRegion`` (pieces spilled under
     ``scratch``) and the relation-members table, as ``tile_osm`` and ``OsmData.relation_members`` give them
     for the whole file. ``workers``: blocks tiled at once, each in its own process (default: one per core, at most 2)."""
@@ -631,27 +633,19 @@ def log_plan(planned: PlannedBlocks, region: str, log, how: str) -> None:
             f"tiles ({layout.block_tiles * layout.tile_size_m / 1000:.1f} km), EPSG:{layout.epsg}; plan {planned.seconds:.1f} s; {how}")
 
 
-def merge_shares(planned: PlannedBlocks, results, clip=None, log=None, started: float | None = None) -> tuple[TiledRegion, pa.Table]:
+def merge_shares(planned: PlannedBlocks, results, clip=None, log=None, started: float | None = None,
+                 memory_limit: str = "512MB") -> tuple[TiledRegion, pa.Table]:
     """The ``ShareResult`` of every share of ``planned.todo`` (any order) merged by id into one ``TiledRegion``
-    and relation-members table: what a whole-file run gives. ``started``: ``time.perf_counter()`` at the
-    start, for the total (default: the plan's and the shares' seconds added up)."""
+    and relation-members table: what a whole-file run gives. The shares' outcome files are merged in DuckDB
+    (within ``memory_limit``, spilling past it), so this process holds only the tiles, whatever the extract.
+    ``started``: ``time.perf_counter()`` at the start, for the total (default: the plan's and the shares' seconds added up)."""
     import time
 
-    from .osm_read import RELATION_MEMBERS_SCHEMA
-
     layout, n_input = planned.layout, planned.n_input
-    out, by_k, timings = _Outcomes(), {}, {"spill_and_plan": planned.seconds}
+    by_k, timings = {}, {"spill_and_plan": planned.seconds}
     n_tiled = 0
     for res in results:
         by_k[res.k] = res
-        for reason, ids in res.dropped.items():
-            out.add(ids, out.read_rank(reason))
-        for reason, ids in res.repaired:
-            out.add_repaired(reason, ids)
-        out.add(res.ids, res.status)
-        if res.area_ids is not None:
-            out.area_ids.append(res.area_ids)
-            out.area_error.append(res.area_error)
         tiled = res.tiled
         if tiled is not None:
             for key, v in tiled.timings_s.items():
@@ -664,71 +658,79 @@ def merge_shares(planned: PlannedBlocks, results, clip=None, log=None, started: 
         missed = sorted(set(planned.todo) - set(by_k))
         raise ValueError(f"merge_shares: {len(missed)} of {len(planned.todo)} shares have no result (first: {missed[:5]})")
     ordered = [by_k[k] for k in planned.todo]  # the merge does not depend on the order results came in
-    out.members = [r.members for r in ordered if r.members is not None]
     shares = [r.tiled for r in ordered if r.tiled is not None]
 
-    # ---- accounting, by id ------------------------------------------------------------------
-    ids, rank = _first_by_id(np.concatenate(out.ids) if out.ids else np.zeros((0, 2), np.int64),
-                             np.concatenate(out.rank) if out.rank else np.zeros(0, np.int64))
-    dropped = Counter({k: 0 for k in _ALWAYS_COUNTED})
-    if clip is not None:
-        dropped["outside_clip"] += 0
-    for r, n in zip(*np.unique(rank, return_counts=True)):
-        r, n = int(r), int(n)
-        if r == KEPT:
-            continue
-        if r == ELSEWHERE:  # every piece in a block that was not tiled: outside the clip
-            dropped["outside_clip" if clip is not None else "no_tile_piece"] += n
-        elif r >= _READ_RANK:
-            dropped[out.reasons[r - _READ_RANK]] += n
-        else:
-            dropped[_STATUS_REASON[r]] += n
-    unseen = n_input - len(ids)  # entities that reach only blocks the clip left out
-    if unseen and clip is None:
-        raise AssertionError(f"block accounting broken: {n_input} input features, {len(ids)} seen in the blocks")
-    if unseen:
-        dropped["outside_clip"] += unseen
-    repaired = Counter({k: len(_first_by_id(np.concatenate(v), np.zeros(sum(len(p) for p in v), np.int64))[0])
-                        for k, v in sorted(out.repaired.items())})
-    area_ids = np.concatenate(out.area_ids) if out.area_ids else np.zeros((0, 2), np.int64)
-    area_err = np.concatenate(out.area_error) if out.area_error else np.zeros(0)
-    worst = np.zeros(0)
-    if len(area_ids):  # a polygon checked in several blocks: the same sum each time; keep the largest error
-        order = np.lexsort((-area_err, area_ids[:, 1], area_ids[:, 0]))
-        a, e = area_ids[order], area_err[order]
-        worst = e[np.concatenate([[True], (a[1:] != a[:-1]).any(axis=1)])]
-    from .tiling import AREA_REL_TOL
+    scratch = layout.parts.parent / "merge"
+    scratch.mkdir(exist_ok=True)
+    con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": str(scratch), "preserve_insertion_order": False})
+    try:
+        _do(con, "SET enable_progress_bar = false")
+        files = lambda name: "[" + ", ".join(f"'{r.where / (name + '.parquet')}'" for r in ordered) + "]"  # noqa: E731
 
-    area_check = {"n_polygons_checked": len(worst), "max_rel_error": float(worst.max()) if len(worst) else 0.0,
-                  "n_over_tolerance": int((worst > AREA_REL_TOL).sum()), "tolerance": AREA_REL_TOL}
+        # ---- accounting, by id: each entity's lowest rank over the shares that saw it -----------
+        dropped = Counter({k: 0 for k in _ALWAYS_COUNTED})
+        if clip is not None:
+            dropped["outside_clip"] += 0
+        n_seen = n_kept = 0
+        for r in _q(con, f"""SELECT rank, reason, count(*) AS n FROM (
+                               SELECT min(rank) AS rank, arg_min(reason, rank) AS reason FROM read_parquet({files('outcomes')})
+                               GROUP BY type, id) GROUP BY ALL ORDER BY rank, reason""").to_pylist():
+            rank, n = int(r["rank"]), int(r["n"])
+            n_seen += n
+            if rank == KEPT:
+                n_kept += n
+            elif rank == ELSEWHERE:  # every piece in a block that was not tiled: outside the clip
+                dropped["outside_clip" if clip is not None else "no_tile_piece"] += n
+            elif rank >= _READ_RANK:
+                dropped[r["reason"]] += n
+            else:
+                dropped[_STATUS_REASON[rank]] += n
+        unseen = n_input - n_seen  # entities that reach only blocks the clip left out
+        if unseen and clip is None:
+            raise AssertionError(f"block accounting broken: {n_input} input features, {n_seen} seen in the blocks")
+        if unseen:
+            dropped["outside_clip"] += unseen
+        repaired = Counter({r["reason"]: int(r["n"]) for r in _q(con, f"""SELECT reason, count(*) AS n FROM (
+            SELECT DISTINCT reason, type, id FROM read_parquet({files('repaired')})) GROUP BY reason ORDER BY reason""").to_pylist()})
+        from .tiling import AREA_REL_TOL
 
-    # ---- tiles in the global order, and the relation members in file order --------------------
+        # a polygon checked in several blocks: the same sum each time; keep the largest error
+        n_area, worst, over = _q(con, f"""SELECT count(*), coalesce(max(e), 0.0), count(*) FILTER (WHERE e > {AREA_REL_TOL!r})
+            FROM (SELECT max(error) AS e FROM read_parquet({files('area')}) GROUP BY type, id)""").to_pylist()[0].values()
+        area_check = {"n_polygons_checked": int(n_area), "max_rel_error": float(worst), "n_over_tolerance": int(over),
+                      "tolerance": AREA_REL_TOL}
+        members = _merged_members(con, layout, [r for r in ordered if r.has_members])
+    finally:
+        con.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    # ---- tiles in the global order --------------------------------------------------------------
     runs = _global_runs(shares)
     total = time.perf_counter() - started if started is not None else planned.seconds + sum(r.seconds for r in ordered)
     tiles = pa.concat_tables([shares[k].tiles.slice(a, b - a) for k, a, b in runs]) if runs else TILES_SCHEMA.empty_table()
     merged = BlockMergedRegion(
-        epsg=layout.epsg, tiles=tiles, entities=None, n_input=n_input, n_entities_kept=int((rank == KEPT).sum()),
+        epsg=layout.epsg, tiles=tiles, entities=None, n_input=n_input, n_entities_kept=n_kept,
         dropped=dropped, repaired=repaired, area_check=area_check, timings_s={**timings, "total": total},
         n_bands=sum(s.n_bands for s in shares), n_pieces=int(np.asarray(tiles.column("n_entities"), np.int64).sum()),
     )
     merged.runs, merged.shares = runs, shares
-    members = _merged_members(layout, out.members, RELATION_MEMBERS_SCHEMA)
     return merged, members
 
 
-def _merged_members(layout: ShareLayout, tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
-    """Each relation's rows from the first share that has it, relations in file order."""
-    if not tables:
-        return schema.empty_table()
-    table = pa.concat_tables(tables).combine_chunks()
-    rel = table.column("relation_id").to_numpy()
-    share = np.repeat(np.arange(len(tables)), [t.num_rows for t in tables])
-    starts = np.flatnonzero(np.concatenate([[True], (rel[1:] != rel[:-1]) | (share[1:] != share[:-1])]))
-    ends = np.concatenate([starts[1:], [len(rel)]])
-    first_seen: dict[int, tuple[int, int]] = {}
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        first_seen.setdefault(int(rel[a]), (a, b))
-    rel_ids = np.fromiter(first_seen, np.int64, len(first_seen))
-    order = np.argsort(layout.rel_positions(rel_ids), kind="stable")
-    rows = np.concatenate([np.arange(*first_seen[int(r)]) for r in rel_ids[order]])
-    return table.take(pa.array(rows))
+def _merged_members(con, layout: ShareLayout, with_members: list[ShareResult]) -> pa.Table:
+    """Each relation's rows from the first share (in ``with_members``' order) that has it, relations in file order."""
+    from .osm_read import RELATION_MEMBERS_SCHEMA
+
+    if not with_members:
+        return RELATION_MEMBERS_SCHEMA.empty_table()
+    con.register("_share_order", pa.table({"filename": [str(r.where / "members.parquet") for r in with_members],
+                                           "share_order": np.arange(len(with_members), dtype=np.int32)}))
+    listed = ", ".join(f"'{r.where / 'members.parquet'}'" for r in with_members)
+    cols = ", ".join(f"m.{f.name}" for f in RELATION_MEMBERS_SCHEMA)
+    table = _q(con, f"""WITH m AS (SELECT * FROM read_parquet([{listed}], filename = true, file_row_number = true) JOIN _share_order USING (filename)),
+                            first AS (SELECT relation_id, min(share_order) AS share_order FROM m GROUP BY relation_id)
+                        SELECT {cols} FROM m JOIN first USING (relation_id, share_order)
+                        JOIN read_parquet('{layout.parts.parent / 'rels.parquet'}') p ON p.id = m.relation_id
+                        ORDER BY p.pos, m.file_row_number""")
+    con.unregister("_share_order")
+    return table.cast(RELATION_MEMBERS_SCHEMA)

@@ -154,13 +154,8 @@ def write_tile_shards(tiled: TiledRegion, sink: ShardSink, shard_tiles: int = DE
     }
 
 
-def invalid_pieces(entity_shards: list[Path], max_examples: int = 10) -> dict:
-    """GEOS validity of every piece in ``entity_shards`` (entity Parquet files).
-
-    Returns ``{"n_checked", "n_invalid", "by_reason": {reason: n}, "examples": ["way 12 in <tile>: reason", ...]}``;
-    a reason is GEOS's without its coordinates ("Too few points in geometry component"). Reads only the
-    geometry column, then the identifying columns of the invalid rows: ~0.1 s per 46 k pieces here.
-    """
+def _invalid_in(entity_shards: list[Path], max_examples: int) -> dict:
+    """``invalid_pieces`` of some shards, in this process."""
     import shapely
 
     n_checked, by_reason, examples = 0, {}, []
@@ -176,5 +171,28 @@ def invalid_pieces(entity_shards: list[Path], max_examples: int = 10) -> dict:
             by_reason[reason] = by_reason.get(reason, 0) + 1
             if len(examples) < max_examples:
                 examples.append(f"{row['osm_type']} {row['osm_id']} in {row['tile_id']}: {reason}")
+    return {"n_checked": n_checked, "by_reason": by_reason, "examples": examples}
+
+
+def invalid_pieces(entity_shards: list[Path], max_examples: int = 10, workers: int = 1) -> dict:
+    """GEOS validity of every piece in ``entity_shards`` (entity Parquet files).
+
+    Returns ``{"n_checked", "n_invalid", "by_reason": {reason: n}, "examples": ["way 12 in <tile>: reason", ...]}``;
+    a reason is GEOS's without its coordinates ("Too few points in geometry component"). Reads only the
+    geometry column, then the identifying columns of the invalid rows. ``workers`` > 1: that many forked
+    processes, each a contiguous run of the shards (the WKB parse holds the GIL: two threads gained 24 %, two
+    processes 43 %, on the 8x8 Liechtenstein's 1.77 M pieces: 3.39 s in one process, 1.94 s in two).
+    """
+    from .parallel import fork_each
+
+    groups = [list(g) for g in np.array_split(np.array(entity_shards, dtype=object), max(1, min(workers, len(entity_shards)))) if len(g)]
+    parts = (fork_each(lambda g: _invalid_in(g, max_examples), groups, workers, name=lambda g: f"the validity check of {g[0].name}...")
+             if len(groups) > 1 else [_invalid_in(g, max_examples) for g in groups])
+    n_checked, by_reason, examples = 0, {}, []
+    for part in parts:  # in shard order
+        n_checked += part["n_checked"]
+        for reason, n in part["by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+        examples += part["examples"][: max_examples - len(examples)]
     return {"n_checked": n_checked, "n_invalid": sum(by_reason.values()), "by_reason": dict(sorted(by_reason.items())),
             "examples": examples}

@@ -184,11 +184,9 @@ def _project(lonlat: np.ndarray, transformer: Transformer) -> np.ndarray:
 
 
 def _prepare(data: OsmData, region: str, s: float, clip=None, epsg: int | None = None, block=None) -> _Region:
-    if epsg is not None:
-        pass
-    elif clip is not None:
+    if epsg is None and clip is not None:
         epsg = clip.epsg
-    else:
+    elif epsg is None:  # the UTM zone of the kept entities' centre
         minx, miny, maxx, maxy = data.lonlat_bounds()
         epsg = utm_epsg((minx + maxx) / 2.0, (miny + maxy) / 2.0)
     to_utm = Transformer.from_crs(4326, epsg, always_xy=True)

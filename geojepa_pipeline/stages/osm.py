@@ -178,7 +178,7 @@ def _area_check(tiled: TiledRegion) -> ShardCheck:
 
 
 def _validity_check(dataset: Dataset) -> ShardCheck:
-    found = invalid_pieces(dataset.shards("entities"))
+    found = invalid_pieces(dataset.shards("entities"), workers=default_workers())
     return ShardCheck("valid_geometry", found["n_invalid"] == 0, found)
 
 
@@ -195,10 +195,11 @@ class TileShardsOptions:
     shard_tiles: int = DEFAULT_SHARD_TILES  # tiles per Parquet shard
     tile_size_m: float = TILE_SIZE_M  # grid spacing in metres (the method uses 300)
     workers: int = 0  # processes for tiling (by blocks: blocks tiled at once); 0 = one per core, at most 2 (the output does not depend on it)
-    # extracts of at least this many MiB are ingested block by block (geo.blocks: the
-    # same shards); 0: always, a negative number: never (the default while it is slower: 1.42x the whole-file
-    # time on the 8x8 Liechtenstein, bench/ingest.py --blocks 128)
-    block_min_mb: float = -1.0
+    # extracts of at least this many MiB are ingested block by block (geo.blocks: the same shards); 0: always,
+    # a negative number: never. A whole-file read peaks at about 0.4 GB + 40 MB per MiB of pbf (1.6 GB at
+    # 29 MiB, 5.1 GB at 118 MiB: bench/ingest.py --n 8/16 --blocks 128), so past 32 MiB it would pass 2 GB;
+    # below, the whole file is faster (1.45x less wall time at 29 MiB).
+    block_min_mb: float = 32.0
     block_tiles: int = 128  # a block's side in tiles (128: 38.4 km); a multiple of 16
 
 
