@@ -146,6 +146,86 @@ def wkb_array(pieces: np.ndarray, type_ids: np.ndarray, xy: np.ndarray, counts: 
     return pa.Array.from_buffers(pa.binary(), len(counts), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
 
 
+# ---- validity without GEOS, where it is certain ------------------------------------------------
+SURELY_VALID, ASK_GEOS = 1, 0
+
+
+@kernel
+def _get_u32(data: np.ndarray, pos: int) -> int:
+    return int(data[pos]) | (int(data[pos + 1]) << 8) | (int(data[pos + 2]) << 16) | (int(data[pos + 3]) << 24)
+
+
+@kernel
+def _line_end_if_valid(data: np.ndarray, pos: int, end: int, xy: np.ndarray, xy_bytes: np.ndarray) -> int:
+    """The end of the little-endian WKB LineString at ``pos`` when GEOS would find it valid (finite coordinates,
+    at least two distinct points), else -1 (not surely valid: GEOS decides)."""
+    if pos + 9 > end or data[pos] != 1 or _get_u32(data, pos + 1) != 2:
+        return -1
+    n = _get_u32(data, pos + 5)
+    pos += 9
+    if n < 2 or pos + 16 * n > end:
+        return -1
+    distinct = False
+    for j in range(n):
+        xy_bytes[:] = data[pos + 16 * j:pos + 16 * j + 16]
+        if not (np.isfinite(xy[0]) and np.isfinite(xy[1])):
+            return -1
+        if j == 0:
+            x0, y0 = xy[0], xy[1]
+        elif xy[0] != x0 or xy[1] != y0:
+            distinct = True
+    return pos + 16 * n if distinct else -1
+
+
+@kernel
+def _validity_kernel(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(M,) SURELY_VALID or ASK_GEOS for M WKB values (``data[offsets[i]:offsets[i + 1]]``)."""
+    m = len(offsets) - 1
+    out = np.zeros(m, np.int8)
+    xy = np.empty(2, np.float64)
+    xy_bytes = xy.view(np.uint8)
+    for i in range(m):
+        pos, end = offsets[i], offsets[i + 1]
+        if end - pos < 5 or data[pos] != 1:
+            continue
+        t = _get_u32(data, pos + 1)
+        if t == 1 and end - pos == 21:  # Point: finite coordinates (an empty point is NaN, NaN: GEOS decides)
+            xy_bytes[:] = data[pos + 5:pos + 21]
+            if np.isfinite(xy[0]) and np.isfinite(xy[1]):
+                out[i] = SURELY_VALID
+        elif t == 2:  # LineString
+            if _line_end_if_valid(data, pos, end, xy, xy_bytes) == end:
+                out[i] = SURELY_VALID
+        elif t == 5 and end - pos >= 9:  # MultiLineString: every part a valid LineString
+            n_parts = _get_u32(data, pos + 5)
+            at = pos + 9
+            for _ in range(n_parts):
+                at = _line_end_if_valid(data, at, end, xy, xy_bytes)
+                if at < 0:
+                    break
+            if n_parts > 0 and at == end:
+                out[i] = SURELY_VALID
+    return out
+
+
+def surely_valid(wkb: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(M,) bool: the WKB values that GEOS would find valid, decided from their bytes alone: points and
+    (multi)linestrings with finite coordinates and, in each line, two distinct points. False means "parse it
+    and ask GEOS" (polygons, collections, empty or odd values), not invalid. ``tests/geo/test_wkb.py`` checks
+    that it never says True where GEOS says invalid."""
+    arr = wkb.combine_chunks() if isinstance(wkb, pa.ChunkedArray) else wkb
+    if len(arr) == 0:
+        return np.zeros(0, bool)
+    if arr.null_count:
+        raise ValueError("surely_valid: null WKB values")
+    width = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, width, count=len(arr) + 1, offset=arr.offset * np.dtype(width).itemsize).astype(np.int64)
+    data = np.frombuffer(data_buf, np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    return _validity_kernel(data, offsets) == SURELY_VALID
+
+
 def warm_up() -> None:
-    """Compile (or load from numba's on-disk cache) the kernel in this process."""
+    """Compile (or load from numba's on-disk cache) the kernels in this process."""
     wkb_array(np.array([shapely.Point(0, 0)]), np.array([_POINT]), np.zeros((1, 2)), np.array([1], np.int64))
+    surely_valid(pa.array([shapely.to_wkb(shapely.LineString([(0, 0), (1, 1)]))], pa.binary()))

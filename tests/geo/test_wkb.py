@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import shapely
 
-from geojepa_pipeline.geo.wkb import wkb_array
+from geojepa_pipeline.geo.wkb import surely_valid, wkb_array
 
 
 def _mixed_pieces() -> np.ndarray:
@@ -48,3 +48,30 @@ def test_moved_coordinates_are_what_gets_written():
     arr = wkb_array(pieces, shapely.get_type_id(pieces), xy, shapely.get_num_coordinates(pieces).astype(np.int64))
     expected = shapely.to_wkb(shapely.transform(pieces, lambda c: c - np.array([100.0, 50.0])), output_dimension=2)
     assert arr.to_pylist() == list(expected)
+
+
+def test_surely_valid_never_passes_what_geos_finds_invalid():
+    inf, nan = np.inf, np.nan
+    cases = [  # (geometry, surely valid from its bytes)
+        (shapely.Point(1, 2), True), (shapely.Point(inf, 1), False), (shapely.from_wkt("POINT EMPTY"), False),
+        (shapely.LineString([(0, 0), (1, 1)]), True), (shapely.LineString([(0, 0), (0, 0)]), False),
+        (shapely.LineString([(0, 0), (0, 0), (1, 0)]), True), (shapely.LineString([(0, 0), (-0.0, 0)]), False),
+        (shapely.LineString([(0, 0), (nan, 1)]), False), (shapely.from_wkt("LINESTRING EMPTY"), False),
+        (shapely.MultiLineString([[(0, 0), (1, 1)], [(2, 2), (3, 3)]]), True),
+        (shapely.MultiLineString([[(0, 0), (1, 1)], [(2, 2), (2, 2)]]), False),
+        (shapely.box(0, 0, 1, 1), False),  # polygons: always GEOS
+        (shapely.Polygon([(0, 0), (1, 1), (1, 0), (0, 1)]), False),
+    ]
+    geoms = np.array([g for g, _ in cases], object)
+    with np.errstate(invalid="ignore"):
+        wkb = pa.array(list(shapely.to_wkb(geoms, output_dimension=2)), pa.binary())
+    sure = surely_valid(wkb)
+    assert list(sure) == [s for _, s in cases]
+    assert shapely.is_valid(geoms[sure]).all()
+    # the pieces of a real mix, and a sliced array (an offset into the buffers)
+    pieces = _mixed_pieces()
+    wkb = pa.array(list(shapely.to_wkb(pieces, output_dimension=2)), pa.binary())
+    sure = surely_valid(wkb)
+    assert shapely.is_valid(pieces[sure]).all() and sure.sum() >= len(pieces) // 3
+    assert list(surely_valid(wkb.slice(7, 50))) == list(sure[7:57])
+    assert len(surely_valid(pa.array([], pa.binary()))) == 0
