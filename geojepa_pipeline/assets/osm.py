@@ -106,9 +106,12 @@ def tile_shards_unit(context: dg.OpExecutionContext, plan, unit: int):
     drill = _injected_failure(key, context.retry_number)
     if drill:
         raise RuntimeError(f"tile_shards[{plan.region}] {key}: failed on purpose ({drill})")
-    # a step of the multiprocess executor shares the machine with its sibling steps: one tiling process each
-    workers = 1 if plan.blocks is not None and multiprocessing.parent_process() is not None else plan.options.workers
-    return tile_unit(plan, unit, workers=workers, log=context.log.info)
+    # a step of the multiprocess executor shares the machine with its sibling steps: one tiling process each;
+    # under the in-process executor (geojepa materialize) every block runs in the run's one process: a fresh
+    # fork per block keeps that process from growing block by block (16x16: 2,513 MB peak before)
+    in_step_process = multiprocessing.parent_process() is not None
+    workers = 1 if plan.blocks is not None and in_step_process else plan.options.workers
+    return tile_unit(plan, unit, workers=workers, log=context.log.info, own_process=not in_step_process)
 
 
 @dg.op(out={"result": dg.Out(dg.Nothing), **{spec.get_python_identifier(): dg.Out(dg.Nothing, is_required=False) for spec in _CHECKS}},

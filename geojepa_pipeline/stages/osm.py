@@ -292,14 +292,25 @@ def plan_tile_shards(region: str, store: Store, extract_path: Path | None = None
     return ShardsPlan(region, work, Path(extract_path), dict(source or {}), opts, clip, blocks)
 
 
-def tile_unit(plan: ShardsPlan, unit: int, workers: int | None = None, log: Log | None = None):
+def tile_unit(plan: ShardsPlan, unit: int, workers: int | None = None, log: Log | None = None, own_process: bool = False):
     """Tile one unit of ``plan``: a ``WholeResult``, or the ``ShareResult`` of block share ``unit``. Its pieces go
-    under ``plan.unit_dir(unit)``, emptied first (a retried unit starts clean). ``workers``: tiling processes."""
+    under ``plan.unit_dir(unit)``, emptied first (a retried unit starts clean). ``workers``: tiling processes.
+    ``own_process``: tile a block share in a fresh forked process, so that what it leaves in the heap (and its
+    DuckDB reader) goes with it: for a caller that tiles many blocks in one long-lived process, as
+    ``geojepa materialize`` does."""
     where = plan.unit_dir(unit)
     shutil.rmtree(where, ignore_errors=True)
     where.mkdir(parents=True)
     workers = workers or default_workers()
     opts, clip = plan.options, plan.clip
+    if unit != WHOLE and own_process:
+        from ..geo import minbox, wkb
+        from ..geo.parallel import fork_each
+
+        minbox.warm_up()  # loaded once here, inherited by each block's process
+        wkb.warm_up()
+        args = (plan.blocks.layout, unit, plan.region, where, clip, workers)
+        return next(fork_each(lambda a: tile_share(*a), [args], 1, name=lambda a: plan.unit_key(a[1])))
     if unit != WHOLE:
         return tile_share(plan.blocks.layout, unit, plan.region, where, clip, workers)
     t0 = time.perf_counter()

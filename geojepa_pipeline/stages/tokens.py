@@ -210,19 +210,26 @@ class GeometryEncoderOptions:
 
 
 def sample_pieces(store: Store, regions: list[str], max_pieces: int, seed: int) -> np.ndarray:
-    """Up to ``max_pieces`` piece geometries (tile-local metres) drawn evenly from the regions' CURRENT shards."""
+    """Up to ``max_pieces`` piece geometries (tile-local metres) drawn evenly from the regions' CURRENT shards.
+
+    Reads one shard's geometry column at a time and keeps only its drawn rows, so memory is the sample's
+    plus one shard's, whatever the regions (the draw is the same as over all pieces concatenated)."""
     import shapely
 
-    wkb = []
-    for name in sorted(regions):
-        for f in store.require(TILES, name).shards("entities"):
-            wkb.append(pq.read_table(f, columns=["geometry"]).column("geometry").to_numpy(zero_copy_only=False))
-    if not wkb:
+    files = [f for name in sorted(regions) for f in store.require(TILES, name).shards("entities")]
+    if not files:
         raise GeojepaError("no regions with tile shards: nothing to pretrain the geometry encoder on")
-    wkb = np.concatenate(wkb)
-    if len(wkb) > max_pieces:
-        wkb = wkb[np.sort(np.random.default_rng(seed).choice(len(wkb), max_pieces, replace=False))]
-    return shapely.from_wkb(wkb)
+    counts = np.array([pq.ParquetFile(f).metadata.num_rows for f in files], np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    total = int(starts[-1])
+    chosen = np.sort(np.random.default_rng(seed).choice(total, max_pieces, replace=False)) if total > max_pieces else np.arange(total)
+    wkb = []
+    for f, a, b in zip(files, starts[:-1], starts[1:]):
+        rows = chosen[np.searchsorted(chosen, a):np.searchsorted(chosen, b)] - a
+        if len(rows):
+            col = pq.read_table(f, columns=["geometry"]).column("geometry")
+            wkb.append(col.take(pa.array(rows)).to_numpy(zero_copy_only=False))
+    return shapely.from_wkb(np.concatenate(wkb) if wkb else np.zeros(0, object))
 
 
 @dataclass

@@ -146,3 +146,20 @@ def test_vit_tokens_are_cached_per_shard(store, embedder, tmp_path):
     assert np.isfinite(first).all() and first.std() > 0
     assert vit.dataset.data_version != patch.dataset.data_version
     assert vit.dataset.manifest["inputs"]["tile_images"] == images.dataset.data_version
+
+
+def test_sample_pieces_reads_a_shard_at_a_time_and_draws_as_over_all_pieces(store):
+    import numpy as np
+    import pyarrow.parquet as pq
+    import shapely
+
+    from geojepa_pipeline.stages.tokens import sample_pieces
+
+    # the draw over every piece concatenated (what the encoder was pretrained on before), region by region
+    every = np.concatenate([pq.read_table(f, columns=["geometry"]).column("geometry").to_numpy(zero_copy_only=False)
+                            for name in ("h", "t") for f in store.current("tiles", name).shards("entities")])
+    expected = every[np.sort(np.random.default_rng(7).choice(len(every), 500, replace=False))]
+    got = sample_pieces(store, ["t", "h"], 500, seed=7)
+    assert len(got) == 500 and list(shapely.to_wkb(got)) == list(shapely.to_wkb(shapely.from_wkb(expected)))
+    assert len(sample_pieces(store, ["t"], 10**9, seed=7)) == sum(
+        pq.ParquetFile(f).metadata.num_rows for f in store.current("tiles", "t").shards("entities"))
