@@ -5,7 +5,7 @@
 Builds the N x N replicated Liechtenstein extract (``bench/replicate.py``; cached under
 ``bench/_cache``), then, in one invocation, runs each approach in its own subprocess on the
 same file and prints wall time, peak memory and the ratio. Peak memory is the largest PSS of the run's
-process tree at once, sampled every 0.1 s (``bench/memtrace.py``); ``peak RSS bound`` is the older upper
+process tree at once, sampled every 0.5 s (``bench/memtrace.py``); ``peak RSS bound`` is the older upper
 bound, the run's own peak RSS plus its largest child's. The scaling table runs this project's
 ingestion on 1x1 ... NxN copies and prints seconds per 1,000 input features.
 
@@ -182,7 +182,7 @@ def main() -> None:
                                    "and compare with the whole file")
     ap.add_argument("--blocks", type=int, default=0, metavar="BLOCK_TILES",
                     help="also ingest the same file block by block (blocks of BLOCK_TILES tiles a side), and compare")
-    ap.add_argument("--trace", metavar="CSV", help="write the default run's memory trace (every 0.1 s) and build log lines to CSV")
+    ap.add_argument("--trace", metavar="CSV", help="write the default run's memory trace (every 0.5 s) and build log lines to CSV")
     ap.add_argument("--worker", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

@@ -4,7 +4,7 @@
 
 Registers the replicated extract (``bench/ingest.py`` builds and caches it) as region ``bench`` in a fresh
 GEOJEPA_HOME (``--home`` to keep it), then materializes one asset at a time, each in its own
-``geojepa materialize --select key:<asset>`` process, and samples that process tree's memory every 0.1 s
+``geojepa materialize --select key:<asset>`` process, and samples that process tree's memory every 0.5 s
 (``bench/memtrace.py``: the largest PSS sum at once). Images are off (``--imagery none``), so training runs
 the GT variant (geometry and tags), ``tiny``, eager, for ``--epochs`` epochs. This is the sizing table of the
 README's *Running at scale*.

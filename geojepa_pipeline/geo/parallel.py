@@ -82,7 +82,7 @@ def fork_each(fn, jobs: list, workers: int, name=repr):
             while want not in done:
                 while nxt < len(jobs) and len(running) < max(1, workers):
                     recv, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=child, args=(send, jobs[nxt]), daemon=True)
+                    proc = ctx.Process(target=child, args=(send, jobs[nxt]))  # not daemonic: a job may fork its own workers
                     proc.start()
                     send.close()
                     running[recv] = (nxt, proc)

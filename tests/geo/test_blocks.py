@@ -82,3 +82,16 @@ def test_blocks_must_nest_the_sort_blocks(tmp_path, pyrosm_test_pbf):
     spill = spill_pbf(pyrosm_test_pbf, tmp_path)
     with pytest.raises(ValueError, match="multiple of 16"):
         BlockPlan(spill, 40)
+
+
+def test_blocks_each_in_their_own_process_with_band_workers_give_the_whole_file_version(tmp_path, pyrosm_test_pbf):
+    """What ``geojepa materialize`` runs: a unit at a time, each block in a fresh fork that forks its band workers."""
+    from geojepa_pipeline.stages.osm import commit_tile_shards, plan_tile_shards, tile_unit
+
+    whole = build_tile_shards("t", Store(tmp_path / "whole"), extract_path=pyrosm_test_pbf, source={}, block_min_mb=-1)
+    store = Store(tmp_path / "forked")
+    plan = plan_tile_shards("t", store, pyrosm_test_pbf, {}, block_min_mb=0, block_tiles=16)
+    results = [tile_unit(plan, unit, workers=2, own_process=True) for unit in plan.units]
+    assert all(r.tiled is None or r.tiled.n_bands >= 1 for r in results)
+    committed = commit_tile_shards(plan, store, results)
+    assert committed.dataset.data_version == whole.dataset.data_version and not committed.failed_checks

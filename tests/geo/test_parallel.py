@@ -47,3 +47,14 @@ def test_fork_each_raises_the_jobs_exception_and_names_a_dead_worker():
         list(fork_each(_square_or_fail, [(1, "ok"), (2, "raise"), (3, "ok")], workers=2))
     with pytest.raises(RuntimeError, match=r"worker process for job-5 died \(exit code 3"):
         list(fork_each(_square_or_fail, [(4, "ok"), (5, "die")], workers=2, name=lambda job: f"job-{job[0]}"))
+
+
+def _pool_of_two(n):
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:  # as tile_osm forks its band workers
+        return sum(pool.map(abs, range(-n, 0)))
+
+
+def test_a_fork_each_job_may_fork_its_own_workers():
+    assert list(fork_each(_pool_of_two, [3, 4], workers=2)) == [6, 10]
