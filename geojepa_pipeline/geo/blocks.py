@@ -21,7 +21,9 @@ share, the last (``ShareLayout.nowhere``), which is decided but not tiled.
 from __future__ import annotations
 
 import shutil
+import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,6 +168,7 @@ class BlockPlan:
     memory_limit: str = "512MB"
     con: duckdb.DuckDBPyConnection = field(init=False, repr=False)
     blocks: list = field(init=False, default_factory=list)  # (bx, by) of every block some entity reaches, sorted
+    timings_s: dict = field(init=False, default_factory=dict)  # wall seconds of each planning step
 
     def __post_init__(self):
         if self.block_tiles < BLOCK_TILES or self.block_tiles % BLOCK_TILES:
@@ -182,30 +185,42 @@ class BlockPlan:
         _do(self.con, "SET enable_progress_bar = false")  # long statements would draw bars on stderr
         for name in _SCHEMAS:
             _do(self.con, f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{root / name}.parquet')")
-        self._node_blocks()
-        self._boxes()
-        self._partition()
+        for step in (self._node_blocks, self._boxes, self._partition):
+            with self._timed(step.__name__.lstrip("_")):
+                step()
+
+    @contextmanager
+    def _timed(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.timings_s[name] = self.timings_s.get(name, 0.0) + time.perf_counter() - t
 
     # ---- planning ----------------------------------------------------------------------------
     def _node_blocks(self) -> None:
-        """``nb(id, block_x, block_y)``: the block of every node on the globe, projected batch by batch into
-        ``node_blocks.parquet`` (never all in memory)."""
+        """``node_blocks.parquet``: every node's row with its block (``block_x``, ``block_y``; null off the globe)
+        and whether some relation holds it (``member``), a row group at a time (never all in memory);
+        ``nb(id, block_x, block_y)`` views the nodes on the globe."""
         to_utm = Transformer.from_crs(4326, self.epsg, always_xy=True)
         span = self.block_tiles * self.tile_size_m
-        schema = pa.schema([("id", pa.int64()), ("block_x", pa.int32()), ("block_y", pa.int32())])
+        schema = _SCHEMAS["nodes"].append(pa.field("block_x", pa.int32())).append(pa.field("block_y", pa.int32())) \
+            .append(pa.field("member", pa.bool_()))
+        member_nodes = _q(self.con, f"SELECT DISTINCT ref FROM members WHERE type = {NODE} ORDER BY ref").column(0).to_numpy()
         path = self.spill.root / "node_blocks.parquet"
         nodes = pq.ParquetFile(self.spill.root / "nodes.parquet")
-        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        with pq.ParquetWriter(path, schema, compression="lz4") as writer:
             # a row group (_FLUSH_ROWS rows) at a time: iter_batches reads ahead and held 0.9 GB more at 32x32
             for i in range(nodes.metadata.num_row_groups):
-                batch = nodes.read_row_group(i, columns=["id", "lon", "lat"])
+                batch = nodes.read_row_group(i)
                 lon, lat = batch.column("lon").to_numpy(), batch.column("lat").to_numpy()
-                ok = (np.abs(lon) <= 180) & (np.abs(lat) <= 90)
-                x, y = to_utm.transform(lon[ok], lat[ok])
-                writer.write_table(pa.table({"id": batch.column("id").filter(pa.array(ok)),
-                                             "block_x": np.floor(np.asarray(x) / span).astype(np.int32),
-                                             "block_y": np.floor(np.asarray(y) / span).astype(np.int32)}, schema=schema))
-        _do(self.con, f"CREATE VIEW nb AS SELECT * FROM read_parquet('{path}')")
+                off = ~((np.abs(lon) <= 180) & (np.abs(lat) <= 90))
+                x, y = to_utm.transform(np.where(off, 0.0, lon), np.where(off, 0.0, lat))
+                block = [pa.array(np.floor(np.asarray(v) / span).astype(np.int32), mask=off) for v in (x, y)]
+                ids = batch.column("id").to_numpy()
+                at = np.minimum(np.searchsorted(member_nodes, ids), max(len(member_nodes) - 1, 0))
+                member = member_nodes[at] == ids if len(member_nodes) else np.zeros(len(ids), bool)
+                writer.write_table(pa.Table.from_arrays([*batch.columns, *block, pa.array(member)], schema=schema))
+        _do(self.con, f"CREATE VIEW node_blocks AS SELECT * FROM read_parquet('{path}')")
+        _do(self.con, "CREATE VIEW nb AS SELECT id, block_x, block_y FROM node_blocks WHERE block_x IS NOT NULL")
 
     def _boxes(self) -> None:
         """``wbox`` and ``rbox(id, bx0, bx1, by0, by1)``: the blocks a way's nodes, a relation's members reach
@@ -278,24 +293,38 @@ class BlockPlan:
         _do(con, f"""CREATE TABLE aw AS SELECT b.k, x.id FROM wbox x JOIN blocks_k b ON {covers}
                      UNION SELECT {nowhere} AS k, w.id FROM ways w ANTI JOIN wbox x ON w.id = x.id
                      UNION SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 1""")
-        # the nodes of a share: its tagged nodes, its relations' member nodes, and every node its ways refer to
-        # (one statement each, then one DISTINCT: a UNION ALL of them ran out of a 512 MB limit at 16x16; nb holds
-        # exactly the nodes on the globe, so the tagged nodes in no block are a filter, not an anti join on nb)
-        _do(con, """CREATE TABLE an_raw AS SELECT b.k, nb.id FROM nb JOIN blocks_k b USING (block_x, block_y)
-                    JOIN (SELECT id FROM nodes WHERE n_raw > 0) n ON n.id = nb.id""")
-        _do(con, f"""INSERT INTO an_raw SELECT {nowhere} AS k, id FROM nodes
-                     WHERE n_raw > 0 AND NOT (abs(lon) <= 180 AND abs(lat) <= 90)""")
-        _do(con, "INSERT INTO an_raw SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 0")
-        _do(con, "INSERT INTO an_raw SELECT a.k, r.node_id AS id FROM way_refs r JOIN aw a ON r.way_id = a.id")
-        _do(con, "CREATE TABLE an_all AS SELECT DISTINCT k, id FROM an_raw")
-        _do(con, "DROP TABLE an_raw")
+        # the nodes of a share: every node in its block (the ways that lie in one block, most of them, need no
+        # more), then the few more it needs ("elsewhere"): the nodes of its ways that reach other blocks, of ways
+        # pulled in by its relations, of its ways with nodes off the globe, its relations' member nodes, and (in no
+        # block) the tagged nodes off the globe. A join of every way ref with its ways' shares (77 M rows at 32x32)
+        # and a DISTINCT over them would otherwise decide where each node goes.
+        _do(con, f"""CREATE TABLE aw_other AS SELECT a.k, a.id FROM aw a
+                         SEMI JOIN (SELECT id FROM wbox WHERE bx0 < bx1 OR by0 < by1) w ON a.id = w.id
+                     UNION SELECT k, id FROM aw WHERE k = {nowhere}
+                     UNION SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 1""")
+        _do(con, """CREATE TABLE off_globe AS SELECT id, n_raw FROM node_blocks WHERE block_x IS NULL""")
+        _do(con, """CREATE TABLE elsewhere_raw AS SELECT a.k, r.node_id AS id FROM way_refs r JOIN aw_other a ON r.way_id = a.id""")
+        _do(con, """INSERT INTO elsewhere_raw SELECT a.k, r.node_id AS id FROM (SELECT r.* FROM way_refs r SEMI JOIN off_globe o ON r.node_id = o.id) r
+                    JOIN aw a ON a.id = r.way_id""")
+        _do(con, "INSERT INTO elsewhere_raw SELECT a.k, m.ref AS id FROM ar a JOIN members m ON m.rel_id = a.id WHERE m.type = 0")
+        _do(con, f"INSERT INTO elsewhere_raw SELECT {nowhere} AS k, id FROM off_globe WHERE n_raw > 0")
+        _do(con, """CREATE TABLE elsewhere AS SELECT DISTINCT e.k, e.id, b.block_x, b.block_y FROM elsewhere_raw e
+                    LEFT JOIN blocks_k b USING (k)""")
+        _do(con, "DROP TABLE elsewhere_raw")
         _do(con, "CREATE TABLE member_of AS SELECT DISTINCT type, ref FROM members")
         flag = lambda t, id_col: f"EXISTS (SELECT 1 FROM member_of f WHERE f.type = {t} AND f.ref = {id_col}) AS member"  # noqa: E731
+        node_cols = ", ".join(f"n.{f.name}" for f in _SCHEMAS["nodes"])
         root = self.spill.root / "parts"
         root.mkdir(exist_ok=True)
         for table, sql in (
-            ("nodes", f"SELECT a.k, n.*, {flag(NODE, 'n.id')} FROM nodes n JOIN an_all a USING (id)"),
-            ("node_tags", "SELECT a.k, t.* FROM node_tags t JOIN an_all a ON t.owner_id = a.id"),
+            ("nodes", f"""SELECT b.k, {node_cols}, n.member FROM node_blocks n JOIN blocks_k b USING (block_x, block_y)
+                          UNION ALL SELECT e.k, {node_cols}, n.member FROM elsewhere e JOIN node_blocks n USING (id)
+                          WHERE NOT coalesce(n.block_x = e.block_x AND n.block_y = e.block_y, false)"""),
+            # tags of the tagged nodes only: the same two parts
+            ("node_tags", """SELECT b.k, t.* FROM node_tags t JOIN node_blocks n ON t.owner_id = n.id JOIN blocks_k b USING (block_x, block_y)
+                             UNION ALL SELECT e.k, t.* FROM node_tags t JOIN (SELECT e.k, e.id FROM elsewhere e JOIN node_blocks n USING (id)
+                                 WHERE n.n_raw > 0 AND NOT coalesce(n.block_x = e.block_x AND n.block_y = e.block_y, false)) e
+                             ON t.owner_id = e.id"""),
             ("ways", f"SELECT a.k, w.*, {flag(WAY, 'w.id')} FROM ways w JOIN aw a USING (id)"),
             ("way_refs", "SELECT a.k, r.* FROM way_refs r JOIN aw a ON r.way_id = a.id"),
             ("way_tags", "SELECT a.k, t.* FROM way_tags t JOIN aw a ON t.owner_id = a.id"),
@@ -303,8 +332,9 @@ class BlockPlan:
             ("members", "SELECT a.k, m.* FROM members m JOIN ar a ON m.rel_id = a.id"),
             ("rel_tags", "SELECT a.k, t.* FROM rel_tags t JOIN ar a ON t.owner_id = a.id"),
         ):
-            _do(con, f"COPY ({sql}) TO '{root / table}' (FORMAT parquet, PARTITION_BY (k), OVERWRITE_OR_IGNORE)")
-        for name in ("an_all", "aw", "ar", "member_of"):
+            with self._timed(f"copy_{table}"):
+                _do(con, f"COPY ({sql}) TO '{root / table}' (FORMAT parquet, PARTITION_BY (k), OVERWRITE_OR_IGNORE)")
+        for name in ("elsewhere", "aw_other", "off_globe", "aw", "ar", "member_of"):
             _do(con, f"DROP TABLE {name}")
 
     def n_input(self) -> int:
@@ -525,7 +555,6 @@ class ShareResult:
 def tile_share(layout: ShareLayout, k: int, region: str, scratch: Path, clip=None, workers: int | None = 1) -> ShareResult:
     """Read share ``k`` back, apply the keep/drop rules and tile it (pieces spilled under ``scratch``): the unit of
     work of block ingestion, run in a worker process or in this one."""
-    import time
 
     from .osm_read import osm_data_from_decoded
     from .tiling import tile_osm
@@ -594,22 +623,25 @@ class PlannedBlocks:
     todo: tuple  # the shares to tile, in order: the blocks (those the clip touches), then ``layout.nowhere``
     n_blocks: int  # blocks some entity reaches (``len(layout.blocks)``; more than ``len(todo) - 1`` under a clip)
     seconds: float  # spill and plan, wall
+    timings_s: dict = field(default_factory=dict)  # wall seconds: spill, then each planning step (copy_* are within partition)
 
 
 def plan_blocks(path, scratch: Path, block_tiles: int, tile_size_m: float = TILE_SIZE_M, clip=None,
                 memory_limit: str = "512MB") -> PlannedBlocks:
     """Spill ``path`` under ``scratch`` and write every block's share (module docstring, steps 1-2)."""
-    import time
 
     t0 = time.perf_counter()
     spill = spill_pbf(path, Path(scratch) / "spill")
+    t_spill = time.perf_counter() - t0
     plan = BlockPlan(spill, block_tiles, tile_size_m, epsg=clip.epsg if clip is not None else None, memory_limit=memory_limit)
-    n_input = plan.n_input()
+    with plan._timed("n_input"):
+        n_input = plan.n_input()
     plan.con.close()  # its buffers (up to memory_limit) go before the blocks are tiled
     layout = plan.layout()
     area_utm = clip.projected(plan.epsg) if clip is not None else None
     todo = [k for k, b in enumerate(plan.blocks) if area_utm is None or _block_touches(layout, b, area_utm)] + [layout.nowhere]
-    return PlannedBlocks(layout, n_input, tuple(todo), len(plan.blocks), time.perf_counter() - t0)
+    return PlannedBlocks(layout, n_input, tuple(todo), len(plan.blocks), time.perf_counter() - t0,
+                         {"spill": t_spill, **plan.timings_s})
 
 
 def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_m: float = TILE_SIZE_M, clip=None,
@@ -617,7 +649,6 @@ def ingest_blocks(path, region: str, scratch: Path, block_tiles: int, tile_size_
     """Tile ``path`` block by block (module docstring): the merged ``TiledRegion`` (pieces spilled under
     ``scratch``) and the relation-members table, as ``tile_osm`` and ``OsmData.relation_members`` give them
     for the whole file. ``workers``: blocks tiled at once, each in its own process (default: one per core, at most 2)."""
-    import time
 
     from .parallel import default_workers
 
@@ -633,7 +664,8 @@ def log_plan(planned: PlannedBlocks, region: str, log, how: str) -> None:
     layout = planned.layout
     if log:
         log(f"blocks of {region}: {len(planned.todo) - 1} of {planned.n_blocks} blocks of {layout.block_tiles}x{layout.block_tiles} "
-            f"tiles ({layout.block_tiles * layout.tile_size_m / 1000:.1f} km), EPSG:{layout.epsg}; plan {planned.seconds:.1f} s; {how}")
+            f"tiles ({layout.block_tiles * layout.tile_size_m / 1000:.1f} km), EPSG:{layout.epsg}; plan {planned.seconds:.1f} s "
+            f"({', '.join(f'{k} {v:.1f}' for k, v in planned.timings_s.items() if not k.startswith('copy_'))}); {how}")
 
 
 def merge_shares(planned: PlannedBlocks, results, clip=None, log=None, started: float | None = None,
@@ -642,10 +674,9 @@ def merge_shares(planned: PlannedBlocks, results, clip=None, log=None, started: 
     and relation-members table: what a whole-file run gives. The shares' outcome files are merged in DuckDB
     (within ``memory_limit``, spilling past it), so this process holds only the tiles, whatever the extract.
     ``started``: ``time.perf_counter()`` at the start, for the total (default: the plan's and the shares' seconds added up)."""
-    import time
 
     layout, n_input = planned.layout, planned.n_input
-    by_k, timings = {}, {"spill_and_plan": planned.seconds}
+    by_k, timings = {}, {"spill_and_plan": planned.seconds, **{f"plan_{k}": v for k, v in planned.timings_s.items()}}
     n_tiled = 0
     for res in results:
         by_k[res.k] = res
