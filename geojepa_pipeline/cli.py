@@ -207,7 +207,7 @@ class _PlannedRun:
     """One Dagster run of ``materialize_regions``: what it materializes, where, and with which config."""
 
     label: str  # its key in the results, and its geojepa/region tag
-    partition: str | None  # a region, a variant, or None (the assets over all regions)
+    partition: str | None  # a region, a variant, a region|variant key (dg.MultiPartitionKey), or None (the assets over all regions)
     keys: set  # the asset keys it materializes
     what: str  # how the log names it
     config: dict[str, dict] = field(default_factory=dict)  # per asset name: config fields
@@ -218,7 +218,9 @@ def _plan_runs(wanted: set, names: list[str], trained: list[str], holdout: list[
     """The runs, in order: each region's ingest and imagery, the assets over all regions, each region's
     tokens, then each variant's checkpoint and report. ``trained``: the regions a checkpoint trains
     on (empty: every region not held out)."""
-    from .definitions import GLOBAL_ASSETS, REGION_ASSETS, REGION_TOKEN_ASSETS, VARIANT_ASSETS
+    import dagster as dg
+
+    from .definitions import GLOBAL_ASSETS, REGION_ASSETS, REGION_TOKEN_ASSETS, REGION_VARIANT_ASSETS, VARIANT_ASSETS
     from .store import GLOBAL_SCOPE
 
     keys_of = lambda assets: wanted & {k for a in assets for k in a.keys}  # noqa: E731
@@ -235,6 +237,9 @@ def _plan_runs(wanted: set, names: list[str], trained: list[str], holdout: list[
                     "evaluation_report": {"holdout_regions": holdout}}
     runs += [_PlannedRun(f"model:{variant}", variant, model_keys, f"{listed(model_keys)} [{variant}] (preset {preset})", model_config)
              for variant in variants if model_keys]
+    embed_keys = keys_of(REGION_VARIANT_ASSETS)
+    runs += [_PlannedRun(f"{name}|{variant}", dg.MultiPartitionKey({"region": name, "variant": variant}), embed_keys,
+                         f"{listed(embed_keys)} of region {name} by {variant}") for variant in variants for name in names if embed_keys]
     return runs
 
 
@@ -318,7 +323,7 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
 
     from .assets.console import WARNINGS
     from .assets.partitions import sync_region_partitions
-    from .definitions import ALL_ASSETS, defs
+    from .definitions import ALL_ASSETS, REGION_VARIANT_ASSETS, defs
     from .regions import default_registry
     from .settings import get_settings
 
@@ -332,7 +337,8 @@ def materialize_regions(region_names: list[str] | None, select: str | None = Non
         registry.get(name)  # clear error for an unknown region
     if holdout and region_names:
         names = sorted(set(names) | set(holdout))  # held-out regions are materialized too, just not trained on
-    wanted = {k for a in ALL_ASSETS for k in a.keys}
+    # by default every asset but the embeddings (materialized when selected: --select tile_embeddings)
+    wanted = {k for a in ALL_ASSETS if a not in REGION_VARIANT_ASSETS for k in a.keys}
     if select:
         import warnings
 

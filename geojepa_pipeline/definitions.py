@@ -8,6 +8,7 @@ from .assets.imagery import naip_scenes, tile_images
 from .assets.osm import osm_extract, tile_shards
 from .assets.resources import GeojepaResource
 from .assets.automation import automation_sensor
+from .assets.embeddings import tile_embeddings
 from .assets.schedules import region_schedules, reingest_region_job
 from .assets.sensors import region_registry_sensor, region_source_sensor
 from .assets.tokens import geometry_encoder, tag_embeddings, tile_tokens
@@ -21,7 +22,8 @@ REGION_ASSETS = [osm_extract, tile_shards, naip_scenes, tile_images]  # partitio
 GLOBAL_ASSETS = [tag_embeddings, geometry_encoder]  # over all regions, unpartitioned
 REGION_TOKEN_ASSETS = [tile_tokens]  # partitioned by region, after GLOBAL_ASSETS
 VARIANT_ASSETS = [geojepa_checkpoint, evaluation_report]  # partitioned by model variant, over all regions
-ALL_ASSETS = REGION_ASSETS + GLOBAL_ASSETS + REGION_TOKEN_ASSETS + VARIANT_ASSETS
+REGION_VARIANT_ASSETS = [tile_embeddings]  # partitioned by region x variant, after VARIANT_ASSETS
+ALL_ASSETS = REGION_ASSETS + GLOBAL_ASSETS + REGION_TOKEN_ASSETS + VARIANT_ASSETS + REGION_VARIANT_ASSETS
 # re-run by themselves when an upstream data version changed (training and evaluation stay manual)
 AUTOMATED_ASSETS = [tile_shards, naip_scenes, tile_images, tile_tokens]
 

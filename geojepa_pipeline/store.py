@@ -50,9 +50,10 @@ _STAGING_PREFIX = ".staging-"
 
 OSM, TILES, SCENES, IMAGES = "osm", "tiles", "scenes", "images"
 TAGS, GEOMETRY, TOKENS = "tag_embeddings", "geometry_encoder", "tokens"
-CHECKPOINTS, REPORTS = "checkpoints", "reports"
+CHECKPOINTS, REPORTS, EMBEDDINGS = "checkpoints", "reports", "embeddings"
 
 REGION_SCOPE, VARIANT_SCOPE = "region", "variant"  # GLOBAL_SCOPE ("@all") is the third
+REGION_VARIANT_SCOPE = "region.variant"  # a region's datasets made by one model variant: ``<region>.<variant>``
 
 # named files (one per dataset version)
 RELATION_MEMBERS_FILE = "relation_members.parquet"  # tiles: every kept relation's members (osm_read.RELATION_MEMBERS_SCHEMA)
@@ -62,6 +63,7 @@ WEIGHTS_FILE, CONFIG_FILE, HISTORY_FILE = "model.safetensors", "config.json", "h
 INPUTS_FILE = "inputs.json"  # tokens, checkpoints: every input's data version
 LAST_WEIGHTS_FILE, TRAIN_STATE_FILE = "last.safetensors", "train_state.json"  # checkpoints (best weights: WEIGHTS_FILE)
 METRICS_FILE, REPORT_FILE, EMBEDDINGS_FILE = "metrics.json", "report.html", "embeddings.parquet"  # reports
+TILE_EMBEDDINGS_FILE = "tile_embeddings.parquet"  # embeddings: GeoParquet, one row per tile (stages.embeddings)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind(TOKENS, REGION_SCOPE, "tile_tokens", (INPUTS_FILE,), {"tokens": "tokens", "image_tokens": "image-tokens"}),
     Kind(CHECKPOINTS, VARIANT_SCOPE, "geojepa_checkpoint", (WEIGHTS_FILE, LAST_WEIGHTS_FILE, TRAIN_STATE_FILE, INPUTS_FILE)),
     Kind(REPORTS, VARIANT_SCOPE, "evaluation_report", (METRICS_FILE, REPORT_FILE, EMBEDDINGS_FILE)),
+    Kind(EMBEDDINGS, REGION_VARIANT_SCOPE, "tile_embeddings", (TILE_EMBEDDINGS_FILE,)),
 )}
 
 
@@ -127,6 +130,9 @@ def _shard_stem(kind: str, table: str) -> str:
 def scope_label(kind: str, scope: str) -> str:
     """How an error names a dataset's scope: ``region 'li'``, ``variant 'GT'`` or ``the store``."""
     s = _kind(kind).scope
+    if s == REGION_VARIANT_SCOPE:
+        region, _, variant = scope.rpartition(".")
+        return f"region {region!r} by variant {variant}"
     return "the store" if s == GLOBAL_SCOPE else f"{s} {scope!r}"
 
 
@@ -135,6 +141,10 @@ def missing(kind: str, scope: str, asset: str | None = None) -> GeojepaError:
     asset = asset or _kind(kind).asset
     if _kind(kind).scope == GLOBAL_SCOPE:
         return GeojepaError(f"the store has no {asset} yet; materialize {asset} first (geojepa materialize)")
+    if _kind(kind).scope == REGION_VARIANT_SCOPE:
+        region, _, variant = scope.rpartition(".")
+        return GeojepaError(f"{scope_label(kind, scope)} has no {asset} yet; materialize {asset}[{region}|{variant}] first "
+                            f"(geojepa materialize --select {asset} --region {region} --variant {variant})")
     flag = "--variant" if _kind(kind).scope == VARIANT_SCOPE else "--region"
     return GeojepaError(f"{scope_label(kind, scope)} has no {asset} yet; materialize {asset}[{scope}] first "
                         f"(geojepa materialize --select {asset} {flag} {scope})")
@@ -674,7 +684,10 @@ class Store:
         """
         out = []
         for kind in KINDS.values():
-            scopes = self.regions(kind.name) if region is None else ([region] if kind.scope == REGION_SCOPE else [])
+            scopes = self.regions(kind.name)
+            if region is not None:
+                scopes = [region] if kind.scope == REGION_SCOPE else [s for s in scopes if kind.scope == REGION_VARIANT_SCOPE
+                                                                      and s.rpartition(".")[0] == region]
             for scope in scopes:
                 if kind.name == OSM:
                     sha = self.current_version(OSM, scope)

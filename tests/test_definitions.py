@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 
 from geojepa_pipeline.definitions import defs
 
@@ -13,7 +14,7 @@ def test_definitions_list_the_expected_assets_and_checks():
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"osm_extract", "tile_shards", "naip_scenes", "tile_images", "tag_embeddings",
                                                                          "geometry_encoder", "tile_tokens", "geojepa_checkpoint",
-                                                                         "evaluation_report"}
+                                                                         "evaluation_report", "tile_embeddings"}
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
     assert checks == {("tile_shards", "schema"), ("tile_shards", "entity_accounting"), ("tile_shards", "clipped_area"),
                       ("tile_shards", "valid_geometry"), ("tile_images", "aligned_with_tiles"), ("tile_tokens", "aligned_with_entities")}
@@ -23,12 +24,18 @@ def test_definitions_list_the_expected_assets_and_checks():
     assert upstream["tile_tokens"] == {"tile_shards", "tag_embeddings", "geometry_encoder", "tile_images"}
     assert upstream["geojepa_checkpoint"] == {"tile_tokens", "tile_images", "tag_embeddings", "geometry_encoder"}
     assert upstream["evaluation_report"] == {"geojepa_checkpoint"}
+    assert upstream["tile_embeddings"] == {"tile_tokens", "geojepa_checkpoint"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         if key.to_user_string() in ("tag_embeddings", "geometry_encoder"):  # over all regions
             assert node.partitions_def is None
         elif key.to_user_string() in ("geojepa_checkpoint", "evaluation_report"):
             assert node.partitions_def.get_partition_keys() == ["T", "GT", "TI", "GTI"]
+        elif key.to_user_string() == "tile_embeddings":  # region x variant; each upstream maps on its own dimension
+            dims = {d.name: d.partitions_def for d in node.partitions_def.partitions_defs}
+            assert dims["region"].name == "regions" and dims["variant"].get_partition_keys() == ["T", "GT", "TI", "GTI"]
+            for parent in ("tile_tokens", "geojepa_checkpoint"):  # inferred from the shared dimension definitions
+                assert type(graph.get_partition_mapping(key, dg.AssetKey(parent))).__name__ == "MultiToSingleDimensionPartitionMapping"
         else:
             assert node.partitions_def.name == "regions"
         assert node.code_version

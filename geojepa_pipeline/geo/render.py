@@ -32,29 +32,45 @@ def tile_density_png(tile_x: np.ndarray, tile_y: np.ndarray, counts: np.ndarray,
         counts: (T,) entities (pieces) per tile.
     """
     if len(tile_x) == 0:
+        return tile_map_png(tile_x, tile_y, np.zeros((0, 3), np.uint8), "", max_px)
+    logc = np.log1p(counts.astype(np.float64))
+    bar = colormap(np.linspace(0, 1, 100))
+    return tile_map_png(tile_x, tile_y, colormap(logc / max(logc.max(), 1e-9)), f"1 .. {int(counts.max())} per tile (log)  {title}",
+                        max_px, bar)
+
+
+def tile_map_png(tile_x: np.ndarray, tile_y: np.ndarray, colours: np.ndarray, label: str, max_px: int = 480,
+                 bar: np.ndarray | None = None) -> bytes:
+    """A map of tiles, each one square of its colour, north up, white where no tile is, with a one-line legend.
+
+    Args:
+        tile_x, tile_y: (T,) grid indices.
+        colours: (T, 3) uint8 RGB of each tile.
+        bar: (100, 3) uint8 colour bar drawn before the label (None: no bar).
+    """
+    if len(tile_x) == 0:
         img = Image.new("RGB", (200, 60), (255, 255, 255))
         ImageDraw.Draw(img).text((10, 20), "no tiles", fill=(0, 0, 0))
     else:
+        tile_x, tile_y = np.asarray(tile_x, np.int64), np.asarray(tile_y, np.int64)
         x0, y0 = int(tile_x.min()), int(tile_y.min())
         w, h = int(tile_x.max()) - x0 + 1, int(tile_y.max()) - y0 + 1
         grid = np.full((h, w, 3), 255, np.uint8)
-        logc = np.log1p(counts.astype(np.float64))
-        scale = logc / max(logc.max(), 1e-9)
-        grid[(h - 1) - (tile_y - y0), tile_x - x0] = colormap(scale)  # north up
+        grid[(h - 1) - (tile_y - y0), tile_x - x0] = colours  # north up
         factor = max(1, min(max_px // max(w, h), 8))
         img = Image.fromarray(grid).resize((w * factor, h * factor), Image.NEAREST)
         if max(img.size) > max_px:
             s = max_px / max(img.size)
             img = img.resize((max(1, int(img.size[0] * s)), max(1, int(img.size[1] * s))), Image.BOX)
         legend_h = 22
-        label = f"1 .. {int(counts.max())} per tile (log)  {title}"
-        text_w = int(ImageDraw.Draw(img).textlength(label)) + 120
+        text_x = 110 if bar is not None else 4
+        text_w = int(ImageDraw.Draw(img).textlength(label)) + text_x + 10
         canvas = Image.new("RGB", (max(img.size[0], text_w), img.size[1] + legend_h), (255, 255, 255))
         canvas.paste(img, (0, legend_h))
         draw = ImageDraw.Draw(canvas)
-        bar = colormap(np.linspace(0, 1, 100))[None, :, :].repeat(8, axis=0)
-        canvas.paste(Image.fromarray(bar), (4, 4))
-        draw.text((110, 2), label, fill=(0, 0, 0))
+        if bar is not None:
+            canvas.paste(Image.fromarray(np.asarray(bar, np.uint8)[None, :, :].repeat(8, axis=0)), (4, 4))
+        draw.text((text_x, 2), label, fill=(0, 0, 0))
         img = canvas
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)

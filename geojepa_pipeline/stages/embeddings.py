@@ -1,0 +1,258 @@
+"""``tile_embeddings[region, variant]`` without Dagster: every tile of a region embedded with a variant's checkpoint.
+
+The product of training: one GeoParquet file per (region, variant) version,
+``embeddings/<region>.<variant>/<data_version>/tile_embeddings.parquet``, one row per tile in shard order:
+
+- ``tile_id``, ``tile_x``, ``tile_y`` (indices on the region's UTM grid);
+- ``geometry``: the tile's square in EPSG:4326 (the primary geometry, what a GIS draws), and ``geometry_utm``:
+  the same square in its UTM CRS (exact metres), both WKB with their CRS in the ``geo`` metadata (GeoParquet 1.1);
+- ``embedding``: ``fixed_size_list<float32>[2d]``, the target encoder's concat(mean, max) over the tile's valid
+  tokens (every piece: no cap, no truncation; long tiles get batches of their own), as evaluation embeds a tile;
+- ``model``, ``model_version``, ``tokens_version``: what made the row (dictionary-encoded, so they cost nothing).
+
+The region need not be one the checkpoint trained on (that is inference); its tokens must come from the
+checkpoint's own tokenizers (tag model and geometry encoder), or the build is refused. Streams a tile shard
+at a time, so memory is one shard's tokens and its embeddings, whatever the region.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..columns import fixed_list_to_numpy, numpy_to_fixed_list
+from ..errors import GeojepaError
+from ..model.config import VARIANTS
+from ..settings import Settings
+from ..store import CHECKPOINTS, EMBEDDINGS, IMAGES, TILE_EMBEDDINGS_FILE, TILES, TOKENS, Dataset, Store, aligned_shards
+
+EMBEDDINGS_SCHEMA_VERSION = 1
+GEO_METADATA_VERSION = "1.1.0"
+PCA_MAP_MAX_PX = 480
+Log = Callable[[str], None]
+
+
+def embedding_scope(region: str, variant: str) -> str:
+    """The store scope of a region's embeddings by one variant: ``<region>.<variant>`` (region names have no dot)."""
+    if variant not in VARIANTS:
+        raise GeojepaError(f"unknown variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    return f"{region}.{variant}"
+
+
+def split_scope(scope: str) -> tuple[str, str]:
+    """(region, variant) of an ``embedding_scope``."""
+    region, _, variant = scope.rpartition(".")
+    return region, variant
+
+
+@dataclass
+class TileEmbeddingsResult:
+    dataset: Dataset
+    n_tiles: int
+    dim: int
+    model_version: str
+    checkpoint: str  # its data version
+    tokens_version: str
+    seconds: float
+    pca_map_png: bytes
+    unchanged: bool = False
+
+
+def _tokenizers_match(ck: Dataset, tokens: Dataset, region: str, variant: str) -> None:
+    """Refuse tokens made by other tokenizers than the checkpoint's: their vectors mean something else."""
+    want, have = ck.manifest["inputs"], tokens.manifest["inputs"]
+    for key, what in (("tag_embeddings", "tag model"), ("geometry_encoder", "geometry encoder")):
+        if want.get(key) != have.get(key):
+            raise GeojepaError(
+                f"tile_tokens[{region}] ({tokens.data_version}) were made with another {what} ({key} {have.get(key)}) than "
+                f"the geojepa_checkpoint[{variant}] ({ck.data_version}) was trained with ({want.get(key)}); materialize "
+                f"tile_tokens[{region}] again with the checkpoint's {key}, or train the checkpoint on these tokens")
+
+
+def _model_version(settings: Settings, variant: str, ck: Dataset) -> str:
+    """``geojepa-<variant>:<n>``: the MLflow model version registered for the checkpoint (else ``...@<data version>``)."""
+    from ..train.tracking import registered_version, tracking_uri
+
+    version = registered_version(tracking_uri(settings.mlflow_dir), variant, ck.data_version)
+    return f"geojepa-{variant}:{version.version}" if version is not None else f"geojepa-{variant}@{ck.data_version}"
+
+
+def tile_squares(tile_x: np.ndarray, tile_y: np.ndarray, tile_size_m: float, epsg: int) -> tuple[np.ndarray, np.ndarray]:
+    """(WKB of each tile's square in EPSG:4326, WKB in UTM ``epsg``) for (T,) grid indices; 4326 edges densified
+    (8 points a side) so that the square a GIS draws follows the UTM one."""
+    import shapely
+    from pyproj import Transformer
+
+    s = float(tile_size_m)
+    utm = shapely.box(tile_x * s, tile_y * s, (tile_x + 1) * s, (tile_y + 1) * s)
+    to_lonlat = Transformer.from_crs(epsg, 4326, always_xy=True)
+    dense = shapely.segmentize(utm, s / 8)
+    lonlat = shapely.transform(dense, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+    return shapely.to_wkb(lonlat), shapely.to_wkb(utm)
+
+
+def _geo_metadata(epsg: int, bbox_lonlat: list[float]) -> bytes:
+    """GeoParquet ``geo`` file metadata: two WKB polygon columns, each with its CRS as PROJJSON."""
+    from pyproj import CRS
+
+    col = lambda crs, bbox=None: {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": CRS.from_epsg(crs).to_json_dict(),  # noqa: E731
+                                  **({"bbox": bbox} if bbox else {})}
+    return json.dumps({"version": GEO_METADATA_VERSION, "primary_column": "geometry",
+                       "columns": {"geometry": col(4326, bbox_lonlat), "geometry_utm": col(epsg)}}).encode()
+
+
+def _shard_embeddings(model, tiles_path: Path, tokens_path: Path, chips, row0: int, uses_images: bool) -> tuple[pa.Table, np.ndarray]:
+    """(tiles (tile_id, tile_x, tile_y), (T, 2d) float32 embeddings) of one tile shard: every piece a token, batched by length."""
+    import torch
+
+    from ..evaluate.run import _length_batches
+
+    t = pq.read_table(tiles_path, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
+    k = pq.read_table(tokens_path, columns=["tag_token", "geometry_token", "position"])
+    tag, geom, pos = (fixed_list_to_numpy(k.column(c)) for c in ("tag_token", "geometry_token", "position"))
+    counts = t.column("n_entities").to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    out = np.zeros((t.num_rows, 2 * model.cfg.dim), np.float32)
+    with torch.no_grad():
+        for rows, length in _length_batches(counts, 196 if uses_images else 0):
+            b = len(rows)
+            batch = {name: np.zeros((b, length, width), np.float32) for name, width in
+                     (("tag", tag.shape[1]), ("geometry", geom.shape[1]), ("position", pos.shape[1]))}
+            valid = np.zeros((b, length), bool)
+            for i, j in enumerate(rows.tolist()):
+                a, n = starts[j], counts[j]
+                batch["tag"][i, :n], batch["geometry"][i, :n], batch["position"][i, :n] = tag[a:a + n], geom[a:a + n], pos[a:a + n]
+                valid[i, :n] = True
+            tensors = {name: torch.from_numpy(v) for name, v in batch.items()}
+            tensors["valid"] = torch.from_numpy(valid)
+            if uses_images:
+                images, has = chips.chips(row0 + rows)
+                tensors["images"], tensors["has_image"] = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(has)
+            out[rows] = model.tile_embedding(tensors).numpy()
+    return t.select(["tile_id", "tile_x", "tile_y"]), out
+
+
+def pca_rgb(embeddings: np.ndarray, max_fit: int = 50_000, seed: int = 0) -> np.ndarray:
+    """(T, 3) uint8: the first 3 principal components of (T, D) ``embeddings``, each stretched to 0..255 between its
+    2nd and 98th percentile (fitted on at most ``max_fit`` rows)."""
+    x = np.asarray(embeddings, np.float64)
+    if len(x) == 0:
+        return np.zeros((0, 3), np.uint8)
+    fit = x if len(x) <= max_fit else x[np.random.default_rng(seed).choice(len(x), max_fit, replace=False)]
+    mean = fit.mean(0)
+    _, _, vt = np.linalg.svd(fit - mean, full_matrices=False)
+    comps = vt[:3] if len(vt) >= 3 else np.vstack([vt, np.zeros((3 - len(vt), x.shape[1]))])
+    proj = (x - mean) @ comps.T
+    lo, hi = np.percentile(proj, 2, axis=0), np.percentile(proj, 98, axis=0)
+    return (np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1) * 255).round().astype(np.uint8)
+
+
+def pca_map_png(tile_x: np.ndarray, tile_y: np.ndarray, embeddings: np.ndarray, title: str) -> bytes:
+    """A map of the region's tiles coloured by the first 3 PCA components of their embeddings (as RGB)."""
+    from ..geo.render import tile_map_png
+
+    return tile_map_png(tile_x, tile_y, pca_rgb(embeddings), f"RGB = PCA 1-3 of the embeddings  {title}", PCA_MAP_MAX_PX)
+
+
+def build_tile_embeddings(region: str, variant: str, store: Store, settings: Settings, log: Log | None = None) -> TileEmbeddingsResult:
+    """Embed every tile of ``region``'s current tile tokens with ``variant``'s current checkpoint; commit
+    ``embeddings/<region>.<variant>/<dv>`` (module docstring). Its data version follows the checkpoint, the tokens
+    (and, for image variants, the chips) it read."""
+    from .evaluation import load_checkpoint_model
+
+    log = log or (lambda m: None)
+    t0 = time.perf_counter()
+    scope = embedding_scope(region, variant)
+    ck = store.require(CHECKPOINTS, variant)
+    tokens = store.require(TOKENS, region)
+    _tokenizers_match(ck, tokens, region, variant)
+    tiles = store.dataset(TILES, region, tokens.manifest["inputs"]["tile_shards"])
+    uses_images = VARIANTS[variant].images
+    images = chips = None
+    if uses_images:
+        images = store.current(IMAGES, region)
+        if images is None or images.manifest["inputs"]["tile_shards"] != tiles.data_version:
+            raise GeojepaError(f"variant {variant} reads image chips, and region {region!r} has no tile_images cut from its "
+                               f"tile_shards {tiles.data_version}; materialize tile_images[{region}] first")
+        from .evaluation import imagery_kind
+        from .imagery import StoredChips
+
+        chips = StoredChips(images, imagery_kind(store, region, images.data_version))
+    model, _ = load_checkpoint_model(ck)
+    model_version = _model_version(settings, variant, ck)
+    inputs = {"checkpoint": ck.data_version, "tile_tokens": tokens.data_version, "tile_shards": tiles.data_version,
+              "tile_images": images.data_version if images is not None else None}
+    epsg, size = int(tiles.manifest["epsg"]), float(tiles.manifest["tile_size_m"])
+    n_tiles = int(tiles.manifest["n_tiles"])
+    dim = 2 * model.cfg.dim
+    log(f"tile_embeddings[{region}|{variant}]: {n_tiles:,} tiles with {model_version} (checkpoint {ck.data_version})")
+    schema = pa.schema([("tile_id", pa.string()), ("tile_x", pa.int32()), ("tile_y", pa.int32()),
+                        ("geometry", pa.binary()), ("geometry_utm", pa.binary()),
+                        ("embedding", pa.list_(pa.float32(), dim)),
+                        ("model", pa.dictionary(pa.int8(), pa.string())), ("model_version", pa.dictionary(pa.int8(), pa.string())),
+                        ("tokens_version", pa.dictionary(pa.int8(), pa.string()))])
+    xs, ys, sample = [], [], []  # for the PCA map: every tile's position, at most 50k embeddings kept for it
+    done, row0 = 0, 0
+    with store.writing(EMBEDDINGS, scope) as staging:
+        path = staging.file(TILE_EMBEDDINGS_FILE)
+        bbox = [np.inf, np.inf, -np.inf, -np.inf]
+        with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+            for tiles_path, tokens_path in aligned_shards((tiles, "tiles"), (tokens, "tokens")):
+                t, emb = _shard_embeddings(model, tiles_path, tokens_path, chips, row0, uses_images)
+                tx, ty = t.column("tile_x").to_numpy().astype(np.int64), t.column("tile_y").to_numpy().astype(np.int64)
+                lonlat, utm = tile_squares(tx, ty, size, epsg)
+                import shapely
+
+                b = shapely.total_bounds(shapely.from_wkb(lonlat))
+                bbox = [min(bbox[0], b[0]), min(bbox[1], b[1]), max(bbox[2], b[2]), max(bbox[3], b[3])]
+                n = t.num_rows
+                const = lambda v: pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([v]))  # noqa: E731
+                writer.write_table(pa.Table.from_arrays(
+                    [t.column("tile_id"), pa.array(tx, pa.int32()), pa.array(ty, pa.int32()), pa.array(lonlat, pa.binary()),
+                     pa.array(utm, pa.binary()), numpy_to_fixed_list(emb, pa.float32()),
+                     const(f"geojepa-{variant}"), const(model_version), const(tokens.data_version)], schema=schema))
+                xs.append(tx)
+                ys.append(ty)
+                sample.append(emb)
+                row0 += n
+                done += n
+                log(f"tile_embeddings[{region}|{variant}]: {done:,}/{n_tiles:,} tiles ({done / max(time.perf_counter() - t0, 1e-9):,.0f} tiles/s)")
+            writer.add_key_value_metadata({"geo": _geo_metadata(epsg, [float(v) for v in bbox]) if done else _geo_metadata(epsg, None)})
+        staging.manifest = {"schema_version": EMBEDDINGS_SCHEMA_VERSION, "region": region, "variant": variant,
+                            "model_version": model_version, "n_tiles": done, "dim": dim, "dtype": "float32", "epsg": epsg,
+                            "tile_size_m": size, "inputs": inputs}
+    ds = staging.dataset
+    all_emb = np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
+    png = pca_map_png(np.concatenate(xs) if xs else np.zeros(0), np.concatenate(ys) if ys else np.zeros(0), all_emb,
+                      f"{region}, {model_version}")
+    seconds = time.perf_counter() - t0
+    log(f"tile_embeddings[{region}|{variant}] -> {ds.path} ({done:,} tiles, {done / max(seconds, 1e-9):,.0f} tiles/s)")
+    return TileEmbeddingsResult(ds, done, dim, model_version, ck.data_version, tokens.data_version, seconds, png)
+
+
+def load_embeddings(region: str, variant: str = "GT", home: str | Path | None = None, crs: str = "EPSG:4326"):
+    """The current embeddings of ``region`` by ``variant`` as a GeoDataFrame (one row per tile, ``embedding`` a
+    (2d,) float32 array per row), without Dagster: ``from geojepa_pipeline import load_embeddings``.
+
+    ``crs``: ``EPSG:4326`` (the default: the ``geometry`` column) or ``utm`` (the ``geometry_utm`` column as the
+    geometry). ``home``: the GEOJEPA_HOME (default: the environment's)."""
+    import geopandas as gpd
+
+    from ..settings import get_settings
+
+    settings = get_settings(home)
+    store = Store(settings.store_root, cache=settings.store_cache)
+    ds = store.require(EMBEDDINGS, embedding_scope(region, variant))
+    gdf = gpd.read_parquet(ds.verified_file(TILE_EMBEDDINGS_FILE))
+    if crs == "utm":
+        gdf = gdf.set_geometry("geometry_utm")
+    elif crs != "EPSG:4326":
+        raise GeojepaError(f"load_embeddings: crs must be 'EPSG:4326' or 'utm', got {crs!r}")
+    return gdf
