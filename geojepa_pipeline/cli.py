@@ -502,6 +502,53 @@ def cmd_knn(args) -> int:
     return 0
 
 
+def _bbox(text: str) -> tuple[float, float, float, float]:
+    try:
+        w, s, e, n = (float(v) for v in text.split(","))
+    except ValueError:
+        raise GeojepaError(f"--bbox {text!r}: give W,S,E,N in degrees, e.g. --bbox 9.50,47.13,9.54,47.16") from None
+    return w, s, e, n
+
+
+def cmd_embed(args) -> int:
+    """The embedding of the tile at a place and its nearest tiles, or every embedding in a box, from ``tile_embeddings``."""
+    import json
+
+    from .stages.embeddings import embedding_datasets, embeddings_in_bbox, nearest_tiles, read_embeddings, tile_at
+    from .store import default_store
+
+    store = default_store()
+    if args.bbox:
+        if not args.out:
+            raise GeojepaError("--bbox needs --out FILE.parquet (where the box's embeddings go)")
+        n = embeddings_in_bbox(store, args.variant, _bbox(args.bbox), Path(args.out))
+        print(json.dumps({"out": str(args.out), "n_tiles": n}) if args.json else f"{n:,} tiles -> {args.out}")
+        return 0
+    if args.lat is None or args.lon is None:
+        raise GeojepaError("give a place (--lat LAT --lon LON) or a box (--bbox W,S,E,N --out FILE.parquet)")
+    hit = tile_at(store, args.variant, args.lon, args.lat)
+    ds = embedding_datasets(store, args.variant)[hit.region]
+    vec = read_embeddings(ds, [hit.row])[0]
+    near = nearest_tiles(store, args.variant, vec, args.k, exclude=hit)
+    model_version = ds.manifest["model_version"]
+    if args.json:
+        print(json.dumps({"region": hit.region, "tile_id": hit.tile_id, "lon": hit.lon, "lat": hit.lat, "variant": args.variant,
+                          "model_version": model_version, "embeddings_version": ds.data_version,
+                          "tokens_version": ds.manifest["inputs"]["tile_tokens"], "embedding": [float(v) for v in vec],
+                          "neighbours": [{"region": h.region, "tile_id": h.tile_id, "lon": h.lon, "lat": h.lat,
+                                          "cosine": h.score, "distance": 1.0 - h.score} for h in near]}))
+        return 0
+    from .tables import format_table
+
+    print(f"tile {hit.tile_id} of region {hit.region} (centre lat {hit.lat:.5f}, lon {hit.lon:.5f})")
+    print(f"model {model_version}, embeddings {ds.data_version}, tokens {ds.manifest['inputs']['tile_tokens']}")
+    print(f"embedding ({len(vec)} float32): " + " ".join(f"{v:+.4f}" for v in vec[:8]) + " ...")
+    print(f"{len(near)} nearest tiles (cosine distance = 1 - cosine):")
+    print(format_table(["rank", "tile_id", "region", "distance", "lat", "lon"],
+                       [(i + 1, h.tile_id, h.region, round(1.0 - h.score, 4), round(h.lat, 5), round(h.lon, 5)) for i, h in enumerate(near)]))
+    return 0
+
+
 def cmd_verify(args) -> int:
     """Every current dataset version (of one region, or all) checked byte for byte against its manifest's sha256."""
     import time
@@ -683,6 +730,17 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--k", type=_positive_int, default=5, help="how many neighbours (>= 1)")
     knn.add_argument("--variant", default="GT", choices=list(VARIANTS))
     knn.set_defaults(func=cmd_knn)
+
+    emb = sub.add_parser("embed", help="the embedding of the tile at a place and its nearest tiles, or every embedding in a box "
+                                       "(from tile_embeddings)")
+    emb.add_argument("--lat", type=float, help="latitude, degrees")
+    emb.add_argument("--lon", type=float, help="longitude, degrees")
+    emb.add_argument("--bbox", metavar="W,S,E,N", help="a box in degrees: write every tile's embedding in it to --out")
+    emb.add_argument("--out", metavar="FILE.parquet", help="where --bbox writes (GeoParquet)")
+    emb.add_argument("--variant", default="GT", choices=list(VARIANTS))
+    emb.add_argument("--k", type=_positive_int, default=5, help="how many nearest tiles, over every embedded region (>= 1)")
+    emb.add_argument("--json", action="store_true", help="machine-readable output, the whole embedding included")
+    emb.set_defaults(func=cmd_embed)
 
     lin = sub.add_parser("lineage", help="what a model version was trained on, or which versions used a region")
     lin.add_argument("model", nargs="?", help="NAME[:VERSION], e.g. geojepa-GT:2 or GT (latest version)")

@@ -64,6 +64,7 @@ INPUTS_FILE = "inputs.json"  # tokens, checkpoints: every input's data version
 LAST_WEIGHTS_FILE, TRAIN_STATE_FILE = "last.safetensors", "train_state.json"  # checkpoints (best weights: WEIGHTS_FILE)
 METRICS_FILE, REPORT_FILE, EMBEDDINGS_FILE = "metrics.json", "report.html", "embeddings.parquet"  # reports
 TILE_EMBEDDINGS_FILE = "tile_embeddings.parquet"  # embeddings: GeoParquet, one row per tile (stages.embeddings)
+TILE_INDEX_FILE = "index.faiss"  # embeddings past evaluate.index.EXACT_MAX tiles: their cosine kNN index
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind(TOKENS, REGION_SCOPE, "tile_tokens", (INPUTS_FILE,), {"tokens": "tokens", "image_tokens": "image-tokens"}),
     Kind(CHECKPOINTS, VARIANT_SCOPE, "geojepa_checkpoint", (WEIGHTS_FILE, LAST_WEIGHTS_FILE, TRAIN_STATE_FILE, INPUTS_FILE)),
     Kind(REPORTS, VARIANT_SCOPE, "evaluation_report", (METRICS_FILE, REPORT_FILE, EMBEDDINGS_FILE)),
-    Kind(EMBEDDINGS, REGION_VARIANT_SCOPE, "tile_embeddings", (TILE_EMBEDDINGS_FILE,)),
+    Kind(EMBEDDINGS, REGION_VARIANT_SCOPE, "tile_embeddings", (TILE_EMBEDDINGS_FILE, TILE_INDEX_FILE)),
 )}
 
 

@@ -41,11 +41,30 @@ class CosineIndex:
             self.faiss_index = index
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.x) if self.x is not None else int(self.faiss_index.ntotal)
+
+    def save(self, path) -> None:
+        """Write the faiss index (it holds the exact vectors too, for the re-rank) to ``path``; exact indexes have none."""
+        import faiss
+
+        if self.faiss_index is None:
+            raise ValueError(f"an exact index (under {EXACT_MAX} rows) is not stored: it is the embeddings themselves")
+        faiss.write_index(self.faiss_index, str(path))
+
+    @classmethod
+    def load(cls, path, k_factor: int = K_FACTOR) -> "CosineIndex":
+        """An index ``save`` wrote: searched without rebuilding (training the quantizer is most of a build)."""
+        import faiss
+
+        index = faiss.read_index(str(path))
+        faiss.downcast_index(index).k_factor = k_factor
+        obj = cls.__new__(cls)
+        obj.x, obj.faiss_index, obj.kind = None, index, "stored"
+        return obj
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = _normalized(np.atleast_2d(queries))
-        k = min(k, len(self.x))
+        k = min(k, len(self))
         if self.faiss_index is not None:
             return self.faiss_index.search(q, k)
         sims = q @ self.x.T

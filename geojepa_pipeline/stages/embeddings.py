@@ -31,7 +31,7 @@ from ..columns import fixed_list_to_numpy, numpy_to_fixed_list
 from ..errors import GeojepaError
 from ..model.config import VARIANTS
 from ..settings import Settings
-from ..store import CHECKPOINTS, EMBEDDINGS, IMAGES, TILE_EMBEDDINGS_FILE, TILES, TOKENS, Dataset, Store, aligned_shards
+from ..store import CHECKPOINTS, EMBEDDINGS, IMAGES, TILE_EMBEDDINGS_FILE, TILE_INDEX_FILE, TILES, TOKENS, Dataset, Store, aligned_shards
 
 EMBEDDINGS_SCHEMA_VERSION = 1
 GEO_METADATA_VERSION = "1.1.0"
@@ -198,7 +198,7 @@ def build_tile_embeddings(region: str, variant: str, store: Store, settings: Set
                         ("embedding", pa.list_(pa.float32(), dim)),
                         ("model", pa.dictionary(pa.int8(), pa.string())), ("model_version", pa.dictionary(pa.int8(), pa.string())),
                         ("tokens_version", pa.dictionary(pa.int8(), pa.string()))])
-    xs, ys, sample = [], [], []  # for the PCA map: every tile's position, at most 50k embeddings kept for it
+    xs, ys, sample = [], [], []  # every tile's position and embedding, for the PCA map and the kNN index
     done, row0 = 0, 0
     with store.writing(EMBEDDINGS, scope) as staging:
         path = staging.file(TILE_EMBEDDINGS_FILE)
@@ -225,11 +225,18 @@ def build_tile_embeddings(region: str, variant: str, store: Store, settings: Set
                 done += n
                 log(f"tile_embeddings[{region}|{variant}]: {done:,}/{n_tiles:,} tiles ({done / max(time.perf_counter() - t0, 1e-9):,.0f} tiles/s)")
             writer.add_key_value_metadata({"geo": _geo_metadata(epsg, [float(v) for v in bbox]) if done else _geo_metadata(epsg, None)})
+        all_emb = np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
+        from ..evaluate import index as knn_index
+
+        if done >= knn_index.EXACT_MAX:  # past this a query is a compressed scan + re-rank (evaluate.index), stored so no query builds it
+            t = time.perf_counter()
+            knn_index.CosineIndex(all_emb, exact_max=knn_index.EXACT_MAX).save(staging.file(TILE_INDEX_FILE))
+            log(f"tile_embeddings[{region}|{variant}]: kNN index of {done:,} tiles built in {time.perf_counter() - t:.1f} s")
         staging.manifest = {"schema_version": EMBEDDINGS_SCHEMA_VERSION, "region": region, "variant": variant,
                             "model_version": model_version, "n_tiles": done, "dim": dim, "dtype": "float32", "epsg": epsg,
-                            "tile_size_m": size, "inputs": inputs}
+                            "tile_size_m": size, "bbox_lonlat": [round(float(v), 7) for v in bbox] if done else None,
+                            "inputs": inputs}
     ds = staging.dataset
-    all_emb = np.concatenate(sample) if sample else np.zeros((0, dim), np.float32)
     png = pca_map_png(np.concatenate(xs) if xs else np.zeros(0), np.concatenate(ys) if ys else np.zeros(0), all_emb,
                       f"{region}, {model_version}")
     seconds = time.perf_counter() - t0
@@ -256,3 +263,163 @@ def load_embeddings(region: str, variant: str = "GT", home: str | Path | None = 
     elif crs != "EPSG:4326":
         raise GeojepaError(f"load_embeddings: crs must be 'EPSG:4326' or 'utm', got {crs!r}")
     return gdf
+
+
+# ---- queries: the tile at a place, its nearest tiles, the tiles in a box ---------------------------
+@dataclass
+class TileHit:
+    """One tile of a region's embeddings: where it is in the file and what it is."""
+
+    region: str
+    row: int  # its row in the region's tile_embeddings.parquet
+    tile_id: str
+    lon: float  # the tile's centre, degrees
+    lat: float
+    score: float = float("nan")  # cosine similarity to the query (neighbours only)
+
+
+def embedding_datasets(store: Store, variant: str) -> dict[str, Dataset]:
+    """region -> the current ``tile_embeddings`` of every region embedded by ``variant``."""
+    out = {}
+    for scope in store.regions(EMBEDDINGS):
+        region, v = split_scope(scope)
+        if v == variant:
+            out[region] = store.current(EMBEDDINGS, scope)
+    return out
+
+
+def _extents(sets: dict[str, Dataset]) -> str:
+    return "; ".join(f"{r} W,S,E,N {','.join(f'{v:.4f}' for v in ds.manifest['bbox_lonlat'])}" for r, ds in sorted(sets.items())
+                     if ds.manifest.get("bbox_lonlat")) or "none"
+
+
+def _no_embeddings(store: Store, variant: str) -> GeojepaError:
+    others = sorted({split_scope(s)[1] for s in store.regions(EMBEDDINGS)})
+    more = f" (there are embeddings by {', '.join(others)}: --variant {others[0]})" if others else ""
+    return GeojepaError(f"no region has tile_embeddings by variant {variant}{more}; "
+                        f"materialize them: geojepa materialize --select tile_embeddings --variant {variant}")
+
+
+def _tile_xy(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    t = pq.read_table(ds.file(TILE_EMBEDDINGS_FILE), columns=["tile_x", "tile_y"])
+    return t.column("tile_x").to_numpy().astype(np.int64), t.column("tile_y").to_numpy().astype(np.int64)
+
+
+def _centres(ds: Dataset, tx: np.ndarray, ty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from pyproj import Transformer
+
+    s = float(ds.manifest["tile_size_m"])
+    lon, lat = Transformer.from_crs(int(ds.manifest["epsg"]), 4326, always_xy=True).transform((tx + 0.5) * s, (ty + 0.5) * s)
+    return np.atleast_1d(lon), np.atleast_1d(lat)
+
+
+def tile_at(store: Store, variant: str, lon: float, lat: float) -> TileHit:
+    """The tile of the embedded regions that holds (``lon``, ``lat``), or one line that names the regions and their extents."""
+    from pyproj import Transformer
+
+    sets = embedding_datasets(store, variant)
+    if not sets:
+        raise _no_embeddings(store, variant)
+    inside = []
+    for region, ds in sorted(sets.items()):
+        w, s_, e, n = ds.manifest.get("bbox_lonlat") or (np.inf, np.inf, -np.inf, -np.inf)
+        if not (w <= lon <= e and s_ <= lat <= n):
+            continue
+        inside.append(region)
+        x, y = Transformer.from_crs(4326, int(ds.manifest["epsg"]), always_xy=True).transform(lon, lat)
+        size = float(ds.manifest["tile_size_m"])
+        tx, ty = _tile_xy(ds)
+        rows = np.flatnonzero((tx == int(np.floor(x / size))) & (ty == int(np.floor(y / size))))
+        if len(rows):
+            row = int(rows[0])
+            tile_id = pq.read_table(ds.file(TILE_EMBEDDINGS_FILE), columns=["tile_id"]).column("tile_id")[row].as_py()
+            clon, clat = _centres(ds, tx[rows[:1]], ty[rows[:1]])
+            return TileHit(region, row, tile_id, float(clon[0]), float(clat[0]))
+    if inside:
+        raise GeojepaError(f"lat {lat}, lon {lon} is inside {', '.join(inside)} but on no tile: the 300 m tile there holds no "
+                           f"OSM entity (tiles exist only where entities are)")
+    raise GeojepaError(f"lat {lat}, lon {lon} is outside every region embedded by {variant}: {_extents(sets)}")
+
+
+def read_embeddings(ds: Dataset, rows: np.ndarray | None = None) -> np.ndarray:
+    """(N, 2d) float32: the embeddings of ``rows`` (default all) of one ``tile_embeddings`` dataset."""
+    t = pq.read_table(ds.file(TILE_EMBEDDINGS_FILE), columns=["embedding"])
+    emb = fixed_list_to_numpy(t.column("embedding"))
+    return emb if rows is None else emb[np.asarray(rows)]
+
+
+def nearest_tiles(store: Store, variant: str, query: np.ndarray, k: int, exclude: TileHit | None = None) -> list[TileHit]:
+    """The ``k`` tiles of all regions embedded by ``variant`` most cosine-similar to ``query`` (2d,), best first
+    (``exclude``: the query's own tile). A region with a stored index (``INDEX_FILE``, past ``EXACT_MAX`` tiles)
+    is searched with it; the others exactly."""
+    from ..evaluate.index import CosineIndex
+
+    hits = []
+    for region, ds in sorted(embedding_datasets(store, variant).items()):
+        index = CosineIndex.load(ds.file(TILE_INDEX_FILE)) if ds.has_file(TILE_INDEX_FILE) else CosineIndex(read_embeddings(ds))
+        scores, rows = index.search(query[None, :], k + 1)
+        found = [(int(r), float(sc)) for r, sc in zip(rows[0], scores[0])
+                 if r >= 0 and not (exclude is not None and exclude.region == region and exclude.row == r)][:k]
+        if not found:
+            continue
+        tx, ty = _tile_xy(ds)
+        ids = pq.read_table(ds.file(TILE_EMBEDDINGS_FILE), columns=["tile_id"]).column("tile_id")
+        sel = np.array([r for r, _ in found])
+        lon, lat = _centres(ds, tx[sel], ty[sel])
+        hits += [TileHit(region, r, ids[r].as_py(), float(lon[i]), float(lat[i]), sc) for i, (r, sc) in enumerate(found)]
+    return sorted(hits, key=lambda h: -h.score)[:k]
+
+
+def embeddings_in_bbox(store: Store, variant: str, bbox: tuple[float, float, float, float], out: Path) -> int:
+    """Write every embedded tile (by ``variant``) whose square meets ``bbox`` (W, S, E, N degrees) to ``out``: GeoParquet
+    with the columns of ``tile_embeddings`` and ``region``; ``geometry_utm`` only when every region shares one UTM
+    zone. Atomic (a temporary file renamed). Returns the rows written; 0 rows is an error that names the extents."""
+    import os
+
+    import shapely
+    from pyproj import Transformer
+
+    sets = embedding_datasets(store, variant)
+    if not sets:
+        raise _no_embeddings(store, variant)
+    w, s_, e, n = bbox
+    if not (w < e and s_ < n):
+        raise GeojepaError(f"--bbox {w},{s_},{e},{n}: W must be below E and S below N")
+    area = shapely.segmentize(shapely.box(w, s_, e, n), min(e - w, n - s_) / 16)
+    parts = []
+    for region, ds in sorted(sets.items()):
+        epsg, size = int(ds.manifest["epsg"]), float(ds.manifest["tile_size_m"])
+        to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
+        area_utm = shapely.transform(area, lambda xy: np.column_stack(to_utm.transform(xy[:, 0], xy[:, 1])))
+        tx, ty = _tile_xy(ds)
+        x0, y0, x1, y1 = shapely.bounds(area_utm)
+        cand = np.flatnonzero((tx >= np.floor(x0 / size) - 1) & (tx <= x1 / size) & (ty >= np.floor(y0 / size) - 1) & (ty <= y1 / size))
+        if len(cand):
+            squares = shapely.box(tx[cand] * size, ty[cand] * size, (tx[cand] + 1) * size, (ty[cand] + 1) * size)
+            cand = cand[shapely.intersects(squares, area_utm)]
+        if len(cand):
+            t = pq.read_table(ds.file(TILE_EMBEDDINGS_FILE)).take(pa.array(cand))
+            parts.append((region, epsg, t.append_column("region", pa.array([region] * t.num_rows, pa.string()))))
+    if not parts:
+        raise GeojepaError(f"--bbox {w},{s_},{e},{n} meets no embedded tile by {variant}: {_extents(sets)}")
+    one_zone = len({epsg for _, epsg, _ in parts}) == 1
+    tables = [t if one_zone else t.drop_columns(["geometry_utm"]) for _, _, t in parts]
+    table = pa.concat_tables([t.cast(tables[0].schema) for t in tables])
+    geo = json.loads(pq.read_metadata(next(iter(sets.values())).file(TILE_EMBEDDINGS_FILE)).metadata[b"geo"])
+    geo["columns"]["geometry"].pop("bbox", None)
+    if one_zone:
+        from pyproj import CRS
+
+        geo["columns"]["geometry_utm"]["crs"] = CRS.from_epsg(parts[0][1]).to_json_dict()
+    else:
+        geo["columns"].pop("geometry_utm", None)
+    table = table.replace_schema_metadata({b"geo": json.dumps(geo).encode()})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return table.num_rows

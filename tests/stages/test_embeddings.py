@@ -107,6 +107,80 @@ def test_pca_rgb_gives_separate_colours_to_separate_clusters():
     assert pca_map_png(np.arange(3), np.zeros(3, int), x[:3], "t").startswith(b"\x89PNG")
 
 
+def test_embed_a_place_gives_its_tile_and_its_true_nearest_tiles(built, monkeypatch, capsys):
+    import geopandas as gpd
+
+    from geojepa_pipeline.cli import main
+
+    settings, store, result, _ = built
+    monkeypatch.setenv("GEOJEPA_HOME", str(settings.home))
+    gdf = gpd.read_parquet(result.dataset.file(TILE_EMBEDDINGS_FILE))
+    q = 10
+    c = gdf.geometry.iloc[q].centroid
+    capsys.readouterr()
+    assert main(["embed", "--lat", str(c.y), "--lon", str(c.x), "--k", "3", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    emb = np.stack(gdf.embedding.to_numpy())
+    assert out["tile_id"] == gdf.tile_id.iloc[q] and out["region"] == "t" and out["model_version"] == "geojepa-GT:1"
+    np.testing.assert_array_equal(np.float32(out["embedding"]), emb[q])
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sims = e @ e[q]
+    sims[q] = -np.inf  # the query's own tile is not its neighbour
+    want = np.argsort(-sims)[:3]
+    assert [n["tile_id"] for n in out["neighbours"]] == list(gdf.tile_id.iloc[want])
+    np.testing.assert_allclose([n["cosine"] for n in out["neighbours"]], sims[want], rtol=1e-5)
+    assert main(["embed", "--lat", str(c.y), "--lon", str(c.x)]) == 0
+    text = capsys.readouterr().out
+    assert gdf.tile_id.iloc[q] in text and "3 nearest" not in text and "5 nearest tiles" in text
+    assert main(["embed", "--lat", "0", "--lon", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "outside every region embedded by GT: t W,S,E,N" in err and "\n" not in err
+    assert main(["embed", "--lat", str(c.y), "--lon", str(c.x), "--variant", "T"]) == 2
+    assert "materialize them: geojepa materialize --select tile_embeddings --variant T" in capsys.readouterr().err
+
+
+def test_embed_a_box_writes_exactly_its_tiles_as_geoparquet(built, monkeypatch, tmp_path, capsys):
+    import geopandas as gpd
+
+    from geojepa_pipeline.cli import main
+
+    settings, store, result, _ = built
+    monkeypatch.setenv("GEOJEPA_HOME", str(settings.home))
+    gdf = gpd.read_parquet(result.dataset.file(TILE_EMBEDDINGS_FILE))
+    centres = gdf.to_crs(result.dataset.manifest["epsg"]).geometry.centroid.to_crs(4326)
+    w, e = np.quantile(centres.x, [0.3, 0.6])
+    s, n = np.quantile(centres.y, [0.3, 0.6])  # edges through tile centres: no tile is in doubt
+    out = tmp_path / "box" / "emb.parquet"
+    assert main(["embed", "--bbox", f"{w},{s},{e},{n}", "--out", str(out)]) == 0
+    got = gpd.read_parquet(out)
+    want = gdf[gdf.geometry.intersects(shapely.box(w, s, e, n))]
+    assert 0 < len(got) < len(gdf) and sorted(got.tile_id) == sorted(want.tile_id)
+    assert got.crs.to_epsg() == 4326 and got["geometry_utm"].crs.to_epsg() == result.dataset.manifest["epsg"]
+    assert set(got.region) == {"t"} and not list(out.parent.glob(".*tmp"))
+    assert main(["embed", "--bbox", "0,0,0.1,0.1", "--out", str(tmp_path / "none.parquet")]) == 2
+    assert "meets no embedded tile" in capsys.readouterr().err and not (tmp_path / "none.parquet").exists()
+
+
+def test_past_exact_max_tiles_the_knn_index_is_stored_and_answers_as_exact_search(built, monkeypatch):
+    import geojepa_pipeline.evaluate.index as index_module
+    from geojepa_pipeline.stages.embeddings import nearest_tiles, read_embeddings
+    from geojepa_pipeline.store import TILE_INDEX_FILE
+
+    settings, store, result, _ = built
+    monkeypatch.setattr(index_module, "EXACT_MAX", 50)  # the region has 70 tiles
+    ds = build_tile_embeddings("t", "GT", store, settings).dataset
+    assert ds.has_file(TILE_INDEX_FILE) and ds.data_version != result.dataset.data_version
+    stored = index_module.CosineIndex.load(ds.file(TILE_INDEX_FILE))
+    emb = read_embeddings(ds)
+    assert len(stored) == len(emb) and stored.faiss_index is not None
+    exact = index_module.CosineIndex(emb, exact_max=10**9)
+    for q in (0, 17, 42):
+        assert (stored.search(emb[q], 5)[1] == exact.search(emb[q], 5)[1]).all()  # the re-rank sees every row here
+    assert [h.row for h in nearest_tiles(store, "GT", emb[17], 4)] == list(exact.search(emb[17], 4)[1][0])
+
+
 def test_no_checkpoint_and_other_tokenizers_are_refused_in_one_line(built, tmp_path):
     from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tile_tokens
 
