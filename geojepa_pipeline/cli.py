@@ -583,7 +583,7 @@ def cmd_verify(args) -> int:
 def cmd_lineage(args) -> int:
     import json
 
-    from .lineage import format_model_lineage, model_lineage, models_trained_on
+    from .lineage import embedding_versions, format_embeddings, format_model_lineage, model_lineage, models_trained_on, parse_region_spec
     from .settings import get_settings
     from .store import default_store
     from .tables import format_table
@@ -597,14 +597,22 @@ def cmd_lineage(args) -> int:
         print(json.dumps(lin.to_dict(), indent=1) if args.json else format_model_lineage(lin))
         return 0
     rows = models_trained_on(uri, args.region)
+    region = parse_region_spec(args.region)[0]
+    embedded = embedding_versions(default_store(), region=region)
+    for r in rows:  # each model version's embeddings of this region (inference on other regions is listed in text)
+        r["embeddings"] = [e for e in embedded if e["model_version"] == f"{r['model']}:{r['version']}"]
     if args.json:
         print(json.dumps(rows, indent=1))
-    elif not rows:
+        return 0
+    if not rows:
         print(f"no model version was trained on {args.region}")
     else:
         print(format_table(["model", "version", "registered", "tile_shards", "osm sha256", "dagster run"],
                            [(r["model"], r["version"], r["created"], r["tile_shards"], (r["osm_sha256"] or "?")[:16],
                              r["dagster_run_id"] or "?") for r in rows], max_width=40))
+    print(f"\nembeddings of {region}:" if embedded else f"\nno tile_embeddings of {region} yet")
+    if embedded:
+        print(format_embeddings(embedded))
     return 0
 
 

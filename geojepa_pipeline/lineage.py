@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 
 from .errors import GeojepaError
 from .stages.osm import source_stamp
-from .store import CHECKPOINTS, GLOBAL_SCOPE, KINDS, OSM, SCENES, VARIANT_SCOPE, Store
+from .store import CHECKPOINTS, EMBEDDINGS, GLOBAL_SCOPE, KINDS, OSM, REGION_VARIANT_SCOPE, SCENES, VARIANT_SCOPE, Store
 
 MODEL_PREFIX = "geojepa-"
 # input asset -> store kind (the tags say ``input.<asset>/<region>`` or ``input.<asset>`` for @all)
 # asset -> kind of every versioned input a checkpoint records (the sources and the models themselves aside)
-INPUT_KINDS = {k.asset: k.name for k in KINDS.values() if k.name != OSM and k.scope != VARIANT_SCOPE}
+INPUT_KINDS = {k.asset: k.name for k in KINDS.values() if k.name != OSM and k.scope not in (VARIANT_SCOPE, REGION_VARIANT_SCOPE)}
 
 
 @dataclass
@@ -55,6 +55,7 @@ class ModelLineage:
     checkpoint: InputVersion | None
     inputs: list[InputVersion]
     regions: list[RegionSource]
+    embeddings: list[dict] = field(default_factory=list)  # the tile_embeddings versions made from this checkpoint
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,8 +157,27 @@ def model_lineage(uri: str, store: Store, spec: str) -> ModelLineage:
         dagster_run_id=tags.get("dagster.run_id"), code_version=tags.get("dagster.code_version"),
         git_commit=tags.get("geojepa.git_commit"),
         checkpoint=_verified_checkpoint(store, variant, ckpt) if ckpt else None,
-        inputs=inputs, regions=regions,
+        inputs=inputs, regions=regions, embeddings=embedding_versions(store, checkpoint=ckpt) if ckpt else [],
     )
+
+
+def embedding_versions(store: Store, region: str | None = None, checkpoint: str | None = None) -> list[dict]:
+    """Every stored ``tile_embeddings`` version (older ones too) of ``region`` and/or made from the checkpoint data
+    version ``checkpoint``: region, variant, data version, model version, checkpoint, tokens version, tiles, current."""
+    rows = []
+    for scope in store.regions(EMBEDDINGS):
+        reg, _, variant = scope.rpartition(".")
+        if region is not None and reg != region:
+            continue
+        current = store.current_version(EMBEDDINGS, scope)
+        for version in store.versions(EMBEDDINGS, scope):
+            m = store.dataset(EMBEDDINGS, scope, version).manifest
+            if checkpoint is not None and m["inputs"]["checkpoint"] != checkpoint:
+                continue
+            rows.append({"region": reg, "variant": variant, "data_version": version, "model_version": m.get("model_version"),
+                         "checkpoint": m["inputs"]["checkpoint"], "tile_tokens": m["inputs"]["tile_tokens"],
+                         "n_tiles": m.get("n_tiles"), "current": version == current})
+    return rows
 
 
 def parse_region_spec(spec: str) -> tuple[str, str | None]:
@@ -219,4 +239,16 @@ def format_model_lineage(lin: ModelLineage) -> str:
                   f"  osm source  {r.osm_uri or '?'}",
                   f"  sha256      {r.osm_sha256 or '?'} (fetched {r.fetched_at or '?'})",
                   f"  imagery     {r.imagery_source or '-'}: {len(r.scene_ids)} scene(s){': ' + scenes if scenes else ''}"]
+    lines += ["", "embeddings made from it:" if lin.embeddings else "embeddings made from it: none (geojepa materialize --select tile_embeddings)"]
+    if lin.embeddings:
+        lines.append(format_embeddings(lin.embeddings))
     return "\n".join(lines)
+
+
+def format_embeddings(rows: list[dict]) -> str:
+    """``embedding_versions`` rows as a table."""
+    from .tables import format_table
+
+    return format_table(["region", "variant", "data version", "model version", "tile_tokens", "tiles", "current"],
+                        [(r["region"], r["variant"], r["data_version"], r["model_version"], r["tile_tokens"], r["n_tiles"],
+                          "yes" if r["current"] else "") for r in rows], max_width=40)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import dagster as dg
 import geopandas as gpd
 
@@ -29,3 +31,16 @@ def test_materialize_select_tile_embeddings_writes_the_region_variant_cell(home,
         assert mat.metadata["model_version"].value == "geojepa-GT:1"
         assert "data:image/png;base64," in mat.metadata["pca_map"].value
     assert "tile_embeddings of region t by GT" in capsys.readouterr().out
+
+    # lineage, both ways: the model version lists the embeddings made from it; the region lists its embeddings
+    assert main(["lineage", "geojepa-GT:1", "--json"]) == 0
+    made = json.loads(capsys.readouterr().out)["embeddings"]
+    assert [(e["region"], e["variant"], e["data_version"], e["current"]) for e in made] == [("t", "GT", ds.data_version, True)]
+    assert main(["lineage", "GT"]) == 0
+    assert "embeddings made from it:" in capsys.readouterr().out
+    assert main(["lineage", "--region", "t", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert [e["data_version"] for e in row["embeddings"]] == [ds.data_version]
+    assert main(["lineage", "--region", "t"]) == 0
+    text = capsys.readouterr().out
+    assert "embeddings of t:" in text and ds.data_version in text and "geojepa-GT:1" in text
