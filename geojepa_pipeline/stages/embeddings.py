@@ -108,8 +108,10 @@ def _geo_metadata(epsg: int, bbox_lonlat: list[float]) -> bytes:
                        "columns": {"geometry": col(4326, bbox_lonlat), "geometry_utm": col(epsg)}}).encode()
 
 
-def _shard_embeddings(model, tiles_path: Path, tokens_path: Path, chips, row0: int, uses_images: bool) -> tuple[pa.Table, np.ndarray]:
-    """(tiles (tile_id, tile_x, tile_y), (T, 2d) float32 embeddings) of one tile shard: every piece a token, batched by length."""
+def shard_batches(tiles_path: Path, tokens_path: Path, chips, row0: int, uses_images: bool):
+    """(tiles (tile_id, tile_x, tile_y, n_entities), [(rows, batch)]) of one tile shard: every piece a token, tiles
+    batched by length (``evaluate.run._length_batches``); a batch is the dict of tensors ``GeoJEPA.tile_embedding`` reads.
+    ``row0``: the shard's first tile among the region's (where ``chips`` finds its images)."""
     import torch
 
     from ..evaluate.run import _length_batches
@@ -119,24 +121,40 @@ def _shard_embeddings(model, tiles_path: Path, tokens_path: Path, chips, row0: i
     tag, geom, pos = (fixed_list_to_numpy(k.column(c)) for c in ("tag_token", "geometry_token", "position"))
     counts = t.column("n_entities").to_numpy().astype(np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)])
-    out = np.zeros((t.num_rows, 2 * model.cfg.dim), np.float32)
+    batches = []
+    for rows, length in _length_batches(counts, 196 if uses_images else 0):
+        b = len(rows)
+        arrays = {name: np.zeros((b, length, width), np.float32) for name, width in
+                  (("tag", tag.shape[1]), ("geometry", geom.shape[1]), ("position", pos.shape[1]))}
+        valid = np.zeros((b, length), bool)
+        for i, j in enumerate(rows.tolist()):
+            a, n = starts[j], counts[j]
+            arrays["tag"][i, :n], arrays["geometry"][i, :n], arrays["position"][i, :n] = tag[a:a + n], geom[a:a + n], pos[a:a + n]
+            valid[i, :n] = True
+        batch = {name: torch.from_numpy(v) for name, v in arrays.items()}
+        batch["valid"] = torch.from_numpy(valid)
+        if uses_images:
+            images, has = chips.chips(row0 + rows)
+            batch["images"], batch["has_image"] = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(has)
+        batches.append((rows, batch))
+    return t, batches
+
+
+def embed_batches(model, batches, n_tiles: int) -> np.ndarray:
+    """(n_tiles, 2d) float32: ``model.tile_embedding`` of each of ``shard_batches``' batches, in tile order."""
+    import torch
+
+    out = np.zeros((n_tiles, 2 * model.cfg.dim), np.float32)
     with torch.no_grad():
-        for rows, length in _length_batches(counts, 196 if uses_images else 0):
-            b = len(rows)
-            batch = {name: np.zeros((b, length, width), np.float32) for name, width in
-                     (("tag", tag.shape[1]), ("geometry", geom.shape[1]), ("position", pos.shape[1]))}
-            valid = np.zeros((b, length), bool)
-            for i, j in enumerate(rows.tolist()):
-                a, n = starts[j], counts[j]
-                batch["tag"][i, :n], batch["geometry"][i, :n], batch["position"][i, :n] = tag[a:a + n], geom[a:a + n], pos[a:a + n]
-                valid[i, :n] = True
-            tensors = {name: torch.from_numpy(v) for name, v in batch.items()}
-            tensors["valid"] = torch.from_numpy(valid)
-            if uses_images:
-                images, has = chips.chips(row0 + rows)
-                tensors["images"], tensors["has_image"] = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(has)
-            out[rows] = model.tile_embedding(tensors).numpy()
-    return t.select(["tile_id", "tile_x", "tile_y"]), out
+        for rows, batch in batches:
+            out[rows] = model.tile_embedding(batch).numpy()
+    return out
+
+
+def _shard_embeddings(model, tiles_path: Path, tokens_path: Path, chips, row0: int, uses_images: bool) -> tuple[pa.Table, np.ndarray]:
+    """(tiles (tile_id, tile_x, tile_y), (T, 2d) float32 embeddings) of one tile shard."""
+    t, batches = shard_batches(tiles_path, tokens_path, chips, row0, uses_images)
+    return t.select(["tile_id", "tile_x", "tile_y"]), embed_batches(model, batches, t.num_rows)
 
 
 def pca_rgb(embeddings: np.ndarray, max_fit: int = 50_000, seed: int = 0) -> np.ndarray:
