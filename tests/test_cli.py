@@ -145,8 +145,9 @@ def test_materialize_plans_runs_in_phase_order_with_each_assets_config():
 
     everything = {k for a in ALL_ASSETS for k in a.keys}
     runs = _plan_runs(everything, ["a", "b"], ["a"], ["b"], ["GT", "T"], "tiny", "none")
-    assert [r.label for r in runs] == ["a", "b", "@all", "a:tokens", "b:tokens", "model:GT", "model:T"]
-    assert [r.partition for r in runs] == ["a", "b", None, "a", "b", "GT", "T"]
+    assert [r.label for r in runs] == ["a", "b", "@all", "a:tokens", "b:tokens", "model:GT", "model:T", "a|GT", "b|GT", "a|T", "b|T"]
+    assert [r.partition for r in runs] == ["a", "b", None, "a", "b", "GT", "T", "a|GT", "b|GT", "a|T", "b|T"]
+    assert runs[-1].partition.keys_by_dimension == {"region": "b", "variant": "T"}  # a dg.MultiPartitionKey
     assert dg.AssetKey("tile_shards") in runs[0].keys and dg.AssetKey("tile_tokens") not in runs[0].keys
     assert _run_config(runs[2].keys, runs[2].config) == {"ops": {"geometry_encoder": {"config": {"holdout_regions": ["b"]}}}}
     extra = {"geojepa_checkpoint": {"epochs": 2, "preset": "small"}, "naip_scenes": {"synthetic_res_m": 1.2}}
