@@ -143,8 +143,16 @@ class TileSequences:
         order = self.rng.permutation(len(self.sources)) if self.rng is not None else range(len(self.sources))
         for i in order:
             src = self.sources[i]
-            shard = read_shard(src)
-            keep = keeps[i] if keeps is not None else self._keep(src.region, shard.tile_x, shard.tile_y)
+            if keeps is not None and not self.with_images:
+                # a sample (the epoch-end probe: 2,000 tiles of a region's millions) decodes only its own tiles,
+                # not every shard whole: at 16x16 that held 9 GB
+                rows = np.flatnonzero(keeps[i])
+                if not len(rows):
+                    continue
+                shard, keep = read_shard_rows(src, rows), np.ones(len(rows), bool)
+            else:
+                shard = read_shard(src)
+                keep = keeps[i] if keeps is not None else self._keep(src.region, shard.tile_x, shard.tile_y)
             if not keep.any():
                 continue
             ids, tag, geom, pos, buildings = shard.tile_ids, shard.tag, shard.geometry, shard.position, shard.buildings
@@ -262,15 +270,37 @@ def read_shard(src: ShardSource) -> Shard:
     return _SHARDS.get((str(src.tokens_file), stat.st_size, stat.st_mtime_ns, str(src.tiles_file)), load)
 
 
+def read_shard_rows(src: ShardSource, rows: np.ndarray) -> Shard:
+    """Only the tiles ``rows`` (sorted, of the shard's tiles) of ``src``, decoded; not cached. For a few tiles of
+    many shards: the tokens of the other tiles are read but never decoded into arrays."""
+    import pyarrow as pa
+
+    from ..geo.grid import ranges
+
+    tiles = pq.read_table(src.tiles_file, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
+    rows = np.asarray(rows, np.int64)
+    all_counts = tiles.column("n_entities").to_numpy().astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(all_counts)])
+    toks = pq.read_table(src.tokens_file, columns=["tag_token", "geometry_token", "position"], use_threads=False)
+    toks = toks.take(pa.array(ranges(offsets, rows)))
+    ids = tiles.column("tile_id").take(pa.array(rows)).to_pylist()
+    counts = all_counts[rows]
+    return Shard(ids, tiles.column("tile_x").to_numpy()[rows], tiles.column("tile_y").to_numpy()[rows], counts,
+                 np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), _building_counts(src.entities_file, ids),
+                 fixed_list_to_numpy(toks.column("tag_token")), fixed_list_to_numpy(toks.column("geometry_token")),
+                 fixed_list_to_numpy(toks.column("position")))
+
+
 def _building_counts(entities_file: Path, tile_ids: list[str]) -> np.ndarray:
     """(T,) pieces per tile with a tag key containing "building" (the method's building_count), in ``tile_ids`` order."""
     by_id = _building_counts_by_tile(str(entities_file))
     return np.array([by_id.get(t, 0) for t in tile_ids], np.int64)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=16)
 def _building_counts_by_tile(entities_file: str) -> dict[str, int]:
-    """Computed once per shard file and process (shards are immutable)."""
+    """Computed once per shard file and process (shards are immutable); the last 16 shards' are kept (a dict of
+    every tile of 256 shards held over a GB at 16x16; a cached decoded shard keeps its counts anyway)."""
     import duckdb
 
     con = duckdb.connect()

@@ -91,6 +91,11 @@ def test_probe_tiles_are_spread_through_the_split_whatever_the_batch_size(source
     assert sampled.count() == len(picked) == 20 and index == sorted(index)
     assert max(b - a for a, b in zip([-1] + index, index + [len(seqs)])) <= -(-len(seqs) // 20)  # no gap over one run
     assert len(list(TileSequences(sources, "train", max_tokens=64, sample=10_000))) == len(seqs)
+    full = {s[0]: s for s in seqs}  # a sample decodes only its own tiles (read_shard_rows): the same tokens as a whole shard's
+    for item in TileSequences(sources, "train", max_tokens=64, sample=20):
+        for j in (1, 2, 3):
+            np.testing.assert_array_equal(item[j], full[item[0]][j])
+        assert item[4] == full[item[0]][4]
     expected = sorted(s[4] for s in seqs if s[0] in set(picked))
     model = GeoJEPA(model_config("tiny", "GT"))
     for batch_size in (4, 256):
