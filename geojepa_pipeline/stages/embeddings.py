@@ -115,6 +115,7 @@ def shard_batches(tiles_path: Path, tokens_path: Path, chips, row0: int, uses_im
     import torch
 
     from ..evaluate.run import _length_batches
+    from ..geo.grid import ranges
 
     t = pq.read_table(tiles_path, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
     k = pq.read_table(tokens_path, columns=["tag_token", "geometry_token", "position"])
@@ -124,13 +125,16 @@ def shard_batches(tiles_path: Path, tokens_path: Path, chips, row0: int, uses_im
     batches = []
     for rows, length in _length_batches(counts, 196 if uses_images else 0):
         b = len(rows)
-        arrays = {name: np.zeros((b, length, width), np.float32) for name, width in
-                  (("tag", tag.shape[1]), ("geometry", geom.shape[1]), ("position", pos.shape[1]))}
+        n = counts[rows]
+        src = ranges(starts, rows)  # every token of the batch's tiles, tile by tile
+        at_row = np.repeat(np.arange(b), n)  # where each goes: its tile's row, its rank in the tile
+        at_col = np.arange(len(src)) - np.repeat(np.cumsum(n) - n, n)
+        arrays = {}
+        for name, values in (("tag", tag), ("geometry", geom), ("position", pos)):
+            arrays[name] = np.zeros((b, length, values.shape[1]), np.float32)
+            arrays[name][at_row, at_col] = values[src]
         valid = np.zeros((b, length), bool)
-        for i, j in enumerate(rows.tolist()):
-            a, n = starts[j], counts[j]
-            arrays["tag"][i, :n], arrays["geometry"][i, :n], arrays["position"][i, :n] = tag[a:a + n], geom[a:a + n], pos[a:a + n]
-            valid[i, :n] = True
+        valid[at_row, at_col] = True
         batch = {name: torch.from_numpy(v) for name, v in arrays.items()}
         batch["valid"] = torch.from_numpy(valid)
         if uses_images:
