@@ -187,6 +187,8 @@ def build_tile_embeddings(region: str, variant: str, store: Store, settings: Set
     """Embed every tile of ``region``'s current tile tokens with ``variant``'s current checkpoint; commit
     ``embeddings/<region>.<variant>/<dv>`` (module docstring). Its data version follows the checkpoint, the tokens
     (and, for image variants, the chips) it read."""
+    import shapely
+
     from .evaluation import load_checkpoint_model
 
     log = log or (lambda m: None)
@@ -230,8 +232,6 @@ def build_tile_embeddings(region: str, variant: str, store: Store, settings: Set
                 t, emb = _shard_embeddings(model, tiles_path, tokens_path, chips, row0, uses_images)
                 tx, ty = t.column("tile_x").to_numpy().astype(np.int64), t.column("tile_y").to_numpy().astype(np.int64)
                 lonlat, utm = tile_squares(tx, ty, size, epsg)
-                import shapely
-
                 b = shapely.total_bounds(shapely.from_wkb(lonlat))
                 bbox = [min(bbox[0], b[0]), min(bbox[1], b[1]), max(bbox[2], b[2]), max(bbox[3], b[3])]
                 n = t.num_rows

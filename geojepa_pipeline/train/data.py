@@ -255,40 +255,34 @@ def read_shard(src: ShardSource) -> Shard:
     stat = Path(src.tokens_file).stat()
 
     def load() -> Shard:
-        tiles = pq.read_table(src.tiles_file, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
-        toks = pq.read_table(src.tokens_file, columns=["tag_token", "geometry_token", "position"], use_threads=False)
-        ids = tiles.column("tile_id").to_pylist()
-        counts = tiles.column("n_entities").to_numpy().astype(np.int64)
-        arrays = [tiles.column("tile_x").to_numpy(), tiles.column("tile_y").to_numpy(), counts,
-                  np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), _building_counts(src.entities_file, ids),
-                  fixed_list_to_numpy(toks.column("tag_token")), fixed_list_to_numpy(toks.column("geometry_token")),
-                  fixed_list_to_numpy(toks.column("position"))]
-        for a in arrays:  # shared by every later epoch: nobody may write into them
-            a.setflags(write=False)
-        return Shard(ids, *arrays)
+        shard = read_shard_rows(src)
+        for a in (shard.tile_x, shard.tile_y, shard.counts, shard.starts, shard.buildings, shard.tag, shard.geometry, shard.position):
+            a.setflags(write=False)  # shared by every later epoch: nobody may write into them
+        return shard
 
     return _SHARDS.get((str(src.tokens_file), stat.st_size, stat.st_mtime_ns, str(src.tiles_file)), load)
 
 
-def read_shard_rows(src: ShardSource, rows: np.ndarray) -> Shard:
-    """Only the tiles ``rows`` (sorted, of the shard's tiles) of ``src``, decoded; not cached. For a few tiles of
-    many shards: the tokens of the other tiles are read but never decoded into arrays."""
+def read_shard_rows(src: ShardSource, rows: np.ndarray | None = None) -> Shard:
+    """The tiles ``rows`` (sorted, of the shard's tiles; default all) of ``src``, decoded; not cached. For a few
+    tiles of many shards: the tokens of the other tiles are read but never decoded into arrays."""
     import pyarrow as pa
 
     from ..geo.grid import ranges
 
     tiles = pq.read_table(src.tiles_file, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
-    rows = np.asarray(rows, np.int64)
-    all_counts = tiles.column("n_entities").to_numpy().astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(all_counts)])
     toks = pq.read_table(src.tokens_file, columns=["tag_token", "geometry_token", "position"], use_threads=False)
-    toks = toks.take(pa.array(ranges(offsets, rows)))
-    ids = tiles.column("tile_id").take(pa.array(rows)).to_pylist()
-    counts = all_counts[rows]
-    return Shard(ids, tiles.column("tile_x").to_numpy()[rows], tiles.column("tile_y").to_numpy()[rows], counts,
-                 np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), _building_counts(src.entities_file, ids),
-                 fixed_list_to_numpy(toks.column("tag_token")), fixed_list_to_numpy(toks.column("geometry_token")),
-                 fixed_list_to_numpy(toks.column("position")))
+    counts = tiles.column("n_entities").to_numpy().astype(np.int64)
+    tile_x, tile_y = tiles.column("tile_x").to_numpy(), tiles.column("tile_y").to_numpy()
+    ids = tiles.column("tile_id")
+    if rows is not None:
+        rows = np.asarray(rows, np.int64)
+        toks = toks.take(pa.array(ranges(np.concatenate([[0], np.cumsum(counts)]), rows)))
+        ids, counts, tile_x, tile_y = ids.take(pa.array(rows)), counts[rows], tile_x[rows], tile_y[rows]
+    ids = ids.to_pylist()
+    return Shard(ids, tile_x, tile_y, counts, np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
+                 _building_counts(src.entities_file, ids), fixed_list_to_numpy(toks.column("tag_token")),
+                 fixed_list_to_numpy(toks.column("geometry_token")), fixed_list_to_numpy(toks.column("position")))
 
 
 def _building_counts(entities_file: Path, tile_ids: list[str]) -> np.ndarray:
