@@ -14,7 +14,8 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	# torch first, pinned: pip takes the local CPU build; an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]"
+	# compat: a path entry, not an import hook (the hook cost every geojepa command 10 ms of startup)
+	$(PIP) install -e ".[dev]" --config-settings editable_mode=compat
 	# compile the numba kernels now (~6 s, cached beside their sources), not in the first ingestion
 	$(PY) -c "from geojepa_pipeline.geo import minbox, wkb; minbox.warm_up(); wkb.warm_up()"
 	rm -f $(VENV)/.installed-*

@@ -3,20 +3,22 @@
     python bench/embed.py [--home DIR] [--repeats 3] [--index-tiles 1000000] [--queries 20]
 
 1. Throughput, in one process: tiles embedded per second through the real loader (each tile shard read, its
-   batches built, the model's forward: ``stages.embeddings.shard_batches`` + ``embed_batches``, what
+   batches built as the forward asks for them, the model's forward: ``stages.embeddings.shard_batches`` + ``embed_batches``, what
    ``build_tile_embeddings`` runs) against the forward alone on the same batches, built beforehand. Alternated
    ``--repeats`` times; the medians and their ratio (target >= 0.8). Needs a GEOJEPA_HOME with tile_tokens and a GT
    checkpoint: ``--home``, or by default a fresh one with the demo extract (demo:liechtenstein, no imagery, 1 epoch of
    ``tiny``), built first.
 2. Latency: a synthetic region of ``--index-tiles`` tiles (random clustered embeddings of the checkpoint's width,
    its kNN index stored as ``build_tile_embeddings`` stores one past 100k tiles) in its own GEOJEPA_HOME, then
-   ``geojepa embed --lat --lon --k 5 --json`` at ``--queries`` random tiles, each a new process: p50 and p95 wall
-   time, process start included (target p50 <= 50 ms).
+   ``geojepa embed --lat --lon --k 5 --json`` at random tiles, each a new process (process start included): by the CLI
+   alone (it opens the region and its index itself), then with ``geojepa embed --serve`` running, whose answers must
+   equal the CLI's own: p50 and p95 wall time over ``--queries`` queries (target p50 <= 50 ms), the server's RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -48,20 +50,24 @@ def demo_home(home: Path) -> None:
 
 def throughput(home: Path, repeats: int) -> dict:
     from geojepa_pipeline.settings import get_settings
-    from geojepa_pipeline.stages.embeddings import embed_batches, shard_batches
+    from geojepa_pipeline.stages.embeddings import embed_batches, keep_freed_heap, shard_batches
     from geojepa_pipeline.stages.evaluation import load_checkpoint_model
     from geojepa_pipeline.store import CHECKPOINTS, TILES, TOKENS, Store, aligned_shards
 
     settings = get_settings(home)
     store = Store(settings.store_root)
     model, _ = load_checkpoint_model(store.require(CHECKPOINTS, "GT"))
+    heap = keep_freed_heap()  # as build_tile_embeddings does, for both halves
     regions = [r for r in store.regions(TOKENS)]
     shards = []
     for region in regions:
         tokens = store.require(TOKENS, region)
         tiles = store.dataset(TILES, region, tokens.manifest["inputs"]["tile_shards"])
         shards += aligned_shards((tiles, "tiles"), (tokens, "tokens"))
-    prebuilt = [shard_batches(t, k, None, 0, False) for t, k in shards]
+    prebuilt = []  # every batch of every shard, built beforehand and kept
+    for tiles_path, tokens_path in shards:
+        t, batches = shard_batches(tiles_path, tokens_path, None, 0, False)
+        prebuilt.append((t, list(batches)))
     n_tiles = sum(t.num_rows for t, _ in prebuilt)
     n_tokens = sum(int(np.asarray(t.column("n_entities")).sum()) for t, _ in prebuilt)
     real, alone = [], []
@@ -77,7 +83,34 @@ def throughput(home: Path, repeats: int) -> dict:
         alone.append(n_tiles / (time.perf_counter() - t0))
     return {"regions": regions, "n_tiles": n_tiles, "n_tokens": n_tokens, "real_tiles_per_s": statistics.median(real),
             "forward_tiles_per_s": statistics.median(alone), "ratio": statistics.median(real) / statistics.median(alone),
-            "dim": 2 * model.cfg.dim}
+            "dim": 2 * model.cfg.dim, "heap_kept": heap}
+
+
+def token_decode(home: Path, repeats: int = 5) -> dict:
+    """Best-of-``repeats`` ms to read the first token shard's ``tag_token`` column in its two encodings: float16 rows
+    (``fixed_size_binary``, tokens schema 2) and ``fixed_size_list<float16>`` (schema 1), the same values rewritten."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from geojepa_pipeline.columns import float16_rows, matrix_to_numpy, numpy_to_fixed_list
+    from geojepa_pipeline.settings import get_settings
+    from geojepa_pipeline.store import TOKENS, Store
+
+    store = Store(get_settings(home).store_root)
+    tokens = store.require(TOKENS, store.regions(TOKENS)[0])
+    tag = matrix_to_numpy(pq.read_table(tokens.shards("tokens")[0], columns=["tag_token"]).column("tag_token"), np.float16)
+    out = {"n": len(tag), "width": tag.shape[1]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, col in (("float16_rows", float16_rows(tag)), ("fixed_size_list", numpy_to_fixed_list(tag, pa.float16()))):
+            path = Path(tmp) / f"{name}.parquet"
+            pq.write_table(pa.table({"tag_token": col}), path, compression="zstd")
+            walls = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                matrix_to_numpy(pq.read_table(path).column("tag_token"))
+                walls.append(time.perf_counter() - t0)
+            out[name] = (1000 * min(walls), path.stat().st_size / 2**20)
+    return out
 
 
 def synthetic_region(home: Path, n_tiles: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
@@ -129,21 +162,55 @@ def synthetic_region(home: Path, n_tiles: int, dim: int, seed: int = 0) -> tuple
     return np.asarray(lon), np.asarray(lat), epsg
 
 
+def _query_walls(home: Path, lon: np.ndarray, lat: np.ndarray, picks: np.ndarray) -> tuple[list[float], list[str]]:
+    walls, outs = [], []
+    for i in picks:
+        t0 = time.perf_counter()
+        out = _cli(home, "embed", "--lat", repr(float(lat[i])), "--lon", repr(float(lon[i])), "--k", "5", "--json")
+        walls.append(time.perf_counter() - t0)
+        assert json.loads(out)["region"] == "syn" and len(json.loads(out)["neighbours"]) == 5
+        outs.append(out)
+    return walls, outs
+
+
 def latency(home: Path, lon: np.ndarray, lat: np.ndarray, queries: int) -> dict:
-    import json
+    """``geojepa embed --lat --lon --k 5 --json`` wall times, each a new process: alone (the CLI opens the region and its
+    index itself), then with ``geojepa embed --serve`` running (the same command asks it); the answers must agree."""
+    import os
+    import signal
 
     rng = np.random.default_rng(1)
-    walls = []
-    for i in rng.choice(len(lon), queries, replace=False):
-        t0 = time.perf_counter()
-        out = json.loads(_cli(home, "embed", "--lat", repr(float(lat[i])), "--lon", repr(float(lon[i])), "--k", "5", "--json"))
-        walls.append(time.perf_counter() - t0)
-        assert out["region"] == "syn" and len(out["neighbours"]) == 5
+    picks = rng.choice(len(lon), queries, replace=False)
+    alone, outs_alone = _query_walls(home, lon, lat, picks[: max(3, queries // 4)])  # slow: a quarter of the queries
+    t0 = time.perf_counter()
+    server = subprocess.Popen([str(GEOJEPA), "--home", str(home), "embed", "--serve"], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        line = server.stdout.readline()  # "opened <region> ...", then "serving place queries ..." once everything is held
+        while line and "serving" not in line:
+            line = server.stdout.readline()
+        if "serving" not in line:
+            raise SystemExit(f"geojepa embed --serve did not start (exit {server.poll()})")
+        ready_s = time.perf_counter() - t0
+        served, outs_served = _query_walls(home, lon, lat, picks)
+        rss_mb = _rss_mb(server.pid)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+    assert outs_served[: len(outs_alone)] == outs_alone, "the server's answers differ from the CLI's own"
     t0 = time.perf_counter()
     _cli(home, "--help")
     start = time.perf_counter() - t0
-    return {"p50_ms": 1000 * statistics.median(walls), "p95_ms": 1000 * float(np.percentile(walls, 95)),
-            "min_ms": 1000 * min(walls), "cli_help_ms": 1000 * start}
+    return {"alone_p50_ms": 1000 * statistics.median(alone), "alone_n": len(alone),
+            "p50_ms": 1000 * statistics.median(served), "p95_ms": 1000 * float(np.percentile(served, 95)),
+            "min_ms": 1000 * min(served), "server_ready_s": ready_s, "server_rss_mb": rss_mb, "cli_help_ms": 1000 * start}
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> None:
@@ -159,17 +226,24 @@ def main() -> None:
             home = Path(tmp) / "home"
             demo_home(home)
         r = throughput(home, args.repeats)
-        print(f"throughput on {', '.join(r['regions'])}: {r['n_tiles']:,} tiles, {r['n_tokens']:,} tokens, embedding width {r['dim']}")
+        print(f"throughput on {', '.join(r['regions'])}: {r['n_tiles']:,} tiles, {r['n_tokens']:,} tokens, embedding width {r['dim']}"
+              f"{'' if r['heap_kept'] else ' (no glibc: freed memory is not kept)'}")
         print(f"  real loader + forward  {r['real_tiles_per_s']:10,.0f} tiles/s")
         print(f"  forward alone          {r['forward_tiles_per_s']:10,.0f} tiles/s")
         print(f"  ratio                  {r['ratio']:10.3f}   (target >= 0.8)", flush=True)
+        d = token_decode(home)
+        print(f"tag tokens of one shard ({d['n']:,} x {d['width']} float16) read and decoded, best of 5:")
+        for name in ("float16_rows", "fixed_size_list"):
+            print(f"  {name:<16} {d[name][0]:7.1f} ms  {d[name][1]:6.2f} MiB")
         if args.index_tiles:
             lat_home = Path(tmp) / "latency-home"
             lon, lat, _ = synthetic_region(lat_home, args.index_tiles, r["dim"])
             q = latency(lat_home, lon, lat, args.queries)
-            print(f"geojepa embed --lat/--lon over {args.index_tiles:,} tiles, {args.queries} queries, each a new process:")
-            print(f"  p50 {q['p50_ms']:.0f} ms, p95 {q['p95_ms']:.0f} ms, min {q['min_ms']:.0f} ms (target p50 <= 50 ms); "
-                  f"geojepa --help alone {q['cli_help_ms']:.0f} ms")
+            print(f"geojepa embed --lat/--lon --k 5 --json over {args.index_tiles:,} tiles, each query a new process:")
+            print(f"  CLI alone (opens the region itself): p50 {q['alone_p50_ms']:.0f} ms over {q['alone_n']} queries")
+            print(f"  with geojepa embed --serve running:  p50 {q['p50_ms']:.1f} ms, p95 {q['p95_ms']:.1f} ms, min {q['min_ms']:.1f} ms "
+                  f"over {args.queries} queries (target p50 <= 50 ms); same answers as the CLI alone")
+            print(f"  server ready in {q['server_ready_s']:.1f} s, {q['server_rss_mb']:,.0f} MB RSS; geojepa --help {q['cli_help_ms']:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def cmd_regions_list(args) -> int:
         return 0
     store = default_store()
     from .assets.schedules import cron_accepted
-    from .tables import format_table
+    from .text import format_table
 
     rows = [
         (r.name, r.osm + (f" (clip {r.clip})" if r.clip else ""), r.imagery, r.schedule if cron_accepted(r.schedule) else f"{r.schedule} (invalid: off)",
@@ -177,7 +177,7 @@ def cmd_regions_check(args) -> int:
     from .stages.osm import check_source
     from .regions import default_registry
     from .store import default_store
-    from .tables import format_table
+    from .text import format_table
 
     registry, store = default_registry(), default_store()
     regions = [registry.get(args.name)] if args.name else list(registry.load().values())
@@ -389,7 +389,8 @@ DEMO_CONFIG = {"naip_scenes": {"synthetic_res_m": 1.2}, "geojepa_checkpoint": {"
 def cmd_demo(args) -> int:
     from .regions import DEMO_REGIONS, Region, default_registry
     from .store import default_store
-    from .tables import run_sql, format_table
+    from .tables import run_sql
+    from .text import format_table
 
     registry = default_registry()
     existing = registry.load()
@@ -398,6 +399,7 @@ def cmd_demo(args) -> int:
             registry.add(Region.create(name, src))
             print(f"registered demo region {name} ({src})")
     materialize_regions(list(DEMO_REGIONS), op_config=DEMO_CONFIG)
+    materialize_regions(list(DEMO_REGIONS), select="tile_embeddings", op_config=DEMO_CONFIG)  # the product: every tile's vector
     store = default_store()
     cols, rows = run_sql(
         store,
@@ -432,9 +434,34 @@ def cmd_demo(args) -> int:
     report = store.current(REPORTS, "GT")
     if report is not None:
         _print_report(json.loads(report.file(METRICS_FILE).read_text()), report.file(REPORT_FILE))
+    for name in DEMO_REGIONS:
+        _print_demo_place(store, name, exe)
     print(f"shards:   {store.uri}/{TILES}   chips: {store.uri}/{IMAGES}   tokens: {store.uri}/{TOKENS}")
     print(f"explore:  {exe} sql \"SELECT * FROM tiles LIMIT 5\"   |   {exe} ui")
     return 0
+
+
+def _print_demo_place(store, region: str, exe: str) -> None:
+    """The demo region's tile embeddings, and ``geojepa embed`` at its busiest tile (the one with most pieces)."""
+    from pyproj import Transformer
+
+    from .cli_light import format_place
+    from .stages.embeddings import embedding_scope, place_answer
+    from .store import EMBEDDINGS, TILE_EMBEDDINGS_FILE
+    from .tables import run_sql
+
+    ds = store.current(EMBEDDINGS, embedding_scope(region, "GT"))
+    if ds is None:
+        return
+    print(f"tile embeddings {region} by GT: {ds.manifest['n_tiles']:,} tiles x {ds.manifest['dim']} float32 "
+          f"({ds.manifest['model_version']}) -> {ds.file(TILE_EMBEDDINGS_FILE)}")
+    _, rows = run_sql(store, f"SELECT tile_x, tile_y, epsg, tile_size_m FROM tiles WHERE region = '{region}' "
+                             "ORDER BY n_entities DESC, tile_id LIMIT 1")
+    tx, ty, epsg, size = rows[0]
+    lon, lat = Transformer.from_crs(int(epsg), 4326, always_xy=True).transform((tx + 0.5) * size, (ty + 0.5) * size)
+    print(f"\n$ {exe} embed --lat {lat:.5f} --lon {lon:.5f}   # the busiest tile of {region}")
+    print(format_place(place_answer(store, "GT", round(lon, 5), round(lat, 5), 5)))
+    print(f"from Python: from geojepa_pipeline import load_embeddings; gdf = load_embeddings({region!r}, 'GT')\n")
 
 
 def _current_report(variant: str):
@@ -496,7 +523,7 @@ def cmd_knn(args) -> int:
     scores, found = index.search(emb[q], args.k + 1)
     hits = [(int(j), float(s)) for j, s in zip(found[0], scores[0]) if j != q and j >= 0][: args.k]
     regions = t.column("region").to_pylist()
-    from .tables import format_table
+    from .text import format_table
 
     print(format_table(["rank", "tile_id", "region", "cosine"], [(i + 1, ids[j], regions[j], round(s, 4)) for i, (j, s) in enumerate(hits)]))
     return 0
@@ -511,13 +538,20 @@ def _bbox(text: str) -> tuple[float, float, float, float]:
 
 
 def cmd_embed(args) -> int:
-    """The embedding of the tile at a place and its nearest tiles, or every embedding in a box, from ``tile_embeddings``."""
+    """The embedding of the tile at a place and its nearest tiles, or every embedding in a box, from ``tile_embeddings``;
+    ``--serve``: answer place queries from memory until stopped (``embed_server``)."""
     import json
 
-    from .stages.embeddings import embedding_datasets, embeddings_in_bbox, nearest_tiles, read_embeddings, tile_at
+    from .cli_light import print_place
+    from .stages.embeddings import embeddings_in_bbox, place_answer
     from .store import default_store
 
     store = default_store()
+    if args.serve:
+        from .embed_server import serve
+        from .settings import get_settings
+
+        return serve(get_settings(), store, log=lambda m: print(m, flush=True))
     if args.bbox:
         if not args.out:
             raise GeojepaError("--bbox needs --out FILE.parquet (where the box's embeddings go)")
@@ -525,27 +559,8 @@ def cmd_embed(args) -> int:
         print(json.dumps({"out": str(args.out), "n_tiles": n}) if args.json else f"{n:,} tiles -> {args.out}")
         return 0
     if args.lat is None or args.lon is None:
-        raise GeojepaError("give a place (--lat LAT --lon LON) or a box (--bbox W,S,E,N --out FILE.parquet)")
-    hit = tile_at(store, args.variant, args.lon, args.lat)
-    ds = embedding_datasets(store, args.variant)[hit.region]
-    vec = read_embeddings(ds, [hit.row])[0]
-    near = nearest_tiles(store, args.variant, vec, args.k, exclude=hit)
-    model_version = ds.manifest["model_version"]
-    if args.json:
-        print(json.dumps({"region": hit.region, "tile_id": hit.tile_id, "lon": hit.lon, "lat": hit.lat, "variant": args.variant,
-                          "model_version": model_version, "embeddings_version": ds.data_version,
-                          "tokens_version": ds.manifest["inputs"]["tile_tokens"], "embedding": [float(v) for v in vec],
-                          "neighbours": [{"region": h.region, "tile_id": h.tile_id, "lon": h.lon, "lat": h.lat,
-                                          "cosine": h.score, "distance": 1.0 - h.score} for h in near]}))
-        return 0
-    from .tables import format_table
-
-    print(f"tile {hit.tile_id} of region {hit.region} (centre lat {hit.lat:.5f}, lon {hit.lon:.5f})")
-    print(f"model {model_version}, embeddings {ds.data_version}, tokens {ds.manifest['inputs']['tile_tokens']}")
-    print(f"embedding ({len(vec)} float32): " + " ".join(f"{v:+.4f}" for v in vec[:8]) + " ...")
-    print(f"{len(near)} nearest tiles (cosine distance = 1 - cosine):")
-    print(format_table(["rank", "tile_id", "region", "distance", "lat", "lon"],
-                       [(i + 1, h.tile_id, h.region, round(1.0 - h.score, 4), round(h.lat, 5), round(h.lon, 5)) for i, h in enumerate(near)]))
+        raise GeojepaError("give a place (--lat LAT --lon LON), a box (--bbox W,S,E,N --out FILE.parquet) or --serve")
+    print_place(place_answer(store, args.variant, args.lon, args.lat, args.k), args.json)
     return 0
 
 
@@ -554,7 +569,7 @@ def cmd_verify(args) -> int:
     import time
 
     from .store import default_store
-    from .tables import format_table
+    from .text import format_table
 
     store = default_store()
     if args.region:
@@ -586,7 +601,7 @@ def cmd_lineage(args) -> int:
     from .lineage import embedding_versions, format_embeddings, format_model_lineage, model_lineage, models_trained_on, parse_region_spec
     from .settings import get_settings
     from .store import default_store
-    from .tables import format_table
+    from .text import format_table
     from .train.tracking import tracking_uri
 
     if bool(args.model) == bool(args.region):
@@ -633,7 +648,8 @@ def cmd_sql(args) -> int:
     import duckdb
 
     from .store import default_store
-    from .tables import format_table, run_sql
+    from .tables import run_sql
+    from .text import format_table
 
     try:
         cols, rows = run_sql(default_store(), args.query)
@@ -748,6 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--variant", default="GT", choices=list(VARIANTS))
     emb.add_argument("--k", type=_positive_int, default=5, help="how many nearest tiles, over every embedded region (>= 1)")
     emb.add_argument("--json", action="store_true", help="machine-readable output, the whole embedding included")
+    emb.add_argument("--serve", action="store_true", help="hold every region's embeddings and indexes in memory and answer "
+                                                          "place queries (geojepa embed --lat --lon) from there until stopped")
     emb.set_defaults(func=cmd_embed)
 
     lin = sub.add_parser("lineage", help="what a model version was trained on, or which versions used a region")

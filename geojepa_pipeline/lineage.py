@@ -214,7 +214,7 @@ def models_trained_on(uri: str, spec: str) -> list[dict]:
 
 def format_model_lineage(lin: ModelLineage) -> str:
     """The chain as text: model -> MLflow run -> Dagster run -> input data versions -> sources -> scenes."""
-    from .tables import format_table
+    from .text import format_table
 
     def present(ok: bool, problems: list[str] = ()) -> str:
         if problems:
@@ -247,7 +247,7 @@ def format_model_lineage(lin: ModelLineage) -> str:
 
 def format_embeddings(rows: list[dict]) -> str:
     """``embedding_versions`` rows as a table."""
-    from .tables import format_table
+    from .text import format_table
 
     return format_table(["region", "variant", "data version", "model version", "tile_tokens", "tiles", "current"],
                         [(r["region"], r["variant"], r["data_version"], r["model_version"], r["tile_tokens"], r["n_tiles"],

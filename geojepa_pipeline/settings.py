@@ -6,6 +6,7 @@
     dagster/       DAGSTER_HOME (SQLite storage, run logs)
     mlflow/        the embedded MLflow store
     logs/          full logs of `geojepa materialize` runs (the terminal shows less)
+    run/           the socket of `geojepa embed --serve` (the resident place-query server)
     store/         every materialized dataset, immutable per data version
     cache/store/   the local mirror when GEOJEPA_STORE is an object-store URL (s3://bucket/prefix)
 
@@ -16,7 +17,6 @@ Only this module reads the environment for locations; ``store.py`` builds every 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_HOME = "geojepa_home"
@@ -32,9 +32,29 @@ run_monitoring:
 """
 
 
-@dataclass(frozen=True)
 class Settings:
-    home: Path
+    """The locations under one GEOJEPA_HOME (``home``, absolute). A plain class, not a dataclass: ``cli_light``
+    imports this module on every place query, and ``dataclasses`` (with ``inspect``) costs 5 ms of its ~40."""
+
+    __slots__ = ("home",)
+
+    def __init__(self, home: Path):
+        object.__setattr__(self, "home", Path(home))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Settings is immutable")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Settings) and other.home == self.home
+
+    def __hash__(self) -> int:
+        return hash(self.home)
+
+    def __repr__(self) -> str:
+        return f"Settings(home={self.home!r})"
+
+    def __reduce__(self):
+        return Settings, (self.home,)  # pickles (to worker processes) without __setattr__
 
     @property
     def registry_path(self) -> Path:
@@ -52,6 +72,18 @@ class Settings:
     def logs_dir(self) -> Path:
         """Full logs of CLI runs (``materialize-<time>-<pid>.log``), tracebacks included."""
         return self.home / "logs"
+
+    @property
+    def embed_socket(self) -> Path:
+        """The Unix socket ``geojepa embed --serve`` listens on: ``run/embed.sock``, or, when that path is past the
+        ~100 bytes a socket path may have, one in the temporary directory named by a hash of the home."""
+        path = self.home / "run" / "embed.sock"
+        if len(os.fsencode(path)) <= 100:
+            return path
+        import hashlib
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / f"geojepa-embed-{hashlib.sha256(os.fsencode(self.home)).hexdigest()[:16]}.sock"
 
     @property
     def store_root(self) -> Path | str:

@@ -47,3 +47,10 @@ def test_demo_evaluates_building_count_and_max_speed_with_every_method(tmp_path)
     corr = p["label_piece_correlation"]["building_count"]
     assert corr["masked_input"] < corr["unmasked_input"] - 0.1
     assert report.exists() and report.parent == reports / (reports / "CURRENT").read_text().strip()
+    # the product: every tile's embedding, and a place query answered from them
+    assert "tile embeddings liechtenstein by GT: " in out and "# the busiest tile of liechtenstein" in out
+    assert "5 nearest tiles (cosine distance = 1 - cosine):" in out
+    from geojepa_pipeline import load_embeddings
+
+    gdf = load_embeddings("liechtenstein", "GT", home=home)
+    assert len(gdf) > 3000 and gdf.crs.to_epsg() == 4326 and gdf.embedding.iloc[0].shape == (128,)

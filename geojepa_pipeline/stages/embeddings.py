@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..columns import fixed_list_to_numpy, numpy_to_fixed_list
+from ..columns import fixed_list_to_numpy, matrix_to_numpy, numpy_to_fixed_list
 from ..errors import GeojepaError
 from ..model.config import VARIANTS
 from ..settings import Settings
@@ -108,44 +108,72 @@ def _geo_metadata(epsg: int, bbox_lonlat: list[float]) -> bytes:
                        "columns": {"geometry": col(4326, bbox_lonlat), "geometry_utm": col(epsg)}}).encode()
 
 
-def shard_batches(tiles_path: Path, tokens_path: Path, chips, row0: int, uses_images: bool):
-    """(tiles (tile_id, tile_x, tile_y, n_entities), [(rows, batch)]) of one tile shard: every piece a token, tiles
-    batched by length (``evaluate.run._length_batches``); a batch is the dict of tensors ``GeoJEPA.tile_embedding`` reads.
-    ``row0``: the shard's first tile among the region's (where ``chips`` finds its images)."""
-    import torch
+KEEP_FREED_BYTES = 1 << 30  # glibc trim threshold while embedding: freed batch memory stays for the next batch
 
+
+def keep_freed_heap() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (``mallopt``: large blocks from the heap, not fresh mmaps,
+    and no trim below ``KEEP_FREED_BYTES``) for the rest of the process. Each batch's padded tensors and the forward's
+    activations are tens of MB; by default every one is a fresh mapping whose pages fault in again (up to 56k faults
+    per pass over the demo shard). ``bench/embed.py`` measured the loader at 0.67-0.80x of the forward alone without
+    it, 0.81-0.83x with it. RSS stays at its peak instead of falling back. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 256 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+
+
+def shard_batches(tiles_path: Path, tokens_path: Path, chips, row0: int, uses_images: bool):
+    """(tiles (tile_id, tile_x, tile_y, n_entities), batches) of one tile shard: every piece a token, tiles batched by
+    length (``evaluate.run._length_batches``). ``batches`` yields (rows, batch) lazily, a batch built when it is
+    asked for: the dict of tensors ``GeoJEPA.tile_embedding`` reads. One batch alive at a time keeps the forward's
+    memory warm (building them all first measured 0.75x of the forward alone, lazily 0.82x; ``list()`` it to keep
+    them). ``row0``: the shard's first tile among the region's (where ``chips`` finds its images)."""
     from ..evaluate.run import _length_batches
-    from ..geo.grid import ranges
 
     t = pq.read_table(tiles_path, columns=["tile_id", "tile_x", "tile_y", "n_entities"])
-    k = pq.read_table(tokens_path, columns=["tag_token", "geometry_token", "position"])
-    tag, geom, pos = (fixed_list_to_numpy(k.column(c)) for c in ("tag_token", "geometry_token", "position"))
+    k = pq.read_table(tokens_path, columns=["tag_token", "geometry_token", "position"], memory_map=True)
+    # tokens stay float16 (half the bytes gathered); each padded batch becomes float32 in torch (numpy's cast is ~10x slower)
+    tokens = [(name, matrix_to_numpy(k.column(c))) for name, c in (("tag", "tag_token"), ("geometry", "geometry_token"), ("position", "position"))]
     counts = t.column("n_entities").to_numpy().astype(np.int64)
+    plan = _length_batches(counts, 196 if uses_images else 0)
+    return t, _batches(plan, counts, tokens, chips, row0, uses_images)
+
+
+def _batches(plan, counts: np.ndarray, tokens: list, chips, row0: int, uses_images: bool):
+    import torch
+
+    from ..geo.grid import ranges
+
     starts = np.concatenate([[0], np.cumsum(counts)])
-    batches = []
-    for rows, length in _length_batches(counts, 196 if uses_images else 0):
+    for rows, length in plan:
         b = len(rows)
         n = counts[rows]
         src = ranges(starts, rows)  # every token of the batch's tiles, tile by tile
         at_row = np.repeat(np.arange(b), n)  # where each goes: its tile's row, its rank in the tile
         at_col = np.arange(len(src)) - np.repeat(np.cumsum(n) - n, n)
-        arrays = {}
-        for name, values in (("tag", tag), ("geometry", geom), ("position", pos)):
-            arrays[name] = np.zeros((b, length, values.shape[1]), np.float32)
-            arrays[name][at_row, at_col] = values[src]
+        batch = {}
+        for name, values in tokens:
+            padded = np.zeros((b, length, values.shape[1]), values.dtype)
+            padded[at_row, at_col] = values[src]
+            batch[name] = torch.from_numpy(padded).float()
         valid = np.zeros((b, length), bool)
         valid[at_row, at_col] = True
-        batch = {name: torch.from_numpy(v) for name, v in arrays.items()}
         batch["valid"] = torch.from_numpy(valid)
         if uses_images:
             images, has = chips.chips(row0 + rows)
             batch["images"], batch["has_image"] = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(has)
-        batches.append((rows, batch))
-    return t, batches
+        yield rows, batch
 
 
 def embed_batches(model, batches, n_tiles: int) -> np.ndarray:
-    """(n_tiles, 2d) float32: ``model.tile_embedding`` of each of ``shard_batches``' batches, in tile order."""
+    """(n_tiles, 2d) float32: ``model.tile_embedding`` of each of ``shard_batches``' batches (any iterable), in tile order."""
     import torch
 
     out = np.zeros((n_tiles, 2 * model.cfg.dim), np.float32)
@@ -210,6 +238,7 @@ def build_tile_embeddings(region: str, variant: str, store: Store, settings: Set
 
         chips = StoredChips(images, imagery_kind(store, region, images.data_version))
     model, _ = load_checkpoint_model(ck)
+    keep_freed_heap()
     model_version = _model_version(settings, variant, ck)
     inputs = {"checkpoint": ck.data_version, "tile_tokens": tokens.data_version, "tile_shards": tiles.data_version,
               "tile_images": images.data_version if images is not None else None}
@@ -327,40 +356,136 @@ def _tile_xy(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return t.column("tile_x").to_numpy().astype(np.int64), t.column("tile_y").to_numpy().astype(np.int64)
 
 
-def _centres(ds: Dataset, tx: np.ndarray, ty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from pyproj import Transformer
+class EmbeddedRegion:
+    """One region's current ``tile_embeddings``, opened for place queries (``place_answer``).
 
-    s = float(ds.manifest["tile_size_m"])
-    lon, lat = Transformer.from_crs(int(ds.manifest["epsg"]), 4326, always_xy=True).transform((tx + 0.5) * s, (ty + 0.5) * s)
-    return np.atleast_1d(lon), np.atleast_1d(lat)
+    What it reads it keeps, so a resident server (``embed_server``) answers from memory. ``resident``: also hold
+    every embedding and tile id (a server; 512 MB per 1M 128-d tiles); otherwise a query reads only the row
+    groups that hold its rows (one CLI call)."""
+
+    def __init__(self, region: str, ds: Dataset, resident: bool = False):
+        self.region, self.ds, self.resident = region, ds, resident
+        self.epsg, self.size = int(ds.manifest["epsg"]), float(ds.manifest["tile_size_m"])
+        self.bbox = ds.manifest.get("bbox_lonlat")
+        self._xy = self._keys = self._order = self._all = self._ids = self._index = None
+        self._transformers: dict = {}
+
+    def _transformer(self, src: int, dst: int):
+        from pyproj import Transformer
+
+        key = (src, dst)
+        if key not in self._transformers:
+            self._transformers[key] = Transformer.from_crs(src, dst, always_xy=True)
+        return self._transformers[key]
+
+    def load(self) -> "EmbeddedRegion":
+        """Read everything a query touches now (a server does, once per version), not at the first query."""
+        self.tile_xy()
+        self.index()
+        if self.resident:
+            self._sorted_keys()
+            self.vectors(np.zeros(0, np.int64))
+            self.tile_ids(np.zeros(0, np.int64))
+        return self
+
+    def tile_xy(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._xy is None:
+            self._xy = _tile_xy(self.ds)
+        return self._xy
+
+    def _sorted_keys(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._keys is None:
+            tx, ty = self.tile_xy()
+            keys = (tx << 32) | (ty & 0xFFFFFFFF)
+            self._order = np.argsort(keys, kind="stable")
+            self._keys = keys[self._order]
+        return self._keys, self._order
+
+    def contains(self, lon: float, lat: float) -> bool:
+        """Inside the region's extent (its tiles' bounding box, degrees)."""
+        w, s_, e, n = self.bbox or (np.inf, np.inf, -np.inf, -np.inf)
+        return bool(w <= lon <= e and s_ <= lat <= n)
+
+    def row_at(self, lon: float, lat: float) -> int | None:
+        """The row of the tile that holds (``lon``, ``lat``), or None where no tile is."""
+        x, y = self._transformer(4326, self.epsg).transform(lon, lat)
+        kx, ky = int(np.floor(x / self.size)), int(np.floor(y / self.size))
+        if self.resident:
+            keys, order = self._sorted_keys()
+            key = (kx << 32) | (ky & 0xFFFFFFFF)
+            i = int(np.searchsorted(keys, key))
+            return int(order[i]) if i < len(keys) and keys[i] == key else None
+        tx, ty = self.tile_xy()
+        rows = np.flatnonzero((tx == kx) & (ty == ky))
+        return int(rows[0]) if len(rows) else None
+
+    def vectors(self, rows) -> np.ndarray:
+        """(len(rows), 2d) float32 embeddings, exactly as stored."""
+        rows = np.asarray(rows, np.int64)
+        if self.resident:
+            if self._all is None:
+                self._all = read_embeddings(self.ds)
+            return self._all[rows]
+        return read_embeddings(self.ds, rows) if len(rows) else np.zeros((0, int(self.ds.manifest["dim"])), np.float32)
+
+    def tile_ids(self, rows) -> list[str]:
+        rows = np.asarray(rows, np.int64)
+        if self.resident:
+            if self._ids is None:
+                self._ids = pq.read_table(self.ds.file(TILE_EMBEDDINGS_FILE), columns=["tile_id"]).column("tile_id").combine_chunks()
+            return self._ids.take(pa.array(rows)).to_pylist()
+        return _read_rows(self.ds.file(TILE_EMBEDDINGS_FILE), rows, ["tile_id"]).column("tile_id").to_pylist() if len(rows) else []
+
+    def centres(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(lon, lat) degrees of the centres of tiles ``rows``."""
+        tx, ty = self.tile_xy()
+        rows = np.asarray(rows, np.int64)
+        lon, lat = self._transformer(self.epsg, 4326).transform((tx[rows] + 0.5) * self.size, (ty[rows] + 0.5) * self.size)
+        return np.atleast_1d(lon), np.atleast_1d(lat)
+
+    def index(self):
+        """The region's cosine kNN index: the stored one (past ``EXACT_MAX`` tiles), else exact over its embeddings."""
+        from ..evaluate.index import CosineIndex
+
+        if self._index is None:
+            self._index = (CosineIndex.load(self.ds.file(TILE_INDEX_FILE)) if self.ds.has_file(TILE_INDEX_FILE)
+                           else CosineIndex(self.vectors(np.arange(len(self.tile_xy()[0])))))
+        return self._index
+
+    def hit(self, row: int, score: float = float("nan")) -> TileHit:
+        lon, lat = self.centres([row])
+        return TileHit(self.region, row, self.tile_ids([row])[0], float(lon[0]), float(lat[0]), score)
 
 
-def tile_at(store: Store, variant: str, lon: float, lat: float) -> TileHit:
+def embedded_regions(store: Store, variant: str, resident: bool = False, opened: dict | None = None) -> dict[str, EmbeddedRegion]:
+    """region -> ``EmbeddedRegion`` of every region's current embeddings by ``variant``. ``opened``: those of an
+    earlier call (a server's), reused where their version is still current; the others are opened anew."""
+    opened = opened or {}
+    out = {}
+    for region, ds in embedding_datasets(store, variant).items():
+        old = opened.get(region)
+        out[region] = old if old is not None and old.ds.data_version == ds.data_version else EmbeddedRegion(region, ds, resident)
+    return out
+
+
+def tile_at(store: Store, variant: str, lon: float, lat: float, regions: dict[str, EmbeddedRegion] | None = None) -> TileHit:
     """The tile of the embedded regions that holds (``lon``, ``lat``), or one line that names the regions and their extents."""
-    from pyproj import Transformer
-
-    sets = embedding_datasets(store, variant)
-    if not sets:
+    regions = embedded_regions(store, variant) if regions is None else regions
+    if not regions:
         raise _no_embeddings(store, variant)
     inside = []
-    for region, ds in sorted(sets.items()):
-        w, s_, e, n = ds.manifest.get("bbox_lonlat") or (np.inf, np.inf, -np.inf, -np.inf)
-        if not (w <= lon <= e and s_ <= lat <= n):
+    for name, er in sorted(regions.items()):
+        if not er.contains(lon, lat):
             continue
-        inside.append(region)
-        x, y = Transformer.from_crs(4326, int(ds.manifest["epsg"]), always_xy=True).transform(lon, lat)
-        size = float(ds.manifest["tile_size_m"])
-        tx, ty = _tile_xy(ds)
-        rows = np.flatnonzero((tx == int(np.floor(x / size))) & (ty == int(np.floor(y / size))))
-        if len(rows):
-            row = int(rows[0])
-            tile_id = _read_rows(ds.file(TILE_EMBEDDINGS_FILE), np.array([row]), ["tile_id"]).column("tile_id")[0].as_py()
-            clon, clat = _centres(ds, tx[rows[:1]], ty[rows[:1]])
-            return TileHit(region, row, tile_id, float(clon[0]), float(clat[0]))
+        inside.append(name)
+        row = er.row_at(lon, lat)
+        if row is not None:
+            return er.hit(row)
     if inside:
         raise GeojepaError(f"lat {lat}, lon {lon} is inside {', '.join(inside)} but on no tile: the 300 m tile there holds no "
                            f"OSM entity (tiles exist only where entities are)")
-    raise GeojepaError(f"lat {lat}, lon {lon} is outside every region embedded by {variant}: {_extents(sets)}")
+    raise GeojepaError(f"lat {lat}, lon {lon} is outside every region embedded by {variant}: "
+                       f"{_extents({r: er.ds for r, er in regions.items()})}")
 
 
 def read_embeddings(ds: Dataset, rows: np.ndarray | None = None) -> np.ndarray:
@@ -384,26 +509,41 @@ def _read_rows(path: Path, rows: np.ndarray, columns: list[str]) -> pa.Table:
     return table.take(pa.array([at[g] + r - starts[g] for g, r in zip(groups.tolist(), rows.tolist())], pa.int64()))
 
 
-def nearest_tiles(store: Store, variant: str, query: np.ndarray, k: int, exclude: TileHit | None = None) -> list[TileHit]:
+def nearest_tiles(store: Store, variant: str, query: np.ndarray, k: int, exclude: TileHit | None = None,
+                  regions: dict[str, EmbeddedRegion] | None = None) -> list[TileHit]:
     """The ``k`` tiles of all regions embedded by ``variant`` most cosine-similar to ``query`` (2d,), best first
     (``exclude``: the query's own tile). A region with a stored index (``INDEX_FILE``, past ``EXACT_MAX`` tiles)
     is searched with it; the others exactly."""
-    from ..evaluate.index import CosineIndex
-
+    regions = embedded_regions(store, variant) if regions is None else regions
     hits = []
-    for region, ds in sorted(embedding_datasets(store, variant).items()):
-        index = CosineIndex.load(ds.file(TILE_INDEX_FILE)) if ds.has_file(TILE_INDEX_FILE) else CosineIndex(read_embeddings(ds))
-        scores, rows = index.search(query[None, :], k + 1)
+    for name, er in sorted(regions.items()):
+        scores, rows = er.index().search(query[None, :], k + 1)
         found = [(int(r), float(sc)) for r, sc in zip(rows[0], scores[0])
-                 if r >= 0 and not (exclude is not None and exclude.region == region and exclude.row == r)][:k]
+                 if r >= 0 and not (exclude is not None and exclude.region == name and exclude.row == r)][:k]
         if not found:
             continue
         sel = np.array([r for r, _ in found])
-        t = _read_rows(ds.file(TILE_EMBEDDINGS_FILE), sel, ["tile_id", "tile_x", "tile_y"])
-        lon, lat = _centres(ds, t.column("tile_x").to_numpy().astype(np.int64), t.column("tile_y").to_numpy().astype(np.int64))
-        ids = t.column("tile_id").to_pylist()
-        hits += [TileHit(region, r, ids[i], float(lon[i]), float(lat[i]), sc) for i, (r, sc) in enumerate(found)]
+        lon, lat = er.centres(sel)
+        ids = er.tile_ids(sel)
+        hits += [TileHit(name, r, ids[i], float(lon[i]), float(lat[i]), sc) for i, (r, sc) in enumerate(found)]
     return sorted(hits, key=lambda h: -h.score)[:k]
+
+
+def place_answer(store: Store, variant: str, lon: float, lat: float, k: int,
+                 regions: dict[str, EmbeddedRegion] | None = None) -> dict:
+    """What ``geojepa embed --lat --lon --json`` prints: the tile at the place, its embedding, the model and data
+    versions, and its ``k`` nearest tiles over every region embedded by ``variant`` (``cli_light.format_place`` prints it)."""
+    regions = embedded_regions(store, variant) if regions is None else regions
+    hit = tile_at(store, variant, lon, lat, regions)
+    er = regions[hit.region]
+    vec = er.vectors([hit.row])[0]
+    near = nearest_tiles(store, variant, vec, k, exclude=hit, regions=regions)
+    ds = er.ds
+    return {"region": hit.region, "tile_id": hit.tile_id, "lon": hit.lon, "lat": hit.lat, "variant": variant,
+            "model_version": ds.manifest["model_version"], "embeddings_version": ds.data_version,
+            "tokens_version": ds.manifest["inputs"]["tile_tokens"], "embedding": [float(v) for v in vec],
+            "neighbours": [{"region": h.region, "tile_id": h.tile_id, "lon": h.lon, "lat": h.lat,
+                            "cosine": h.score, "distance": 1.0 - h.score} for h in near]}
 
 
 def embeddings_in_bbox(store: Store, variant: str, bbox: tuple[float, float, float, float], out: Path) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..columns import fixed_list_to_numpy, numpy_to_fixed_list
+from ..columns import fixed_list_to_numpy, matrix_to_numpy, numpy_to_fixed_list
 from ..errors import GeojepaError
 from ..settings import Settings
 from ..store import (
@@ -96,7 +96,7 @@ def load_region_data(store: Store, region: str, tiles_version: str, tokens_versi
         types.append(e.column("osm_type").to_numpy(zero_copy_only=False))
         osm_ids.append(e.column("osm_id").to_numpy())
         tags.append(e.column("tags"))
-        geom.append(fixed_list_to_numpy(k.column("geometry_token")))
+        geom.append(matrix_to_numpy(k.column("geometry_token"), np.float32))
         pos.append(fixed_list_to_numpy(k.column("position")))
     # tile_shards before code version 2 wrote no relation members
     members = pq.read_table(tiles.file(RELATION_MEMBERS_FILE)) if tiles.has_file(RELATION_MEMBERS_FILE) else None

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..columns import fixed_list_to_numpy, numpy_to_fixed_list
+from ..columns import fixed_list_to_numpy, float16_rows, float16_rows_field, numpy_to_fixed_list
 from ..errors import GeojepaError
 from ..progress import Progress
 from ..store import (
@@ -324,7 +324,7 @@ def load_geometry_encoder(ds: Dataset):
 
 # ---- tile_tokens ---------------------------------------------------------------------------
 
-TOKENS_SCHEMA_VERSION = 1
+TOKENS_SCHEMA_VERSION = 2  # 2: tag and geometry tokens as columns.float16_rows (1: fixed_size_list<float16>)
 ENTITY_MODALITY = "entity"
 
 
@@ -335,8 +335,8 @@ def tokens_schema(tag_dim: int, geom_dim: int) -> pa.Schema:
         ("osm_type", pa.string()),
         ("osm_id", pa.int64()),
         ("modality", pa.string()),  # "entity": a tag token and a geometry token at one position
-        ("tag_token", pa.list_(pa.float16(), tag_dim)),  # sum of the entity's pair vectors (LayerNorm comes in the model)
-        ("geometry_token", pa.list_(pa.float16(), geom_dim)),  # PolygonGNN of the piece
+        float16_rows_field("tag_token", tag_dim),  # sum of the entity's pair vectors (LayerNorm comes in the model)
+        float16_rows_field("geometry_token", geom_dim),  # PolygonGNN of the piece
         ("position", pa.list_(pa.float32(), 8)),  # min-box corners in [0, 1] tile units (the shard's minbox)
     ])
 
@@ -440,8 +440,8 @@ def build_tile_tokens(region: str, store: Store, log: Log | None = None, **optio
                     writer.write_table(pa.table({
                         "tile_id": part.column("tile_id"), "osm_type": part.column("osm_type"), "osm_id": part.column("osm_id"),
                         "modality": pa.array([ENTITY_MODALITY] * part.num_rows, pa.string()),
-                        "tag_token": numpy_to_fixed_list(tag_tok.astype(np.float16), pa.float16()),
-                        "geometry_token": numpy_to_fixed_list(geom_tok.astype(np.float16), pa.float16()),
+                        "tag_token": float16_rows(tag_tok),
+                        "geometry_token": float16_rows(geom_tok),
                         "position": part.column("minbox").cast(pa.list_(pa.float32(), 8)),
                     }, schema=schema))
                     n_pieces += part.num_rows

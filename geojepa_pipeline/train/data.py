@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..columns import fixed_list_to_numpy
+from ..columns import fixed_list_to_numpy, matrix_to_numpy
 from ..geo.splits import DEFAULT_SPLIT_SEED, SPLIT_NAMES, block_split, tile_blocks
 
 
@@ -281,8 +281,8 @@ def read_shard_rows(src: ShardSource, rows: np.ndarray | None = None) -> Shard:
         ids, counts, tile_x, tile_y = ids.take(pa.array(rows)), counts[rows], tile_x[rows], tile_y[rows]
     ids = ids.to_pylist()
     return Shard(ids, tile_x, tile_y, counts, np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
-                 _building_counts(src.entities_file, ids), fixed_list_to_numpy(toks.column("tag_token")),
-                 fixed_list_to_numpy(toks.column("geometry_token")), fixed_list_to_numpy(toks.column("position")))
+                 _building_counts(src.entities_file, ids), matrix_to_numpy(toks.column("tag_token"), np.float32),
+                 matrix_to_numpy(toks.column("geometry_token"), np.float32), fixed_list_to_numpy(toks.column("position")))
 
 
 def _building_counts(entities_file: Path, tile_ids: list[str]) -> np.ndarray:

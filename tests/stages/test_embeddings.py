@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import shapely
 
+from geojepa_pipeline.columns import matrix_to_numpy
 from geojepa_pipeline.errors import GeojepaError
 from geojepa_pipeline.regions import Region
 from geojepa_pipeline.stages.embeddings import build_tile_embeddings, embedding_scope, pca_map_png, pca_rgb
@@ -48,8 +49,7 @@ def test_every_tile_is_embedded_as_evaluation_embeds_it_every_piece_uncapped(bui
     r = load_region_data(store, "t", tiles.data_version, tokens.data_version)
     assert table.column("tile_id").to_pylist() == r.tile_ids  # every tile, in shard order
     assert np.bincount(r.pieces.tile).max() > 128  # a tile past the old 128-piece cap is in there
-    tag = np.concatenate([np.stack(pq.read_table(p, columns=["tag_token"]).column("tag_token").to_numpy(zero_copy_only=False))
-                          for p in tokens.shards("tokens")])
+    tag = np.concatenate([matrix_to_numpy(pq.read_table(p, columns=["tag_token"]).column("tag_token")) for p in tokens.shards("tokens")])
     model, _ = load_checkpoint_model(ck)
     expected = embed_tiles(model, r, tag.astype(np.float32), unmasked_input(r.pieces))
     got = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
@@ -161,6 +161,75 @@ def test_embed_a_box_writes_exactly_its_tiles_as_geoparquet(built, monkeypatch, 
     assert set(got.region) == {"t"} and not list(out.parent.glob(".*tmp"))
     assert main(["embed", "--bbox", "0,0,0.1,0.1", "--out", str(tmp_path / "none.parquet")]) == 2
     assert "meets no embedded tile" in capsys.readouterr().err and not (tmp_path / "none.parquet").exists()
+
+
+def test_a_running_place_server_answers_as_the_cli_does_and_follows_new_versions(built, monkeypatch, capsys):
+    """``geojepa embed --serve`` in its own process: ``geojepa embed --lat --lon`` (cli_light) is answered by it, exactly
+    as the full CLI answers alone; errors come back as the CLI's; a new embeddings version is served at once; SIGTERM
+    removes the socket; a stale socket (a killed server) is answered around and replaced."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import geojepa_pipeline.evaluate.index as index_module
+    from geojepa_pipeline import cli, cli_light
+
+    settings, store, result, _ = built
+    monkeypatch.setenv("GEOJEPA_HOME", str(settings.home))
+    path = settings.embed_socket
+    assert path == settings.home / "run" / "embed.sock"
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "geojepa_pipeline.cli_light", "embed", "--serve"], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "GEOJEPA_HOME": str(settings.home)})
+        lines = [proc.stdout.readline()]  # "opened <region> ...", then "serving ..." once everything is held
+        while lines[-1] and "serving" not in lines[-1]:
+            lines.append(proc.stdout.readline())
+        assert "serving place queries" in lines[-1] and "tiles held" in lines[-1] and "opened t by GT" in lines[0], lines
+        return proc
+
+    gdf_row = pq.read_table(result.dataset.file(TILE_EMBEDDINGS_FILE), columns=["geometry"]).column("geometry")[7].as_py()
+    c = shapely.from_wkb(gdf_row).centroid
+    place = ["embed", "--lat", repr(c.y), "--lon", repr(c.x), "--k", "4", "--json"]
+    capsys.readouterr()
+    assert cli.main(place) == 0  # the full CLI alone, no server
+    alone = capsys.readouterr().out
+    server = start()
+    try:
+        request = {**cli_light.place_query(place), "home": str(settings.home), "store": str(settings.store_root)}
+        reply = cli_light.ask(path, request)
+        assert reply == {"answer": json.loads(alone)}  # answered by the server, from memory
+        assert cli_light.main(place) == 0 and capsys.readouterr().out == alone
+        assert cli_light.main(place[:-1]) == 0 and capsys.readouterr().out.startswith(f"tile {json.loads(alone)['tile_id']} of region t")
+        assert cli_light.main(["embed", "--lat", "0", "--lon", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: lat 0.0, lon 0.0 is outside every region embedded by GT: t W,S,E,N") and err.count("\n") == 1
+        assert cli_light.ask(path, {**request, "home": "/elsewhere"})["fallback"].startswith("another GEOJEPA_HOME")
+        assert "fallback" in cli_light.ask(path, {**request, "variant": "XYZ"})
+        with pytest.raises(SystemExit) as usage:  # declined by the server: the CLI's usage error names the variants
+            cli_light.main([*place[:-1], "--variant", "XYZ"])
+        assert usage.value.code == 2 and "invalid choice: 'XYZ'" in capsys.readouterr().err
+        # a new version of the region's embeddings is what the next answer reads
+        monkeypatch.setattr(index_module, "EXACT_MAX", 50)
+        newer = build_tile_embeddings("t", "GT", store, settings).dataset
+        assert newer.data_version != result.dataset.data_version
+        assert cli_light.ask(path, request)["answer"]["embeddings_version"] == newer.data_version
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0 and not path.exists()
+        server = start()
+        server.kill()  # SIGKILL: the socket stays behind, with nobody listening
+        server.wait(30)
+        assert path.exists() and cli_light.ask(path, request) is None
+        assert cli_light.main(place) == 0 and json.loads(capsys.readouterr().out)["embeddings_version"] == newer.data_version
+        server = start()  # the stale socket is replaced
+        assert cli_light.ask(path, request)["answer"]["embeddings_version"] == newer.data_version
+    finally:
+        server.kill()
+        server.wait(30)
+        store.set_current(EMBEDDINGS, "t.GT", result.dataset.data_version)  # later tests start from the fixture's version
+        path.unlink(missing_ok=True)
 
 
 def test_past_exact_max_tiles_the_knn_index_is_stored_and_answers_as_exact_search(built, monkeypatch):

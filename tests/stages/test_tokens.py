@@ -86,7 +86,8 @@ def test_geometry_encoder_and_tile_tokens(store, embedder):
     import numpy as np
     import pyarrow.parquet as pq
 
-    from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder
+    from geojepa_pipeline.columns import float16_rows_type, matrix_to_numpy
+    from geojepa_pipeline.stages.tokens import build_geometry_encoder, build_tile_tokens, load_geometry_encoder, load_vocabulary
 
     build_tag_embeddings(store, ["t"], embedder=embedder)
     enc = build_geometry_encoder(store, ["t"], steps=20, max_pieces=2000)
@@ -97,15 +98,17 @@ def test_geometry_encoder_and_tile_tokens(store, embedder):
 
     tokens = build_tile_tokens("t", store)
     tiles = store.current("tiles", "t")
+    vocab = load_vocabulary(store.current("tag_embeddings", "@all"))
     ds = tokens.dataset
     assert tokens.n_pieces == tiles.manifest["n_pieces"]
     for t_shard, k_shard in zip(tiles.manifest["shards"], ds.manifest["shards"]):
-        ents = pq.read_table(tiles.path / t_shard["entities_file"], columns=["tile_id", "osm_id", "minbox"])
+        ents = pq.read_table(tiles.path / t_shard["entities_file"], columns=["tile_id", "osm_id", "minbox", "tags"])
         toks = pq.read_table(ds.path / k_shard["tokens_file"])
         assert toks.column("tile_id").equals(ents.column("tile_id")) and toks.column("osm_id").equals(ents.column("osm_id"))
         assert toks.column("position").to_pylist()[:50] == ents.column("minbox").to_pylist()[:50]
-        tag = np.array(toks.column("tag_token").to_pylist(), np.float32)
-        geom = np.array(toks.column("geometry_token").to_pylist(), np.float32)
+        assert toks.schema.field("tag_token").type == float16_rows_type(384)  # one value per row: fast to decode
+        tag, geom = matrix_to_numpy(toks.column("tag_token")), matrix_to_numpy(toks.column("geometry_token"))
+        assert tag.dtype == np.float16 and np.array_equal(tag, vocab.tag_tokens(ents.column("tags").combine_chunks()).astype(np.float16))
         assert tag.shape[1] == 384 and geom.shape[1] == 64 and np.isfinite(tag).all() and np.isfinite(geom).all()
         assert (np.abs(tag).sum(1) > 0).mean() > 0.95 and set(toks.column("modality").to_pylist()) == {"entity"}
     assert ds.manifest["inputs"] == {"tile_shards": tiles.data_version, "tag_embeddings": store.current_version("tag_embeddings", "@all"),
