@@ -159,3 +159,33 @@ def test_an_image_variant_is_scored_with_its_chips_re_rendered_from_the_masked_e
     assert p["modalities"]["tagpool_mlp"] == ["tags"] and p["imagery"] == {"t": "synthetic"}
     assert p["masked_input"]["t"]["building_count"]["removed_pieces"] > 500
     assert (result.dataset.path / "report.html").read_text().count("data:image/png;base64,") >= 10
+
+    # the same checkpoint embeds the region's tiles with their stored chips: the images reach each tile's embedding
+    from geojepa_pipeline.stages.embeddings import build_tile_embeddings, embed_batches, shard_batches
+    from geojepa_pipeline.stages.evaluation import load_checkpoint_model
+    from geojepa_pipeline.stages.imagery import StoredChips
+    from geojepa_pipeline.store import TILE_EMBEDDINGS_FILE, aligned_shards
+
+    emb = build_tile_embeddings("t", "TI", store, settings)
+    images, tiles, tokens = (store.current(k, "t") for k in ("images", "tiles", "tokens"))
+    assert emb.dataset.manifest["inputs"]["tile_images"] == images.data_version and emb.n_tiles == tiles.manifest["n_tiles"]
+    got = np.stack(pq.read_table(emb.dataset.file(TILE_EMBEDDINGS_FILE), columns=["embedding"]).column("embedding").to_numpy(zero_copy_only=False))
+
+    class NoChips(StoredChips):  # the stored chips withheld: every tile as if it had no image
+        def chips(self, rows, inp=None):
+            chips, has = super().chips(rows, inp)
+            return np.zeros_like(chips), np.zeros_like(has)
+
+    model, _ = load_checkpoint_model(store.current("checkpoints", "TI"))
+    stored, withheld, has, row0 = [], [], [], 0
+    for tiles_path, tokens_path in aligned_shards((tiles, "tiles"), (tokens, "tokens")):
+        for out, chips in ((stored, StoredChips(images, "synthetic")), (withheld, NoChips(images, "synthetic"))):
+            t, batches = shard_batches(tiles_path, tokens_path, chips, row0, True)
+            out.append(embed_batches(model, batches, t.num_rows))
+        has.append(StoredChips(images, "synthetic").chips(row0 + np.arange(t.num_rows))[1])
+        row0 += t.num_rows
+    stored, withheld, has = np.concatenate(stored), np.concatenate(withheld), np.concatenate(has)
+    np.testing.assert_array_equal(got, stored)
+    assert has.sum() > 0.9 * len(has)  # synthetic imagery covers (nearly) every tile
+    changed = np.abs(stored - withheld).max(axis=1) > 1e-6
+    assert changed[has].all() and not changed[~has].any()
