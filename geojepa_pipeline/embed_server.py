@@ -124,6 +124,9 @@ def serve(settings: Settings, store: Store, log: Callable[[str], None] = print, 
     previous = signal.signal(signal.SIGTERM, _stop)
     log(f"serving place queries for {settings.home} on {path}: {n_tiles:,} tiles held, ready in "
         f"{time.perf_counter() - t:.1f} s; geojepa embed --lat --lon now asks here (Ctrl-C stops)")
+    if not n_tiles:
+        log("no region has tile_embeddings yet: queries are answered as soon as some are "
+            "(geojepa materialize --select tile_embeddings)")
     served = 0
     try:
         while max_requests is None or served < max_requests:

@@ -351,11 +351,6 @@ def _no_embeddings(store: Store, variant: str) -> GeojepaError:
                         f"materialize them: geojepa materialize --select tile_embeddings --variant {variant}")
 
 
-def _tile_xy(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    t = pq.read_table(ds.file(TILE_EMBEDDINGS_FILE), columns=["tile_x", "tile_y"])
-    return t.column("tile_x").to_numpy().astype(np.int64), t.column("tile_y").to_numpy().astype(np.int64)
-
-
 class EmbeddedRegion:
     """One region's current ``tile_embeddings``, opened for place queries (``place_answer``).
 
@@ -370,7 +365,8 @@ class EmbeddedRegion:
         self._xy = self._keys = self._order = self._all = self._ids = self._index = None
         self._transformers: dict = {}
 
-    def _transformer(self, src: int, dst: int):
+    def transformer(self, src: int, dst: int):
+        """A pyproj Transformer (lon/lat order), made once per region."""
         from pyproj import Transformer
 
         key = (src, dst)
@@ -389,8 +385,10 @@ class EmbeddedRegion:
         return self
 
     def tile_xy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tile_x, tile_y) int64 of every row, on the region's UTM grid."""
         if self._xy is None:
-            self._xy = _tile_xy(self.ds)
+            t = pq.read_table(self.ds.file(TILE_EMBEDDINGS_FILE), columns=["tile_x", "tile_y"])
+            self._xy = t.column("tile_x").to_numpy().astype(np.int64), t.column("tile_y").to_numpy().astype(np.int64)
         return self._xy
 
     def _sorted_keys(self) -> tuple[np.ndarray, np.ndarray]:
@@ -408,7 +406,7 @@ class EmbeddedRegion:
 
     def row_at(self, lon: float, lat: float) -> int | None:
         """The row of the tile that holds (``lon``, ``lat``), or None where no tile is."""
-        x, y = self._transformer(4326, self.epsg).transform(lon, lat)
+        x, y = self.transformer(4326, self.epsg).transform(lon, lat)
         kx, ky = int(np.floor(x / self.size)), int(np.floor(y / self.size))
         if self.resident:
             keys, order = self._sorted_keys()
@@ -440,7 +438,7 @@ class EmbeddedRegion:
         """(lon, lat) degrees of the centres of tiles ``rows``."""
         tx, ty = self.tile_xy()
         rows = np.asarray(rows, np.int64)
-        lon, lat = self._transformer(self.epsg, 4326).transform((tx[rows] + 0.5) * self.size, (ty[rows] + 0.5) * self.size)
+        lon, lat = self.transformer(self.epsg, 4326).transform((tx[rows] + 0.5) * self.size, (ty[rows] + 0.5) * self.size)
         return np.atleast_1d(lon), np.atleast_1d(lat)
 
     def index(self):
@@ -553,21 +551,21 @@ def embeddings_in_bbox(store: Store, variant: str, bbox: tuple[float, float, flo
     import os
 
     import shapely
-    from pyproj import Transformer
 
-    sets = embedding_datasets(store, variant)
-    if not sets:
+    regions = embedded_regions(store, variant)
+    if not regions:
         raise _no_embeddings(store, variant)
+    sets = {name: er.ds for name, er in regions.items()}
     w, s_, e, n = bbox
     if not (w < e and s_ < n):
         raise GeojepaError(f"--bbox {w},{s_},{e},{n}: W must be below E and S below N")
     area = shapely.segmentize(shapely.box(w, s_, e, n), min(e - w, n - s_) / 16)
     parts = []
-    for region, ds in sorted(sets.items()):
-        epsg, size = int(ds.manifest["epsg"]), float(ds.manifest["tile_size_m"])
-        to_utm = Transformer.from_crs(4326, epsg, always_xy=True)
+    for region, er in sorted(regions.items()):
+        ds, epsg, size = er.ds, er.epsg, er.size
+        to_utm = er.transformer(4326, epsg)
         area_utm = shapely.transform(area, lambda xy: np.column_stack(to_utm.transform(xy[:, 0], xy[:, 1])))
-        tx, ty = _tile_xy(ds)
+        tx, ty = er.tile_xy()
         x0, y0, x1, y1 = shapely.bounds(area_utm)
         cand = np.flatnonzero((tx >= np.floor(x0 / size) - 1) & (tx <= x1 / size) & (ty >= np.floor(y0 / size) - 1) & (ty <= y1 / size))
         if len(cand):
